@@ -1,0 +1,65 @@
+"""The `depthkit` command.
+
+Each stage owns its sub-commands in a `commands.py` module with two functions, `register(subparsers)`
+and the handlers it binds with `set_defaults(func=...)`. Those modules import only argparse at the top,
+so `depthkit --help` stays fast; heavy imports happen inside the handlers.
+
+The training verbs (`fit`, `validate`, `test`) are handed to LightningCLI untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that define sub-commands, in the order `--help` lists them.
+COMMAND_MODULES = (
+    "depthkit.data.commands",
+    "depthkit.models.commands",
+    "depthkit.pseudo_label.commands",
+    "depthkit.eval.commands",
+    "depthkit.export.commands",
+)
+LIGHTNING_VERBS = ("fit", "validate", "test", "predict-lightning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="depthkit",
+        description="Train, pseudo-label, evaluate and export monocular depth models.",
+        epilog="Training: depthkit fit|validate|test --config A.yaml [--config B.yaml ...] (LightningCLI).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real import error inside the module, not a stage that does not exist yet
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("fit", "validate", "test"):
+        from depthkit.train.cli import run_lightning_cli
+
+        return run_lightning_cli(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"depthkit {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""depthkit.pseudo_label."""
