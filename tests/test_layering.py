@@ -48,12 +48,15 @@ def test_kernels_do_not_import_depthkit():
 
 
 def test_every_package_is_listed_in_pyproject():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "depthkit").rglob("__init__.py")}
-    found |= {"depthkit_kernels" + "".join("." + q for q in p.parent.relative_to(root / "kernels").parts)
-              for p in (root / "kernels").rglob("__init__.py")}
+    found |= {
+        "depthkit_kernels" + "".join("." + q for q in p.parent.relative_to(root / "kernels").parts)
+        for p in (root / "kernels").rglob("__init__.py")
+    }
     assert found == listed, f"pyproject packages differ from the tree: missing {found - listed}, extra {listed - found}"

@@ -1,0 +1,171 @@
+"""Writing shards from manifests, photo folders and the synthetic scene generator.
+
+Each writer also writes `index.json` beside the shards (kind, sample counts per shard, skipped inputs), written
+to a temporary name and renamed like the shards themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from depthkit.data.formats import IMAGE_SUFFIXES, load_image
+from depthkit.data.manifest import load_row, read_manifest, sample_key
+from depthkit.data.shards import FORMAT_VERSION, ShardWriter, encode_sample, source_image_bytes
+
+
+def write_index(out_dir: str | Path, index: dict) -> None:
+    """Write `index.json` atomically."""
+    path = Path(out_dir) / "index.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _write(
+    samples: Iterable[tuple[dict, dict]], out_dir, *, kind: str, shard_size: int, prefix: str, skipped: list[str]
+) -> dict:
+    """Encode `(sample, encode_kwargs)` pairs into shards and write the index."""
+    with ShardWriter(out_dir, prefix=prefix, shard_size=shard_size) as writer:
+        for sample, kwargs in samples:
+            writer.write(encode_sample(sample, **kwargs))
+    index = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "num_samples": sum(n for _, n in writer.written),
+        "shards": {path.name: n for path, n in writer.written},
+        "skipped": skipped,
+    }
+    write_index(out_dir, index)
+    return index
+
+
+def convert_manifest(
+    manifest, out_dir, *, shard_size: int = 1000, prefix: str = "shard", licence: str = "", on_error: str = "raise"
+) -> dict:
+    """Convert a manifest of RGB-D pairs into labeled shards; returns the index."""
+    rows = read_manifest(manifest)
+    skipped: list[str] = []
+
+    def samples() -> Iterator[tuple[dict, dict]]:
+        for row in rows:
+            try:
+                sample = load_row(row)
+            except (ValueError, FileNotFoundError) as err:
+                if on_error == "raise":
+                    raise
+                skipped.append(str(err))
+                continue
+            if licence and not sample["meta"]["licence"]:
+                sample["meta"]["licence"] = licence
+            passthrough = source_image_bytes(row.rgb_path)
+            if passthrough is not None:
+                sample["image_bytes"] = passthrough
+            # Integer-coded sources store their own integer steps exactly (16-bit PNG); others go to float npz.
+            scale = row.codec.scale if row.codec.depth_format.startswith("uint16_png") else None
+            yield sample, {"target_scale": scale}
+
+    return _write(samples(), out_dir, kind="labeled", shard_size=shard_size, prefix=prefix, skipped=skipped)
+
+
+def find_images(folder) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return paths
+
+
+def convert_images(
+    folder, out_dir, *, shard_size: int = 1000, prefix: str = "shard", licence: str = "", on_error: str = "raise"
+) -> dict:
+    """Convert a folder of photos (recursive) into unlabeled shards; returns the index."""
+    folder = Path(folder)
+    paths = find_images(folder)
+    skipped: list[str] = []
+    seen: dict[str, Path] = {}
+
+    def samples() -> Iterator[tuple[dict, dict]]:
+        for path in paths:
+            relative = path.relative_to(folder).as_posix()
+            key = sample_key(relative)
+            if key in seen:
+                raise ValueError(f"{path} and {seen[key]} map to the same sample key {key!r}; rename one")
+            seen[key] = path
+            try:
+                image = load_image(path)  # decode first: a bad photo never lands in a shard
+            except (ValueError, FileNotFoundError) as err:
+                if on_error == "raise":
+                    raise
+                skipped.append(str(err))
+                continue
+            meta = {"kind": "unlabeled", "source": folder.name, "licence": licence, "origin": {"path": relative}}
+            sample = {"__key__": key, "meta": meta, "image": image}
+            passthrough = source_image_bytes(path)  # keep the photo's own bytes when they are plain 8-bit RGB
+            if passthrough is not None:
+                sample["image_bytes"] = passthrough
+            yield sample, {}
+
+    return _write(samples(), out_dir, kind="unlabeled", shard_size=shard_size, prefix=prefix, skipped=skipped)
+
+
+def _synth_shard(job: tuple) -> tuple[str, int]:
+    out_dir, shard_index, first, count, size, seed, labeled, image_format = job
+    from depthkit.data.synthetic import DEPTH_STEP_M, render_scene
+
+    with ShardWriter(out_dir, prefix="synth", shard_size=count + 1, start_index=shard_index) as writer:
+        for index in range(first, first + count):
+            sample = render_scene(seed, index, *size)
+            if not labeled:
+                sample = {
+                    "__key__": sample["__key__"],
+                    "image": sample["image"],
+                    "meta": {**sample["meta"], "kind": "unlabeled"},
+                }
+            writer.write(encode_sample(sample, image_format=image_format, target_scale=DEPTH_STEP_M))
+    ((path, n),) = writer.written
+    return path.name, n
+
+
+def write_synthetic(
+    out_dir,
+    *,
+    num: int,
+    size=(256, 256),
+    seed: int = 0,
+    first_index: int = 0,
+    labeled: bool = True,
+    shard_size: int = 1000,
+    image_format: str = "jpg",
+    workers: int = 1,
+) -> dict:
+    """Render `num` procedural scenes into shards (in parallel over shards); returns the index."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (str(out_dir), i, first_index + start, min(shard_size, num - start), tuple(size), seed, labeled, image_format)
+        for i, start in enumerate(range(0, num, shard_size))
+    ]
+    start_time = time.perf_counter()
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            written = pool.map(_synth_shard, jobs)
+    else:
+        written = [_synth_shard(job) for job in jobs]
+    elapsed = time.perf_counter() - start_time
+    index = {
+        "format_version": FORMAT_VERSION,
+        "kind": "labeled" if labeled else "unlabeled",
+        "num_samples": num,
+        "shards": dict(written),
+        "skipped": [],
+        "synthetic": {"seed": seed, "first_index": first_index, "size": list(size)},
+    }
+    write_index(out_dir, index)
+    return {**index, "images_per_second": num / max(elapsed, 1e-9)}

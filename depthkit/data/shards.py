@@ -1,0 +1,395 @@
+"""The depthkit shard format: readers and writers in one module.
+
+Shards are plain POSIX tar files in WebDataset layout, so `tar tf` and plain `webdataset` open them. Each sample
+is a group of members sharing a key (the part of the name before the first dot):
+
+| member | kinds | content |
+| --- | --- | --- |
+| `KEY.jpg` / `KEY.png` / `KEY.webp` | labeled, unlabeled | 8-bit RGB image (source bytes kept when they are RGB) |
+| `KEY.target.png` | labeled, pseudo | uint16 PNG: `target = value * meta["target_scale"]`; 0 = invalid |
+| `KEY.target.npz` | labeled, pseudo | float32 array `target` (zlib-compressed, lossless); NaN = invalid |
+| `KEY.valid.png` | optional | 8-bit mask (0 invalid, 255 valid) when validity is not carried by the target |
+| `KEY.json` | all | metadata, see below |
+
+Metadata (`KEY.json`): `format_version`, `kind` (`labeled`, `unlabeled`, `pseudo`), `source`, `licence`, and for
+targets `output_space` (`metric_depth` in metres, `disparity`, `affine_disparity`), `target_encoding` (`png16`
+or `npz`), `target_scale` (png16 only: the unit of one step, metres for metric depth), `intrinsics` where known.
+Pseudo-labels add `provenance` (teacher checkpoint hash, model name, resolution, TTA, depthkit version, time).
+
+A labeled sample's target is stored as png16 when that is exact (integer-coded sources such as mm PNGs), else as
+npz; see `encode_target`. Writers write `NAME.tar.tmp` and rename, so a crash never leaves a half shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from depthkit.data.formats import image_from_bytes
+from depthkit.spaces import check_space
+
+FORMAT_VERSION = 1
+KINDS = ("labeled", "unlabeled", "pseudo")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TARGET_EXTENSIONS = ("target.png", "target.npz")
+
+
+class ShardFormatError(ValueError):
+    """A shard member is missing, undecodable or inconsistent; the message names the shard and key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encode_image(image_HW3: np.ndarray, *, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode an RGB uint8 image as PNG (lossless) or JPEG."""
+    if image_HW3.dtype != np.uint8 or image_HW3.ndim != 3 or image_HW3.shape[2] != 3:
+        raise ValueError(f"image must be uint8 HxWx3, got {image_HW3.dtype} {image_HW3.shape}")
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(image_HW3).save(buf, format="PNG", compress_level=1)
+    elif fmt in ("jpg", "jpeg"):
+        Image.fromarray(image_HW3).save(buf, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"image format {fmt!r}; expected 'png' or 'jpg'")
+    return buf.getvalue()
+
+
+def source_image_bytes(path: Path) -> tuple[str, bytes] | None:
+    """The file's own bytes and extension when it is an 8-bit RGB JPEG/PNG/WebP without EXIF rotation."""
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in IMAGE_EXTENSIONS:
+        return None
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            orientation = img.getexif().get(0x0112, 1)
+            if img.mode != "RGB" or orientation != 1:
+                return None
+    except OSError:
+        return None
+    return ("jpg" if ext == "jpeg" else ext), data
+
+
+def encode_target(target_HW: np.ndarray, valid_HW: np.ndarray, *, scale: float | None = None) -> tuple[str, bytes]:
+    """Encode a target map losslessly; returns `(extension, bytes)`.
+
+    With `scale`, the map is stored as uint16 PNG when every valid value is an integer multiple of `scale` in
+    1..65535 (so decoding gives back exactly the same float32 values); otherwise, or without `scale`, as a
+    compressed float32 `.npz` with NaN at invalid pixels.
+    """
+    target_HW = np.asarray(target_HW, dtype=np.float32)
+    valid_HW = np.asarray(valid_HW, dtype=bool)
+    if target_HW.shape != valid_HW.shape or target_HW.ndim != 2:
+        raise ValueError(f"target {target_HW.shape} and valid {valid_HW.shape} must be equal 2-D shapes")
+    if scale is not None:
+        steps = np.rint(target_HW.astype(np.float64) / scale)
+        in_range = (steps >= 1) & (steps <= 65535)
+        exact = np.float32(steps * scale) == target_HW  # the decoder computes float32(value * scale)
+        if np.all(~valid_HW | (in_range & exact)):
+            value = np.where(valid_HW, steps, 0).astype(np.uint16)
+            buf = io.BytesIO()
+            Image.fromarray(value).save(buf, format="PNG", compress_level=6)
+            return "target.png", buf.getvalue()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, target=np.where(valid_HW, target_HW, np.float32("nan")))
+    return "target.npz", buf.getvalue()
+
+
+def encode_sample(sample: dict, *, image_format: str = "png", target_scale: float | None = None) -> dict[str, bytes]:
+    """Encode a sample dict (`__key__`, `image`, optional `target`/`valid`, `meta`) to tar members.
+
+    `sample["image_bytes"] = (ext, bytes)` passes an already encoded image through unchanged.
+    """
+    key = sample["__key__"]
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+    meta = dict(sample.get("meta", {}))
+    kind = meta.setdefault("kind", "labeled" if "target" in sample else "unlabeled")
+    if kind not in KINDS:
+        raise ValueError(f"{key}: meta kind {kind!r}; expected one of {KINDS}")
+    meta["format_version"] = FORMAT_VERSION
+    members: dict[str, bytes] = {}
+    if kind != "pseudo":
+        if "image_bytes" in sample:
+            ext, data = sample["image_bytes"]
+            members[ext] = data
+        else:
+            members["jpg" if image_format in ("jpg", "jpeg") else "png"] = encode_image(
+                sample["image"], fmt=image_format
+            )
+    if kind in ("labeled", "pseudo"):
+        if "target" not in sample:
+            raise ValueError(f"{key}: a {kind} sample needs a target")
+        check_space(meta.get("output_space", ""), what=f"{key}: meta output_space")
+        target_HW = np.asarray(sample["target"], dtype=np.float32)
+        valid_HW = np.asarray(sample.get("valid", np.isfinite(target_HW) & (target_HW > 0)), dtype=bool)
+        if not np.all(np.isfinite(target_HW[valid_HW])):
+            raise ValueError(f"{key}: target has NaN/inf at pixels marked valid")
+        ext, data = encode_target(target_HW, valid_HW, scale=target_scale)
+        members[ext] = data
+        meta["target_encoding"] = "png16" if ext == "target.png" else "npz"
+        if ext == "target.png":
+            meta["target_scale"] = float(target_scale)
+        else:
+            meta.pop("target_scale", None)
+        # Both encodings carry validity exactly (0 in png16, NaN in npz), so no valid.png is written.
+    members["json"] = json.dumps(meta, sort_keys=True).encode()
+    return {f"{key}.{ext}": data for ext, data in members.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def group_members(members: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
+    """Group `{"KEY.ext": bytes}` by key into `{KEY: {ext: bytes}}` (WebDataset's key rule: first dot)."""
+    groups: dict[str, dict[str, bytes]] = {}
+    for name, data in members.items():
+        base = name.rsplit("/", 1)[-1]
+        key, _, ext = base.partition(".")
+        prefix = name[: len(name) - len(base)]
+        groups.setdefault(prefix + key, {})[ext] = data
+    return groups
+
+
+def decode_sample(raw: dict, *, kind: str | None = None, decode_image: bool = True, with_target: bool = True) -> dict:
+    """Decode one WebDataset sample (`__key__`, `__url__`, extension -> bytes) to a sample dict.
+
+    Args:
+        raw: The raw sample as WebDataset's tar expansion produces it.
+        kind: Expected kind; None takes it from the metadata.
+        decode_image: False leaves the image out (key-only passes).
+        with_target: False leaves the target out (a labeled shard read as images only).
+
+    Returns:
+        `{"__key__", "__url__", "meta", "image"?, "target"?, "valid"?}`; `target` is float32 with 0 at invalid
+        pixels, `valid` bool.
+
+    Raises:
+        ShardFormatError: naming the shard and key, for missing or undecodable members and bad metadata.
+    """
+    key = raw.get("__key__", "?")
+    url = raw.get("__url__", "?")
+    where = f"shard {url}, key {key}"
+    if "json" not in raw:
+        raise ShardFormatError(f"{where}: no KEY.json metadata member (members: {_exts(raw)})")
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ShardFormatError(f"{where}: KEY.json is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ShardFormatError(f"{where}: KEY.json must hold an object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardFormatError(f"{where}: format_version {version!r}; this depthkit reads {FORMAT_VERSION}")
+    actual_kind = meta.get("kind")
+    if kind is not None and actual_kind != kind:
+        raise ShardFormatError(f"{where}: expected a {kind} sample, metadata says {actual_kind!r}")
+    sample: dict = {"__key__": key, "__url__": url, "meta": meta}
+    if decode_image and actual_kind != "pseudo":
+        ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+        if ext is None:
+            raise ShardFormatError(f"{where}: no image member (.jpg/.png/.webp; members: {_exts(raw)})")
+        try:
+            sample["image"] = image_from_bytes(raw[ext], name=f"{key}.{ext}")
+        except ValueError as err:
+            raise ShardFormatError(f"{where}: {err}") from None
+    if actual_kind not in KINDS:
+        raise ShardFormatError(f"{where}: metadata kind {actual_kind!r}; expected one of {KINDS}")
+    if with_target and actual_kind in ("labeled", "pseudo"):
+        target_HW, valid_HW = _decode_target(raw, meta, where)
+        if "image" in sample and target_HW.shape != sample["image"].shape[:2]:
+            h, w = sample["image"].shape[:2]
+            raise ShardFormatError(f"{where}: target is {target_HW.shape[1]}x{target_HW.shape[0]} but image is {w}x{h}")
+        sample["target"], sample["valid"] = target_HW, valid_HW
+    return sample
+
+
+def _decode_target(raw: dict, meta: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        check_space(meta.get("output_space", ""), what="meta output_space")
+    except ValueError as err:
+        raise ShardFormatError(f"{where}: {err}") from None
+    try:
+        if "target.png" in raw:
+            scale = meta.get("target_scale")
+            if not isinstance(scale, (int, float)) or scale <= 0:
+                raise ShardFormatError(f"{where}: png16 target needs a positive target_scale, got {scale!r}")
+            with Image.open(io.BytesIO(raw["target.png"])) as img:
+                value = np.asarray(img)
+            if value.ndim != 2 or value.dtype.kind not in "ui":
+                raise ShardFormatError(f"{where}: KEY.target.png must be a 16-bit single-channel PNG")
+            valid_HW = value > 0
+            target_HW = np.where(valid_HW, value * float(scale), 0.0).astype(np.float32)  # float64 product, as encoded
+        elif "target.npz" in raw:
+            with np.load(io.BytesIO(raw["target.npz"])) as npz:
+                if "target" not in npz.files:
+                    raise ShardFormatError(f"{where}: KEY.target.npz has no 'target' array")
+                target_HW = np.asarray(npz["target"], dtype=np.float32)
+            if target_HW.ndim != 2:
+                raise ShardFormatError(f"{where}: target must be 2-D, got shape {target_HW.shape}")
+            valid_HW = np.isfinite(target_HW)
+            if np.any(np.isinf(target_HW)):
+                raise ShardFormatError(f"{where}: target holds inf values (invalid pixels must be NaN)")
+            target_HW = np.where(valid_HW, target_HW, np.float32(0))
+        else:
+            raise ShardFormatError(f"{where}: no target member (.target.png/.target.npz; members: {_exts(raw)})")
+    except (OSError, ValueError) as err:
+        if isinstance(err, ShardFormatError):
+            raise
+        raise ShardFormatError(f"{where}: cannot decode target ({err})") from None
+    if "valid.png" in raw:
+        try:
+            with Image.open(io.BytesIO(raw["valid.png"])) as img:
+                mask_HW = np.asarray(img.convert("L")) > 127
+        except OSError as err:
+            raise ShardFormatError(f"{where}: cannot decode KEY.valid.png ({err})") from None
+        if mask_HW.shape != target_HW.shape:
+            raise ShardFormatError(f"{where}: valid mask {mask_HW.shape} differs from target {target_HW.shape}")
+        valid_HW = mask_HW & np.isfinite(target_HW)
+    return np.ascontiguousarray(target_HW), np.ascontiguousarray(valid_HW)
+
+
+def _exts(raw: dict) -> str:
+    return ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes samples into numbered shards `PREFIX-000000.tar`, each renamed into place when complete.
+
+    Args:
+        out_dir: Output folder (created).
+        prefix: Shard name prefix.
+        shard_size: Samples per shard.
+        start_index: Number of the first shard.
+
+    Use as a context manager; `written` lists finished shards with their sample counts.
+    """
+
+    def __init__(self, out_dir: str | Path, *, prefix: str = "shard", shard_size: int = 1000, start_index: int = 0):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.shard_size, self.index = prefix, shard_size, start_index
+        self.written: list[tuple[Path, int]] = []
+        self._tar: TarWriter | None = None
+
+    def write(self, members: dict[str, bytes]) -> None:
+        if self._tar is None:
+            self._tar = TarWriter(self.out_dir / f"{self.prefix}-{self.index:06d}.tar")
+        self._tar.add_sample(members)
+        if self._tar.num_samples >= self.shard_size:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self.written.append((self._tar.path, self._tar.num_samples))
+            self._tar = None
+            self.index += 1
+
+    def close(self) -> None:
+        self._finish()
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.abort()
+            self._tar = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class TarWriter:
+    """One tar shard written to `PATH.tmp` and renamed to `PATH` on `close()` (never half-written)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.USTAR_FORMAT)
+        self.num_samples = 0
+
+    def add_sample(self, members: dict[str, bytes]) -> None:
+        for name in sorted(members, key=_member_order):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(members[name]), 0o444  # mtime 0: the same samples give the same bytes
+            self._tar.addfile(info, io.BytesIO(members[name]))
+        self.num_samples += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        with open(self.tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def _member_order(name: str) -> tuple[int, str]:
+    # Metadata first so streaming readers learn the kind before the payload; then the rest by name.
+    return (0 if name.endswith(".json") else 1, name)
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[dict]:
+    """Raw samples (`__key__`, `__url__`, extension -> bytes) of one local tar, in file order."""
+    import webdataset as wds
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard not found: {path}")
+    yield from wds.tarfile_samples([{"url": path}])
+
+
+def shard_paths(spec: str | Path | list) -> list[str]:
+    """Expand shard specs: a folder (its `*.tar`), a glob, a brace pattern, a URL, or a list of those."""
+    import glob
+
+    import braceexpand
+
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in shard_paths(s)]
+    spec = str(spec)
+    if "://" in spec or spec.startswith("pipe:"):
+        return list(braceexpand.braceexpand(spec))
+    if os.path.isdir(spec):
+        found = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"no .tar shards in folder {spec}")
+        return found
+    paths = []
+    for pattern in braceexpand.braceexpand(spec):
+        if any(c in pattern for c in "*?["):
+            matched = sorted(glob.glob(pattern))
+            if not matched:
+                raise FileNotFoundError(f"no shards match {pattern}")
+            paths.extend(matched)
+        else:
+            if not os.path.isfile(pattern):
+                raise FileNotFoundError(f"shard not found: {pattern}")
+            paths.append(pattern)
+    return paths

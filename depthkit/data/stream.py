@@ -1,0 +1,399 @@
+"""Streaming shards into training batches: split across nodes and workers, shuffled, resumable.
+
+    stream = ShardStream("data/labeled/{000000..000099}.tar", kind="labeled", batch_size=8,
+                         transform=SampleTransform(TransformConfig(crop_size=518)), shuffle_buffer=1000)
+    loader = make_loader(stream, num_workers=4)
+    state = StreamState()
+    for batch in loader:
+        state.update(batch)          # after the step that used the batch
+    ...
+    stream = ShardStream(..., resume=state.state_dict())   # continues where it stopped
+
+Splitting. Shards go round-robin to the `world_size * num_workers` global workers (global worker
+`rank * num_workers + worker_id`), after a permutation seeded by `(seed, epoch)`. So in one epoch every shard is
+read exactly once across all ranks and workers. Rank and world size come from the arguments, else from
+`torch.distributed`, else from the `RANK`/`WORLD_SIZE` environment (torchrun, `fabric run`, SLURM via Lightning).
+With fewer shards than global workers some workers idle; give at least `world_size * num_workers` shards.
+
+Resampled mode (`resampled=True`) draws shards with replacement forever, from a generator seeded by
+`(seed, global worker)`: the mode for step-based training, where ranks must never run dry at different times.
+
+Resuming. Each batch carries `__worker__` (global worker id) and `__consumed__` (raw samples that worker has
+taken from its shards so far, skipped ones included). `StreamState.update(batch)` records them after the batch is
+used; a stream built with `resume=state.state_dict()` makes each worker replay its deterministic order and drop
+that many raw samples before decoding. The resumed run then yields exactly the batches the uninterrupted run
+would have yielded next (augmentation is seeded per sample, see `transforms.py`), as long as the topology
+(world size, workers) is unchanged; with another topology it refuses, rather than silently repeating data.
+Skipping costs reading, not decoding, the consumed part of the epoch.
+
+Bad samples. Corrupt tar members, undecodable images, missing or mis-sized targets raise `ShardFormatError`
+naming the shard and key; with `on_error="skip"` the sample is dropped and counted in the batch's `__skipped__`
+(per worker, cumulative), which `StreamState` sums for logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from depthkit.data.cutmix import cutmix_boxes
+from depthkit.data.shards import ShardFormatError, decode_sample, shard_paths
+
+KINDS = ("labeled", "unlabeled", "pseudo")
+log = logging.getLogger("depthkit.data")
+
+
+def topology(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """`(rank, world_size)` from the arguments, torch.distributed, or the launcher's environment."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _open(url: str):
+    if url.startswith(("http://", "https://", "pipe:")):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    return open(url, "rb")
+
+
+def iter_raw_samples(url: str) -> Iterator[dict]:
+    """Group a tar stream's members by key (WebDataset rule: name up to the first dot of the basename).
+
+    Raises:
+        ShardFormatError: for an unreadable or corrupt tar, naming the shard and the last good key.
+    """
+    current: dict | None = None
+    last_key = None
+    try:
+        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                dirname, _, base = member.name.rpartition("/")
+                key, _, ext = base.partition(".")
+                key = f"{dirname}/{key}" if dirname else key
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                    last_key = key
+                data = tar.extractfile(member)
+                current[ext] = data.read() if data is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as err:
+        where = f"after key {last_key}" if last_key else "at its start"
+        raise ShardFormatError(f"shard {url}: corrupt or unreadable tar {where} ({err})") from None
+    if current is not None:
+        yield current
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples into a batch: `image` uint8 `B×3×H×W`, `target` float32 and `valid` bool `B×H×W`."""
+    batch: dict = {
+        "key": [s["__key__"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+        "image": torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous(),
+    }
+    if "image_strong" in samples[0]:
+        strong = np.stack([s["image_strong"] for s in samples])
+        batch["image_strong"] = torch.from_numpy(strong).permute(0, 3, 1, 2).contiguous()
+    if "target" in samples[0]:
+        batch["target"] = torch.from_numpy(np.stack([s["target"] for s in samples]))
+        batch["valid"] = torch.from_numpy(np.stack([s["valid"] for s in samples]))
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """An iterable of collated batches from WebDataset shards; see the module docstring.
+
+    Args:
+        shards: Folder, glob, brace pattern, URL(s) (`http(s)://`, `pipe:`), or a list of them.
+        kind: "labeled", "unlabeled", or "pseudo" (unlabeled images paired with pseudo-label shards).
+        batch_size: Samples per batch (per worker batch; the loader does not re-batch).
+        transform: Per-sample transform (e.g. `SampleTransform`); None keeps decoded arrays as they are.
+        labels: For kind "pseudo": folder of pseudo-label shards with the same file names as `shards`.
+        shuffle_buffer: Samples in the shuffle buffer; 0 keeps shard order.
+        resampled: Draw shards with replacement forever (step-based training).
+        seed: Seeds shard order, shuffling, CutMix and (through the transform) augmentation.
+        on_error: "raise" or "skip" (count) bad samples.
+        cutmix_p: Per-sample CutMix probability for `image_strong` (0 disables).
+        drop_last: Drop a worker's last incomplete batch.
+        rank: This process's rank; None reads it from torch.distributed or the environment.
+        world_size: Number of ranks; None as above.
+        resume: A `StreamState.state_dict()` to continue from.
+    """
+
+    def __init__(
+        self,
+        shards,
+        *,
+        kind: str = "labeled",
+        batch_size: int = 8,
+        transform=None,
+        labels: str | None = None,
+        shuffle_buffer: int = 0,
+        resampled: bool = False,
+        seed: int = 0,
+        on_error: str = "raise",
+        cutmix_p: float = 0.0,
+        drop_last: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        resume: dict | None = None,
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if kind == "pseudo" and not labels:
+            raise ValueError("kind='pseudo' needs labels= (the folder of pseudo-label shards)")
+        self.urls = shard_paths(shards)
+        self.label_urls = [_label_shard(labels, url) for url in self.urls] if kind == "pseudo" else None
+        self.kind, self.batch_size, self.transform = kind, batch_size, transform
+        self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
+        self.on_error, self.cutmix_p, self.drop_last = on_error, cutmix_p, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.resume = resume
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle shard order for a new epoch (call before iterating; resume state then starts empty)."""
+        self.epoch = epoch
+        if self.transform is not None:
+            self.transform.epoch = epoch
+
+    # -- iteration, inside a worker ------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rank, world_size = topology(self.rank, self.world_size)
+        # The DataLoader asks its workers round-robin from worker 0; a resumed stream rotates the logical worker
+        # ids so that the worker whose turn was next when the state was saved answers first.
+        rotation = int(self.resume.get("next_worker", 0)) if self.resume and self._same_epoch() else 0
+        global_worker = rank * num_workers + (worker_id + rotation) % num_workers
+        total_workers = world_size * num_workers
+        skip = self._resume_skip(global_worker, total_workers)
+        consumed = skipped = 0
+        batch: list[dict] = []
+        cutmix_seed = np.random.SeedSequence([self.seed, self.epoch, global_worker, 0xC07]).generate_state(1)[0]
+        cutmix_gen = torch.Generator().manual_seed(int(cutmix_seed))
+        for raw in self._shuffled(self._raw_samples(global_worker, total_workers), global_worker):
+            consumed += 1
+            if consumed <= skip:
+                continue
+            try:
+                sample = self._decode(raw)
+                if self.transform is not None:
+                    sample = self.transform(sample)
+            except ShardFormatError:
+                if self.on_error == "raise":
+                    raise
+                skipped += 1
+                continue
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._finish(batch, (global_worker, num_workers, total_workers), consumed, skipped, cutmix_gen)
+                batch = []
+        if batch and not self.drop_last:
+            yield self._finish(batch, (global_worker, num_workers, total_workers), consumed, skipped, cutmix_gen)
+        if skipped:
+            # Batches carry the running count; this reports skips after the last batch too.
+            log.warning("global worker %d skipped %d bad sample(s) of %d this epoch", global_worker, skipped, consumed)
+
+    def _resume_skip(self, global_worker: int, total_workers: int) -> int:
+        if not self.resume:
+            return 0
+        if self.resume.get("total_workers") not in (None, total_workers):
+            raise ValueError(
+                f"cannot resume a stream of {self.resume['total_workers']} global workers with {total_workers}; "
+                "keep world size and num_workers, or start the data stream afresh"
+            )
+        if not self._same_epoch():
+            return 0
+        return int(self.resume.get("consumed", {}).get(str(global_worker), 0))
+
+    def _same_epoch(self) -> bool:
+        return self.resume.get("epoch", 0) == self.epoch
+
+    def _shard_order(self, global_worker: int, total_workers: int) -> Iterator[int]:
+        if self.resampled:
+            rng = np.random.default_rng([self.seed, global_worker, 0x5EED])
+            while True:
+                yield int(rng.integers(len(self.urls)))
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
+        yield from (int(i) for i in order[global_worker::total_workers])
+
+    def _raw_samples(self, global_worker: int, total_workers: int) -> Iterator[dict]:
+        for index in self._shard_order(global_worker, total_workers):
+            url = self.urls[index]
+            try:
+                if self.label_urls is None:
+                    yield from iter_raw_samples(url)
+                else:
+                    yield from _paired(iter_raw_samples(url), iter_raw_samples(self.label_urls[index]))
+            except ShardFormatError:
+                if self.on_error == "raise":
+                    raise
+                # A corrupt tar ends its shard: count one skipped sample for it and go on with the next shard.
+                yield {"__key__": "?", "__url__": url, "__corrupt__": True}
+
+    def _shuffled(self, samples: Iterator[dict], global_worker: int) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        rng = np.random.default_rng([self.seed, self.epoch, global_worker, 0xB0F])
+        buffer: list[dict] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = int(rng.integers(len(buffer)))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, raw: dict) -> dict:
+        if raw.get("__corrupt__"):
+            raise ShardFormatError(f"shard {raw['__url__']}: corrupt tar")
+        if self.kind == "labeled":
+            return decode_sample(raw, kind="labeled")
+        # Images only: unlabeled shards, or labeled shards whose targets this stream does not use.
+        label_raw = raw.pop("__label__", None)
+        sample = decode_sample(raw, with_target=False)
+        if sample["meta"]["kind"] == "pseudo":
+            raise ShardFormatError(f"shard {raw['__url__']}: holds pseudo-labels, not images; pass it as labels=")
+        if label_raw is None:
+            return sample
+        label = decode_sample(label_raw, kind="pseudo")
+        if label["target"].shape != sample["image"].shape[:2]:
+            raise ShardFormatError(
+                f"shard {label['__url__']}, key {label['__key__']}: pseudo-label is "
+                f"{label['target'].shape[1]}x{label['target'].shape[0]}, image is "
+                f"{sample['image'].shape[1]}x{sample['image'].shape[0]}"
+            )
+        sample["target"], sample["valid"] = label["target"], label["valid"]
+        sample["meta"] = {**sample["meta"], "pseudo": label["meta"]}
+        return sample
+
+    def _finish(self, samples, workers, consumed, skipped, cutmix_gen) -> dict:
+        batch = collate(samples)
+        if "image_strong" in batch and self.cutmix_p > 0:
+            b, _, h, w = batch["image_strong"].shape
+            mask_BHW, index_B = cutmix_boxes(b, h, w, p=self.cutmix_p, generator=cutmix_gen)
+            strong = batch["image_strong"]
+            batch["image_strong"] = torch.where(mask_BHW[:, None], strong[index_B], strong)
+            batch["cutmix_mask"], batch["cutmix_index"] = mask_BHW, index_B
+        batch["__worker__"], batch["__num_workers__"], batch["__total_workers__"] = workers
+        batch["__consumed__"], batch["__skipped__"], batch["__epoch__"] = consumed, skipped, self.epoch
+        return batch
+
+
+def _label_shard(labels: str, url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return labels.rstrip("/") + "/" + name
+
+
+def _paired(images: Iterator[dict], labels: Iterator[dict]) -> Iterator[dict]:
+    """Pair image samples with pseudo-label samples of the same key; labels are a subsequence of images.
+
+    An image without a label (the pseudo-labeler recorded it as failed) is passed over.
+    """
+    pending = next(labels, None)
+    for image in images:
+        if pending is not None and pending["__key__"] == image["__key__"]:
+            image["__label__"] = pending
+            yield image
+            pending = next(labels, None)
+    if pending is not None:
+        raise ShardFormatError(
+            f"shard {pending['__url__']}: pseudo-label key {pending['__key__']} has no image in the same order; "
+            "label shards must come from the same image shards"
+        )
+
+
+@dataclass
+class StreamState:
+    """Position of a stream in the main process; goes into checkpoints as `state_dict()`."""
+
+    epoch: int = 0
+    total_workers: int | None = None
+    next_worker: int = 0
+    consumed: dict | None = None
+    skipped: dict | None = None
+
+    def update(self, batch: dict) -> None:
+        if batch["__epoch__"] != self.epoch:
+            self.epoch, self.consumed, self.skipped = batch["__epoch__"], {}, {}
+        worker = str(batch["__worker__"])
+        self.total_workers = batch["__total_workers__"]
+        self.next_worker = (batch["__worker__"] + 1) % batch["__num_workers__"]
+        self.consumed = {**(self.consumed or {}), worker: batch["__consumed__"]}
+        self.skipped = {**(self.skipped or {}), worker: batch["__skipped__"]}
+
+    @property
+    def num_skipped(self) -> int:
+        return sum((self.skipped or {}).values())
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "total_workers": self.total_workers,
+            "next_worker": self.next_worker,
+            "consumed": dict(self.consumed or {}),
+            "skipped": dict(self.skipped or {}),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state.get("epoch", 0)
+        self.total_workers = state.get("total_workers")
+        self.next_worker = state.get("next_worker", 0)
+        self.consumed, self.skipped = dict(state.get("consumed", {})), dict(state.get("skipped", {}))
+
+
+def make_loader(stream: ShardStream, *, num_workers: int = 0, pin_memory: bool = False, **kwargs) -> DataLoader:
+    """A DataLoader over a `ShardStream` (batches are made in the workers, so `batch_size=None`)."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        **kwargs,
+    )
+
+
+def mixed_batches(labeled, unlabeled) -> Iterator[dict]:
+    """Zip a labeled and an unlabeled loader into `{"labeled": ..., "unlabeled": ...}` steps.
+
+    The ratio of the two is set by their batch sizes (Depth Anything: 1:2, e.g. 4 labeled + 8 unlabeled).
+    Stops when either runs out; use resampled streams for step-based training.
+    """
+    for labeled_batch, unlabeled_batch in zip(labeled, unlabeled, strict=False):
+        yield {"labeled": labeled_batch, "unlabeled": unlabeled_batch}
+
+
+def ratio_batch_sizes(total: int, ratio: tuple[int, int] = (1, 2)) -> tuple[int, int]:
+    """Split a per-step batch into labeled and unlabeled parts by `ratio` (each at least 1)."""
+    a, b = ratio
+    if a <= 0 or b <= 0:
+        raise ValueError(f"labeled:unlabeled ratio must be positive, got {a}:{b}")
+    if total < 2:
+        raise ValueError(f"a mixed batch needs at least 2 samples, got {total}")
+    labeled = max(1, round(total * a / (a + b)))
+    return labeled, max(1, total - labeled)

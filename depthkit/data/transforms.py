@@ -1,0 +1,135 @@
+"""Per-sample transforms run in DataLoader workers (numpy + OpenCV + albumentations, CPU).
+
+Geometry follows Depth Anything's training pipeline: resize keeping the aspect ratio so both sides reach the
+crop size, rounded up to a multiple of the patch size (14), then a random crop (518 by default) and a horizontal
+flip. Images are resized with area averaging when shrinking and bicubic when enlarging; targets and masks with
+nearest neighbour, so an invalid pixel never blends into a valid one.
+
+Strong augmentation (unlabeled images only, on CPU workers with albumentations): colour jitter (p=0.8),
+greyscale (p=0.2), Gaussian blur (p=0.5), the values of UniMatch that Depth Anything V1 builds on. CutMix is per
+batch, see `depthkit.data.cutmix`.
+
+Randomness comes from a generator seeded per sample by `(seed, epoch, key)`, so a resumed run augments each
+sample exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+cv2.setNumThreads(1)  # workers are the parallelism; OpenCV's own threads would oversubscribe the cores
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformConfig:
+    """Geometry and augmentation of training samples.
+
+    Attributes:
+        crop_size: Output height and width (multiples of `patch_size`); Depth Anything trains at 518.
+        patch_size: Sizes are rounded up to multiples of this.
+        random_crop: Random crop for training; False takes the centre crop (validation).
+        hflip: Flip horizontally with probability 0.5.
+        strong: Also produce `image_strong` with colour jitter, greyscale and blur (unlabeled student data).
+    """
+
+    crop_size: tuple[int, int] | int = 518
+    patch_size: int = 14
+    random_crop: bool = True
+    hflip: bool = True
+    strong: bool = False
+
+    def __post_init__(self):
+        crop = (self.crop_size, self.crop_size) if isinstance(self.crop_size, int) else tuple(self.crop_size)
+        object.__setattr__(self, "crop_size", crop)
+        if len(crop) != 2 or any(c <= 0 or c % self.patch_size for c in crop):
+            raise ValueError(f"crop_size {self.crop_size} must be positive multiples of patch_size {self.patch_size}")
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """A generator that depends only on `(seed, epoch, key)`: augmentation survives resumption unchanged."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def lower_bound_size(height: int, width: int, min_height: int, min_width: int, multiple: int) -> tuple[int, int]:
+    """Size keeping the aspect ratio with both sides >= the minimum, each rounded up to `multiple`."""
+    scale = max(min_height / height, min_width / width)
+    new_h = max(multiple, math.ceil(height * scale / multiple) * multiple)
+    new_w = max(multiple, math.ceil(width * scale / multiple) * multiple)
+    return new_h, new_w
+
+
+def resize_image(image_HW3: np.ndarray, height: int, width: int) -> np.ndarray:
+    shrink = height * width < image_HW3.shape[0] * image_HW3.shape[1]
+    return cv2.resize(image_HW3, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def resize_nearest(map_HW: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize for targets and masks (no blending of invalid pixels)."""
+    if map_HW.shape == (height, width):
+        return map_HW
+    rows = np.minimum(((np.arange(height) + 0.5) * map_HW.shape[0] / height).astype(np.int64), map_HW.shape[0] - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * map_HW.shape[1] / width).astype(np.int64), map_HW.shape[1] - 1)
+    return map_HW[rows[:, None], cols[None, :]]
+
+
+class StrongAugment:
+    """Colour jitter, greyscale and blur for unlabeled images (albumentations, uint8 in and out)."""
+
+    def __init__(self):
+        import albumentations as A
+
+        self.compose = A.Compose(
+            [
+                A.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25, p=0.8),
+                A.ToGray(p=0.2),
+                A.GaussianBlur(sigma_limit=(0.1, 2.0), blur_limit=0, p=0.5),
+            ]
+        )
+
+    def __call__(self, image_HW3: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        self.compose.set_random_seed(int(rng.integers(2**31)))
+        return self.compose(image=image_HW3)["image"]
+
+
+class SampleTransform:
+    """Resize, crop, flip (and strong augmentation) of one decoded sample.
+
+    Input and output are sample dicts (see `depthkit.data.shards.decode_sample`); `image` stays uint8 `H×W×3`,
+    `target` float32 and `valid` bool `H×W`. `image_strong` is added when the config asks for it.
+    """
+
+    def __init__(self, config: TransformConfig, *, seed: int = 0):
+        self.config, self.seed, self.epoch = config, seed, 0
+        self._strong = StrongAugment() if config.strong else None
+
+    def __call__(self, sample: dict) -> dict:
+        cfg = self.config
+        rng = sample_rng(self.seed, self.epoch, sample["__key__"])
+        crop_h, crop_w = cfg.crop_size
+        image_HW3 = sample["image"]
+        h, w = lower_bound_size(*image_HW3.shape[:2], crop_h, crop_w, cfg.patch_size)
+        if cfg.random_crop:
+            top, left = int(rng.integers(h - crop_h + 1)), int(rng.integers(w - crop_w + 1))
+        else:
+            top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        flip = cfg.hflip and bool(rng.random() < 0.5)
+        window = (slice(top, top + crop_h), slice(left, left + crop_w, None))
+
+        def geometry(map_HW, resize):
+            out = resize(map_HW, h, w)[window]
+            return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+        out = dict(sample)
+        out["image"] = geometry(image_HW3, resize_image)
+        for name in ("target", "valid"):
+            if name in sample:
+                out[name] = geometry(sample[name], resize_nearest)
+        if self._strong is not None:
+            out["image_strong"] = self._strong(out["image"], rng)
+        return out

@@ -1,0 +1,149 @@
+"""Shard format: round trips, plain-tool compatibility, atomic writes and bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from depthkit.data.manifest import load_row, read_manifest
+from depthkit.data.shards import (
+    ShardFormatError,
+    ShardWriter,
+    decode_sample,
+    encode_sample,
+    encode_target,
+    iter_tar_samples,
+    shard_paths,
+)
+
+
+def _decoded(folder) -> dict:
+    return {s["__key__"]: s for path in shard_paths(folder) for s in map(decode_sample, iter_tar_samples(path))}
+
+
+def test_manifest_to_shards_round_trip_is_exact(shared_data, rgbd_shards):
+    decoded = _decoded(rgbd_shards)
+    rows = read_manifest(shared_data / "rgbd" / "manifest.csv")
+    assert set(decoded) == {r.key for r in rows}
+    for row in rows:
+        expected, got = load_row(row), decoded[row.key]
+        np.testing.assert_array_equal(got["image"], expected["image"], err_msg=row.key)
+        np.testing.assert_array_equal(got["valid"], expected["valid"], err_msg=row.key)
+        np.testing.assert_array_equal(got["target"], expected["target"], err_msg=row.key)
+        assert got["meta"]["output_space"] == expected["meta"]["output_space"]
+        assert got["meta"]["intrinsics"] == expected["meta"]["intrinsics"]
+        assert got["meta"]["format_version"] == 1
+
+
+def test_integer_sources_are_stored_as_png16_and_float_ones_as_npz(rgbd_shards):
+    names = [m for p in shard_paths(rgbd_shards) for m in tarfile.open(p).getnames()]
+    assert any(n.endswith("TUM_color.target.png") for n in names)
+    assert any(n.endswith("NYU_color.target.npz") for n in names)  # raw Kinect: nonlinear, float
+    assert not any(n.endswith((".jpg.target", "depth.jpg")) for n in names)
+
+
+def test_plain_webdataset_and_tar_open_shards(rgbd_shards):
+    import webdataset as wds
+
+    path = shard_paths(rgbd_shards)[0]
+    samples = list(wds.WebDataset(path, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == 10
+    assert all("json" in s and ("target.png" in s or "target.npz" in s) for s in samples)
+    with tarfile.open(path) as tar:
+        assert all(m.isfile() for m in tar.getmembers())
+
+
+def test_encode_target_is_lossless():
+    rng = np.random.default_rng(0)
+    mm = (rng.integers(1, 60000, (7, 9)) * 0.001).astype(np.float32)  # as a mm PNG decodes
+    valid = rng.random((7, 9)) > 0.3
+    ext, data = encode_target(mm.astype(np.float32), valid, scale=0.001)
+    assert ext == "target.png"
+    floats = rng.random((7, 9)).astype(np.float32) * 10
+    ext2, data2 = encode_target(floats, valid, scale=0.001)
+    assert ext2 == "target.npz"  # not exact on a 1 mm grid, so it falls back to float32
+    for target, ext_, blob in ((mm.astype(np.float32), ext, data), (floats, ext2, data2)):
+        raw = {
+            "__key__": "k",
+            "__url__": "u",
+            ext_: blob,
+            "json": json.dumps(
+                {"format_version": 1, "kind": "pseudo", "output_space": "affine_disparity", "target_scale": 0.001}
+            ).encode(),
+        }
+        sample = decode_sample(raw)
+        np.testing.assert_array_equal(sample["valid"], valid)
+        np.testing.assert_array_equal(sample["target"][valid], target[valid])
+
+
+def _sample(key="k0", h=6, w=8):
+    rng = np.random.default_rng(1)
+    return {
+        "__key__": key,
+        "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+        "target": rng.uniform(1, 5, (h, w)).astype(np.float32),
+        "valid": np.ones((h, w), bool),
+        "meta": {"output_space": "metric_depth", "source": "test"},
+    }
+
+
+def test_writer_renames_only_complete_shards(tmp_path):
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path, shard_size=2) as writer:
+        for i in range(3):
+            writer.write(encode_sample(_sample(f"k{i}")))
+        raise RuntimeError("crash in the middle of the second shard")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda m: m.pop("k0.json"), "no KEY.json metadata"),
+        (lambda m: m.update({"k0.png": b"not an image"}), "cannot decode image"),
+        (lambda m: m.pop("k0.target.npz"), "no target member"),
+        (lambda m: m.update({"k0.json": b"{broken"}), "not valid JSON"),
+        (
+            lambda m: m.update({"k0.json": json.dumps({"format_version": 99, "kind": "labeled"}).encode()}),
+            "format_version 99",
+        ),
+        (lambda m: m.update({"k0.target.npz": _npz(np.ones((3, 3), np.float32))}), "target is 3x3 but image is 8x6"),
+        (lambda m: m.update({"k0.target.npz": _npz(np.full((6, 8), np.inf, np.float32))}), "inf"),
+    ],
+)
+def test_bad_samples_name_shard_and_key(mutate, message):
+    members = encode_sample(_sample())
+    mutate(members)
+    raw = {"__key__": "k0", "__url__": "data/shard-000007.tar"}
+    raw.update({name.split(".", 1)[1]: data for name, data in members.items()})
+    with pytest.raises(ShardFormatError, match="shard data/shard-000007.tar, key k0") as info:
+        decode_sample(raw)
+    assert message in str(info.value)
+
+
+def _npz(array) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, target=array)
+    return buf.getvalue()
+
+
+def test_nan_at_valid_pixels_is_refused_when_writing():
+    sample = _sample()
+    sample["target"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="k0: target has NaN/inf at pixels marked valid"):
+        encode_sample(sample)
+
+
+def test_keys_with_dots_are_refused():
+    with pytest.raises(ValueError, match="must not contain"):
+        encode_sample(_sample("a.b"))
+
+
+def test_shard_paths_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .tar shards in folder"):
+        shard_paths(tmp_path)
+    with pytest.raises(FileNotFoundError, match="shard not found"):
+        shard_paths(str(tmp_path / "x-{000..001}.tar"))

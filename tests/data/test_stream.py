@@ -1,0 +1,196 @@
+"""Streaming: splitting across ranks and workers, shuffling, resume, pairing, CutMix, bad samples."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from depthkit.data.cutmix import cutmix_boxes, mix_like
+from depthkit.data.shards import ShardFormatError, ShardWriter, encode_sample, shard_paths
+from depthkit.data.stream import ShardStream, StreamState, make_loader, ratio_batch_sizes
+from depthkit.data.transforms import SampleTransform, TransformConfig
+
+
+def _keys(loader) -> list[str]:
+    return [k for batch in loader for k in batch["key"]]
+
+
+def test_two_ranks_two_workers_read_every_shard_once(synth_shards):
+    seen = Counter()
+    for rank in range(2):
+        stream = ShardStream(synth_shards, batch_size=2, rank=rank, world_size=2, shuffle_buffer=4, drop_last=False)
+        seen.update(_keys(make_loader(stream, num_workers=2)))
+    assert len(seen) == 48 and set(seen.values()) == {1}
+
+
+def test_epochs_reshuffle_and_resampled_mode_runs_on(synth_shards):
+    stream = ShardStream(synth_shards, batch_size=4, shuffle_buffer=8, drop_last=False)
+    first = _keys(stream)
+    stream.set_epoch(1)
+    second = _keys(stream)
+    assert sorted(first) == sorted(second) and first != second
+    endless = ShardStream(synth_shards, batch_size=4, resampled=True)
+    batches = [b for _, b in zip(range(20), endless, strict=False)]  # 80 samples from 48: it keeps going
+    assert len(batches) == 20
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_exactly(synth_shards, num_workers):
+    transform = SampleTransform(TransformConfig(crop_size=28, patch_size=14))
+
+    def stream(resume=None):
+        return ShardStream(synth_shards, batch_size=3, transform=transform, shuffle_buffer=5, seed=7, resume=resume)
+
+    full = list(make_loader(stream(), num_workers=num_workers))
+    state = StreamState()
+    for batch in full[:5]:
+        state.update(batch)
+    resumed = list(make_loader(stream(resume=state.state_dict()), num_workers=num_workers))
+    assert [b["key"] for b in resumed] == [b["key"] for b in full[5:]]
+    for a, b in zip(resumed, full[5:], strict=True):
+        torch.testing.assert_close(a["image"], b["image"])  # augmentation is seeded per sample: same crops
+        torch.testing.assert_close(a["target"], b["target"])
+
+
+def test_resume_with_another_topology_is_refused(synth_shards):
+    state = {"epoch": 0, "total_workers": 4, "consumed": {"0": 3}}
+    with pytest.raises(ValueError, match="cannot resume a stream of 4 global workers with 1"):
+        next(iter(ShardStream(synth_shards, resume=state)))
+
+
+def test_transform_crops_to_multiples_of_14_without_blending_invalid(rgbd_shards):
+    cfg = TransformConfig(crop_size=(98, 126), patch_size=14)
+    stream = ShardStream(rgbd_shards, batch_size=4, transform=SampleTransform(cfg), drop_last=False)
+    batch = next(iter(stream))
+    assert batch["image"].shape == (4, 3, 98, 126) and batch["image"].dtype == torch.uint8
+    assert batch["target"].shape == (4, 98, 126) and batch["valid"].dtype == torch.bool
+    assert torch.all(batch["target"][~batch["valid"]] == 0)
+    # nearest-neighbour resizing: every valid target value existed in the source map
+    assert torch.all(batch["target"][batch["valid"]] > 0)
+
+
+def test_strong_augmentation_and_cutmix(synth_shards):
+    cfg = TransformConfig(crop_size=42, patch_size=14, strong=True)
+    stream = ShardStream(synth_shards, kind="labeled", batch_size=8, transform=SampleTransform(cfg), cutmix_p=1.0)
+    batch = next(iter(stream))
+    mask, index = batch["cutmix_mask"], batch["cutmix_index"]
+    assert mask.shape == (8, 42, 42) and mask.any(dim=(1, 2)).all()
+    assert torch.all(index != torch.arange(8))
+    mixed = mix_like(batch["target"], mask, index)
+    b = 0
+    torch.testing.assert_close(mixed[b][mask[b]], batch["target"][index[b]][mask[b]])
+    torch.testing.assert_close(mixed[b][~mask[b]], batch["target"][b][~mask[b]])
+    assert not torch.equal(batch["image_strong"], batch["image"])
+
+
+def test_cutmix_probability_zero_and_box_areas():
+    gen = torch.Generator().manual_seed(0)
+    mask, index = cutmix_boxes(6, 50, 60, p=0.0, generator=gen)
+    assert not mask.any() and torch.equal(index, torch.arange(6))
+    mask, index = cutmix_boxes(200, 50, 60, p=0.5, generator=gen)
+    mixed = mask.any(dim=(1, 2))
+    assert 0.35 < mixed.float().mean() < 0.65
+    areas = mask[mixed].float().mean(dim=(1, 2))
+    assert areas.min() >= 0.01 and areas.max() <= 0.45
+
+
+def _write_pseudo_labels(image_dir, label_dir, drop_key=None):
+    """Pseudo-label shards with the same names and keys as the image shards (one key left out)."""
+    from depthkit.data.shards import decode_sample, iter_tar_samples
+
+    for path in shard_paths(image_dir):
+        name = path.rsplit("/", 1)[-1]
+        with ShardWriter(label_dir, prefix="x", shard_size=10**6) as writer:
+            for raw in iter_tar_samples(path):
+                sample = decode_sample(raw)
+                if sample["__key__"] == drop_key:
+                    continue
+                h, w = sample["image"].shape[:2]
+                target = np.full((h, w), float(len(sample["__key__"])), np.float32)
+                writer.write(
+                    encode_sample(
+                        {
+                            "__key__": sample["__key__"],
+                            "target": target,
+                            "meta": {
+                                "kind": "pseudo",
+                                "output_space": "affine_disparity",
+                                "provenance": {"teacher": "t"},
+                            },
+                        }
+                    )
+                )
+        (label_dir / "x-000000.tar").rename(label_dir / name)
+
+
+def test_pseudo_label_shards_pair_with_images_by_key(synth_shards, tmp_path):
+    labels = tmp_path / "labels"
+    _write_pseudo_labels(synth_shards, labels, drop_key="synth_000003_00000004")
+    stream = ShardStream(synth_shards, kind="pseudo", labels=str(labels), batch_size=5, drop_last=False)
+    keys = []
+    for batch in stream:
+        keys += batch["key"]
+        assert all(m["pseudo"]["kind"] == "pseudo" for m in batch["meta"])
+        assert batch["target"].shape[1:] == batch["image"].shape[2:]
+    assert len(keys) == 47 and "synth_000003_00000004" not in keys
+
+
+def test_pseudo_labels_out_of_order_are_an_error(synth_shards, tmp_path):
+    labels = tmp_path / "labels"
+    _write_pseudo_labels(synth_shards, labels)
+    first = shard_paths(synth_shards)[0].rsplit("/", 1)[-1]
+    shutil.copy(labels / shard_paths(synth_shards)[1].rsplit("/", 1)[-1], labels / first)
+    stream = ShardStream(synth_shards, kind="pseudo", labels=str(labels), batch_size=5)
+    with pytest.raises(ShardFormatError, match="has no image in the same order"):
+        list(stream)
+
+
+def test_bad_samples_raise_or_are_counted(tmp_path, synth_shards, caplog):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shutil.copy(shard_paths(synth_shards)[0], folder / "a.tar")
+    # a shard with an undecodable image and a sample without a target
+    with ShardWriter(folder, prefix="b", shard_size=100) as writer:
+        rng = np.random.default_rng(0)
+        good = {
+            "__key__": "good",
+            "image": rng.integers(0, 255, (48, 64, 3), dtype=np.uint8),
+            "target": np.ones((48, 64), np.float32),
+            "meta": {"output_space": "metric_depth"},
+        }
+        writer.write(encode_sample(good))
+        broken = encode_sample({**good, "__key__": "broken"})
+        broken["broken.png"] = b"garbage"
+        writer.write(broken)
+        no_target = encode_sample({**good, "__key__": "notarget"})
+        del no_target["notarget.target.npz"]  # no target_scale given: stored as float npz
+        writer.write(no_target)
+    # and a truncated tar
+    data = open(shard_paths(synth_shards)[1], "rb").read()
+    (folder / "c.tar").write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(ShardFormatError, match=r"b-000000.tar, key broken: .*cannot decode image"):
+        list(ShardStream(folder / "b-000000.tar", batch_size=1))
+    with pytest.raises(ShardFormatError, match=r"c.tar"):
+        list(ShardStream(folder / "c.tar", batch_size=1))
+    batches = list(ShardStream(folder, batch_size=1, on_error="skip"))
+    state = StreamState()
+    for batch in batches:
+        state.update(batch)
+    keys = [k for b in batches for k in b["key"]]
+    assert "good" in keys and "broken" not in keys and "notarget" not in keys
+    assert 6 + 1 <= len(keys) < 6 + 1 + 6  # shard a, 'good', and the part of c before the cut
+    # broken, notarget, and the truncated shard's tail (a partial last sample, or a tar error)
+    assert "skipped 3 bad sample(s)" in caplog.text
+    assert 1 <= state.num_skipped <= 3  # batches carry the running count up to the last batch
+
+
+def test_ratio_batch_sizes():
+    assert ratio_batch_sizes(12, (1, 2)) == (4, 8)
+    assert ratio_batch_sizes(3) == (1, 2)
+    with pytest.raises(ValueError, match="must be positive"):
+        ratio_batch_sizes(12, (1, 0))
