@@ -231,7 +231,7 @@ def _decode_target(raw: dict, meta: dict, where: str) -> tuple[np.ndarray, np.nd
             if value.ndim != 2 or value.dtype.kind not in "ui":
                 raise ShardFormatError(f"{where}: KEY.target.png must be a 16-bit single-channel PNG")
             valid_HW = value > 0
-            target_HW = np.where(valid_HW, value * float(scale), 0.0).astype(np.float32)  # float64 product, as encoded
+            target_HW = (value * float(scale)).astype(np.float32)  # float64 product, as encoded; 0 stays 0
         elif "target.npz" in raw:
             with np.load(io.BytesIO(raw["target.npz"])) as npz:
                 if "target" not in npz.files:

@@ -193,7 +193,8 @@ def render_scene(seed: int, index: int, height: int, width: int, config: SceneCo
     image_HW3 = np.clip(rgb_N3 * 255 + 0.5, 0, 255).astype(np.int16) + noise_N3
     image_HW3 = np.clip(image_HW3, 0, 255).astype(np.uint8).reshape(height, width, 3)
 
-    depth_HW = (np.rint(t_N / DEPTH_STEP_M) * DEPTH_STEP_M).reshape(height, width).astype(np.float32)
+    # float64 product, as a 16-bit PNG decodes: shards then store these depths exactly
+    depth_HW = (np.rint(t_N.astype(np.float64) / DEPTH_STEP_M) * DEPTH_STEP_M).reshape(height, width).astype(np.float32)
     valid_HW = (depth_HW > 0) & (depth_HW <= FAR_CAP_M)
     depth_HW = np.where(valid_HW, depth_HW, np.float32(0))
     meta = {

@@ -2,8 +2,8 @@
 
 Geometry follows Depth Anything's training pipeline: resize keeping the aspect ratio so both sides reach the
 crop size, rounded up to a multiple of the patch size (14), then a random crop (518 by default) and a horizontal
-flip. Images are resized with area averaging when shrinking and bicubic when enlarging; targets and masks with
-nearest neighbour, so an invalid pixel never blends into a valid one.
+flip. Images are resized bilinearly (area averaging when shrinking more than 2x, bicubic when enlarging); targets
+and masks with nearest neighbour, so an invalid pixel never blends into a valid one.
 
 Strong augmentation (unlabeled images only, on CPU workers with albumentations): colour jitter (p=0.8),
 greyscale (p=0.2), Gaussian blur (p=0.5), the values of UniMatch that Depth Anything V1 builds on. CutMix is per
@@ -65,17 +65,19 @@ def lower_bound_size(height: int, width: int, min_height: int, min_width: int, m
 
 
 def resize_image(image_HW3: np.ndarray, height: int, width: int) -> np.ndarray:
-    shrink = height * width < image_HW3.shape[0] * image_HW3.shape[1]
-    return cv2.resize(image_HW3, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    """Bilinear, or area averaging when shrinking by more than 2x (aliasing); bicubic when enlarging."""
+    factor = min(height / image_HW3.shape[0], width / image_HW3.shape[1])
+    interpolation = cv2.INTER_CUBIC if factor > 1 else (cv2.INTER_LINEAR if factor >= 0.5 else cv2.INTER_AREA)
+    return cv2.resize(image_HW3, (width, height), interpolation=interpolation)
 
 
 def resize_nearest(map_HW: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize for targets and masks (no blending of invalid pixels)."""
+    """Nearest-neighbour resize (pixel centres aligned) for targets and masks: no blending of invalid pixels."""
     if map_HW.shape == (height, width):
         return map_HW
-    rows = np.minimum(((np.arange(height) + 0.5) * map_HW.shape[0] / height).astype(np.int64), map_HW.shape[0] - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * map_HW.shape[1] / width).astype(np.int64), map_HW.shape[1] - 1)
-    return map_HW[rows[:, None], cols[None, :]]
+    if map_HW.dtype == bool:
+        return resize_nearest(map_HW.view(np.uint8), height, width).view(bool)
+    return cv2.resize(map_HW, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 class StrongAugment:
