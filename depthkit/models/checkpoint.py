@@ -1,0 +1,499 @@
+"""The one checkpoint adapter: official Depth Anything <-> depthkit <-> Hugging Face transformers.
+
+Layouts (all hold the same tensors; conversions are exact renames plus the qkv split/concat for transformers):
+
+- **official**: what `DepthAnythingV2(...).state_dict()` (and V1's `DPT_DINOv2`, and the metric models) save:
+  `pretrained.*` in the original DINOv2 layout (`blocks.{i}.mlp.w12/w3` for ViT-g, `register_tokens`,
+  `mask_token`) and `depth_head.*` (`projects`, `resize_layers`, `scratch.*`). Files: `depth_anything_v2_vits.pth`,
+  `depth_anything_vits14.pth`, `depth_anything_v2_metric_hypersim_vits.pth`, ...
+- **depthkit**: `DepthModel.state_dict()`: `encoder.*` in timm's layout (`mlp.fc1/fc2`, `reg_token`) plus
+  `mask_token`, and `head.*` with the official head names.
+- **hf**: `DepthAnythingForDepthEstimation` (`backbone.embeddings.*`, `backbone.encoder.layer.{i}.*` with separate
+  query/key/value, `neck.*`, `head.conv1-3`), stored as `model.safetensors` + `config.json` in a folder.
+
+Loading is strict in the file's own layout: a missing key, an unexpected key or a shape mismatch is a `ValueError`
+that names them. Same-shaped checkpoints that differ only in behaviour (V1 vs V2 taps, relative vs metric) cannot be
+told apart from an official `.pth`: pick the matching model name. A transformers `config.json` is checked.
+
+Checked against transformers 5.24 (`DepthAnythingForDepthEstimation.from_pretrained` on an export: no missing or
+unexpected keys; its `save_pretrained` output loads back exactly). Outputs are identical at the pre-training grid
+(518 x 518 for the real models); at other sizes transformers resizes the position embedding without DINOv2's 0.1
+offset, so it differs slightly from the official code, which depthkit follows (`interpolate_offset=0.0` gives
+transformers' behaviour).
+
+`pretrained=True` never downloads: it looks for the official file name in the checkpoint folder,
+`$DEPTHKIT_HOME/checkpoints/` (default `~/.cache/depthkit/checkpoints/`), or in the folder given as
+`checkpoint_path`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from depthkit.models.config import DepthModelConfig
+from depthkit.spaces import METRIC_DEPTH
+
+LAYOUTS = ("official", "depthkit", "hf")
+HF_WEIGHTS_NAME = "model.safetensors"
+HF_CONFIG_NAME = "config.json"
+_MAX_LISTED = 20
+
+
+# --------------------------------------------------------------------------------------------- locations
+
+
+def checkpoint_dir() -> Path:
+    """Where `pretrained=True` looks: `$DEPTHKIT_HOME/checkpoints`, default `~/.cache/depthkit/checkpoints`."""
+    home = os.environ.get("DEPTHKIT_HOME")
+    return (Path(home).expanduser() if home else Path.home() / ".cache" / "depthkit") / "checkpoints"
+
+
+def find_pretrained(filename: str, model_name: str, checkpoint_path: str | os.PathLike | None = None) -> Path:
+    """Path of a local official checkpoint, or a `FileNotFoundError` that lists every place it looked.
+
+    Args:
+        filename: Official file name, e.g. "depth_anything_v2_vits.pth".
+        model_name: For the error message.
+        checkpoint_path: A folder to look in instead of `checkpoint_dir()`.
+    """
+    folder = Path(checkpoint_path).expanduser() if checkpoint_path is not None else checkpoint_dir()
+    candidates = [folder / filename]
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(
+        f"no weights for {model_name}: looked for {looked}. depthkit never downloads; put the official file "
+        f"{filename!r} there (or set DEPTHKIT_HOME, or pass checkpoint_path=... / --checkpoint PATH)"
+    )
+
+
+# --------------------------------------------------------------------------------------------- key renames
+
+_OFFICIAL_ENCODER = "pretrained."
+_OFFICIAL_HEAD = "depth_head."
+
+
+def _encoder_to_official_key(key: str, ffn: str) -> str:
+    """timm/depthkit encoder key (no prefix) -> original DINOv2 key."""
+    if key == "reg_token":
+        return "register_tokens"
+    if ffn == "swiglu":
+        key = re.sub(r"^(blocks\.\d+\.mlp\.)fc1\.", r"\1w12.", key)
+        key = re.sub(r"^(blocks\.\d+\.mlp\.)fc2\.", r"\1w3.", key)
+    return key
+
+
+def _encoder_from_official_key(key: str) -> str:
+    """Original DINOv2 key (no prefix) -> timm/depthkit encoder key."""
+    if key == "register_tokens":
+        return "reg_token"
+    key = re.sub(r"^(blocks\.\d+\.mlp\.)w12\.", r"\1fc1.", key)
+    return re.sub(r"^(blocks\.\d+\.mlp\.)w3\.", r"\1fc2.", key)
+
+
+def to_official(state_dict: dict[str, torch.Tensor], config: DepthModelConfig) -> dict[str, torch.Tensor]:
+    """depthkit `state_dict` -> official Depth Anything layout (same tensors, renamed)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("encoder."):
+            out[_OFFICIAL_ENCODER + _encoder_to_official_key(key[len("encoder.") :], config.encoder.ffn)] = value
+        elif key.startswith("head."):
+            out[_OFFICIAL_HEAD + key[len("head.") :]] = value
+        else:
+            raise ValueError(f"not a depthkit DepthModel key: {key!r}")
+    return out
+
+
+def from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official Depth Anything layout -> depthkit `state_dict` (same tensors, renamed)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(_OFFICIAL_ENCODER):
+            out["encoder." + _encoder_from_official_key(key[len(_OFFICIAL_ENCODER) :])] = value
+        elif key.startswith(_OFFICIAL_HEAD):
+            out["head." + key[len(_OFFICIAL_HEAD) :]] = value
+        else:
+            out[key] = value  # left for the strict check to report as unexpected
+    return out
+
+
+# official (with prefix) <-> transformers, as (official, hf) templates. Placeholders: {b} block, {p} weight|bias,
+# {n}/{u}/{c} 1|2, {i} 0-3, {j} a resize layer with weights, {k} refinenet 1-4 (transformers counts 4-k, deepest
+# first), {r} layer{r}_rn 1-4 (transformers: r-1).
+_HF_RULES: list[tuple[str, str]] = [
+    ("pretrained.cls_token", "backbone.embeddings.cls_token"),
+    ("pretrained.mask_token", "backbone.embeddings.mask_token"),
+    ("pretrained.register_tokens", "backbone.embeddings.register_tokens"),
+    ("pretrained.pos_embed", "backbone.embeddings.position_embeddings"),
+    ("pretrained.patch_embed.proj.{p}", "backbone.embeddings.patch_embeddings.projection.{p}"),
+    ("pretrained.blocks.{b}.norm{n}.{p}", "backbone.encoder.layer.{b}.norm{n}.{p}"),
+    ("pretrained.blocks.{b}.attn.proj.{p}", "backbone.encoder.layer.{b}.attention.output.dense.{p}"),
+    ("pretrained.blocks.{b}.ls{n}.gamma", "backbone.encoder.layer.{b}.layer_scale{n}.lambda1"),
+    ("pretrained.blocks.{b}.mlp.fc{n}.{p}", "backbone.encoder.layer.{b}.mlp.fc{n}.{p}"),
+    ("pretrained.blocks.{b}.mlp.w12.{p}", "backbone.encoder.layer.{b}.mlp.weights_in.{p}"),
+    ("pretrained.blocks.{b}.mlp.w3.{p}", "backbone.encoder.layer.{b}.mlp.weights_out.{p}"),
+    ("pretrained.norm.{p}", "backbone.layernorm.{p}"),
+    ("depth_head.projects.{i}.{p}", "neck.reassemble_stage.layers.{i}.projection.{p}"),
+    ("depth_head.resize_layers.{j}.{p}", "neck.reassemble_stage.layers.{j}.resize.{p}"),
+    ("depth_head.scratch.layer{r}_rn.weight", "neck.convs.{r}.weight"),
+    ("depth_head.scratch.refinenet{k}.out_conv.{p}", "neck.fusion_stage.layers.{k}.projection.{p}"),
+    (
+        "depth_head.scratch.refinenet{k}.resConfUnit{u}.conv{c}.{p}",
+        "neck.fusion_stage.layers.{k}.residual_layer{u}.convolution{c}.{p}",
+    ),
+    ("depth_head.scratch.output_conv1.{p}", "head.conv1.{p}"),
+    ("depth_head.scratch.output_conv2.0.{p}", "head.conv2.{p}"),
+    ("depth_head.scratch.output_conv2.2.{p}", "head.conv3.{p}"),
+]
+_OFFICIAL_FIELDS = {
+    "b": r"\d+",
+    "p": "weight|bias",
+    "n": "[12]",
+    "u": "[12]",
+    "c": "[12]",
+    "i": "[0-3]",
+    "j": "[013]",
+    "k": "[1-4]",
+    "r": "[1-4]",
+}
+_HF_FIELDS = dict(_OFFICIAL_FIELDS, k="[0-3]", r="[0-3]")
+_TO_HF_VALUE = {"k": lambda v: 4 - v, "r": lambda v: v - 1}
+_FROM_HF_VALUE = {"k": lambda v: 4 - v, "r": lambda v: v + 1}
+_QKV_OFFICIAL = re.compile(r"pretrained\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)")
+_QKV_HF = re.compile(r"backbone\.encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)")
+
+
+def _compile(template: str, fields: dict[str, str]) -> re.Pattern:
+    parts = re.split(r"\{(\w)\}", template)  # literal, name, literal, name, ...
+    pattern = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{fields[part]})" for i, part in enumerate(parts))
+    return re.compile(pattern)
+
+
+_TO_HF_RULES = [(_compile(o, _OFFICIAL_FIELDS), h) for o, h in _HF_RULES]
+_FROM_HF_RULES = [(_compile(h, _HF_FIELDS), o) for o, h in _HF_RULES]
+
+
+def _rename(key: str, rules, value_maps) -> str | None:
+    for pattern, template in rules:
+        match = pattern.fullmatch(key)
+        if match:
+            values = {
+                name: str(value_maps[name](int(v))) if name in value_maps else v
+                for name, v in match.groupdict().items()
+            }
+            return template.format(**values)
+    return None
+
+
+def official_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official layout -> transformers `DepthAnythingForDepthEstimation` (qkv split into query/key/value)."""
+    out = {}
+    unsupported = []
+    for key, value in state_dict.items():
+        match = _QKV_OFFICIAL.fullmatch(key)
+        if match:
+            block, kind = match.groups()
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
+                out[f"backbone.encoder.layer.{block}.attention.attention.{name}.{kind}"] = part
+            continue
+        new_key = _rename(key, _TO_HF_RULES, _TO_HF_VALUE)
+        if new_key is None:
+            unsupported.append(key)
+        else:
+            out[new_key] = value
+    if unsupported:
+        raise ValueError(
+            "the transformers DepthAnything layout has no place for: "
+            + _list(unsupported)
+            + " (class-token readout and BatchNorm heads are depthkit/official-only)"
+        )
+    return out
+
+
+def hf_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers `DepthAnythingForDepthEstimation` layout -> official layout (query/key/value concatenated)."""
+    out = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        match = _QKV_HF.fullmatch(key)
+        if match:
+            block, name, kind = match.groups()
+            qkv.setdefault((block, kind), {})[name] = value
+            continue
+        new_key = _rename(key, _FROM_HF_RULES, _FROM_HF_VALUE)
+        if new_key is None:
+            unknown.append(key)
+        else:
+            out[new_key] = value
+    incomplete = [f"backbone.encoder.layer.{b}.attention.attention.*.{k}" for (b, k), p in qkv.items() if len(p) != 3]
+    if unknown or incomplete:
+        raise ValueError(
+            "not a transformers DepthAnything key (or an incomplete q/k/v set): " + _list(unknown + incomplete)
+        )
+    for (block, kind), parts in qkv.items():
+        out[f"pretrained.blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], config: DepthModelConfig) -> dict[str, torch.Tensor]:
+    """depthkit `state_dict` -> transformers layout."""
+    return official_to_hf(to_official(state_dict, config))
+
+
+def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers layout -> depthkit `state_dict`."""
+    return from_official(hf_to_official(state_dict))
+
+
+def _int_if_whole(value: float) -> int | float:
+    """transformers' strict config fields want `4`, not `4.0` (`mlp_ratio`, `max_depth`)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def hf_config(config: DepthModelConfig) -> dict:
+    """A transformers `DepthAnythingConfig` dict (config.json) for a depthkit model config."""
+    enc = config.encoder
+    if config.head.use_bn or config.head.use_clstoken:
+        raise ValueError("the transformers DepthAnything model has no BatchNorm or class-token readout head")
+    if enc.num_register_tokens:
+        raise ValueError("the transformers DepthAnything neck assumes one prefix token; register tokens don't fit")
+    out_indices = [i + 1 for i in config.tap_indices]  # transformers counts the embeddings as stage 0
+    backbone = {
+        "model_type": "dinov2",
+        "hidden_size": enc.embed_dim,
+        "num_hidden_layers": enc.depth,
+        "num_attention_heads": enc.num_heads,
+        "mlp_ratio": _int_if_whole(enc.mlp_ratio),
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "image_size": enc.img_size,
+        "patch_size": enc.patch_size,
+        "num_channels": 3,
+        "qkv_bias": True,
+        "layerscale_value": enc.init_values,
+        "drop_path_rate": 0.0,
+        "use_swiglu_ffn": enc.ffn == "swiglu",
+        "out_indices": out_indices,
+        "out_features": [f"stage{i}" for i in out_indices],
+        "apply_layernorm": True,
+        "reshape_hidden_states": False,
+    }
+    metric = config.output_space == METRIC_DEPTH
+    return {
+        "architectures": ["DepthAnythingForDepthEstimation"],
+        "model_type": "depth_anything",
+        "backbone_config": backbone,
+        "patch_size": enc.patch_size,
+        "reassemble_hidden_size": enc.embed_dim,
+        "reassemble_factors": [4, 2, 1, 0.5],
+        "neck_hidden_sizes": list(config.head.out_channels),
+        "fusion_hidden_size": config.head.features,
+        "head_in_index": -1,
+        "head_hidden_size": config.head.head_hidden,
+        "depth_estimation_type": "metric" if metric else "relative",
+        "max_depth": _int_if_whole(config.max_depth) if metric else 1,  # transformers' default; unused by ReLU
+        "torch_dtype": "float32",
+    }
+
+
+def check_hf_config(found: dict, config: DepthModelConfig, source: str) -> None:
+    """Raise a `ValueError` if a transformers config.json describes a different model than `config`."""
+    expected = hf_config(config)
+    checks = [
+        ("backbone_config.hidden_size", expected["backbone_config"]["hidden_size"]),
+        ("backbone_config.num_hidden_layers", expected["backbone_config"]["num_hidden_layers"]),
+        ("backbone_config.out_indices", expected["backbone_config"]["out_indices"]),
+        ("neck_hidden_sizes", expected["neck_hidden_sizes"]),
+        ("fusion_hidden_size", expected["fusion_hidden_size"]),
+        ("depth_estimation_type", expected["depth_estimation_type"]),
+    ]
+    if expected["depth_estimation_type"] == "metric":
+        checks.append(("max_depth", expected["max_depth"]))
+    diffs = []
+    for dotted, want in checks:
+        value = found
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and value != want:
+            diffs.append(f"{dotted}={value!r} (model {config.name} needs {want!r})")
+    if diffs:
+        raise ValueError(f"{source} describes a different model: " + "; ".join(diffs))
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def _list(keys: list[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
+
+
+def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
+    """A plain key -> tensor dict from a loaded file: unwraps {"model": ...} / {"state_dict": ...}, `module.`."""
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{source} does not hold a state_dict (a non-empty dict of tensors)")
+    if all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    if any(k.startswith(("model.encoder.", "model.head.")) for k in obj):  # a depthkit.train (Lightning) checkpoint
+        obj = {k[len("model.") :]: v for k, v in obj.items() if k.startswith("model.")}
+    return obj
+
+
+def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
+    """ "official", "depthkit" or "hf", from the key prefixes; a `ValueError` if none fits."""
+    keys = list(state_dict)
+    if any(k.startswith((_OFFICIAL_ENCODER, _OFFICIAL_HEAD)) for k in keys):
+        return "official"
+    if any(k.startswith(("backbone.", "neck.")) for k in keys):
+        return "hf"
+    if any(k.startswith(("encoder.", "head.")) for k in keys):
+        return "depthkit"
+    raise ValueError(f"unrecognized checkpoint layout; first keys: {', '.join(keys[:5])}")
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Read a `.pth`/`.pt`/`.bin` (torch), `.safetensors`, or a transformers folder (`model.safetensors` there).
+
+    Returns:
+        `(state_dict, hf_config_or_None)`; the config is the folder's (or a sibling) `config.json` if present.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        weights = path / HF_WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path} is a folder without {HF_WEIGHTS_NAME} (a transformers export)")
+        path = weights
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state_dict = _unwrap(load_file(str(path)), str(path))
+    else:
+        state_dict = _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
+    config_path = path.parent / HF_CONFIG_NAME
+    found_config = None
+    if path.suffix == ".safetensors" and config_path.is_file():
+        found_config = json.loads(config_path.read_text())
+    return state_dict, found_config
+
+
+def check_state_dict(expected: dict[str, tuple[int, ...]], got: dict[str, torch.Tensor], source: str) -> None:
+    """Strict comparison of key sets and shapes; a `ValueError` naming every missing/unexpected/mis-shaped key."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    mis_shaped = [
+        f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k])})"
+        for k in expected
+        if k in got and tuple(got[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append("missing keys: " + _list(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + _list(unexpected))
+    if mis_shaped:
+        problems.append("shape mismatches: " + _list(mis_shaped))
+    if problems:
+        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def convert_to_depthkit(
+    state_dict: dict[str, torch.Tensor], model, source: str = "state_dict", found_config: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Check `state_dict` strictly against `model` in the state dict's own layout, then convert it to depthkit."""
+    layout = detect_layout(state_dict)
+    own = model.state_dict()
+    if layout == "depthkit":
+        expected = own
+    elif layout == "official":
+        expected = to_official(own, model.config)
+    else:
+        expected = to_hf(own, model.config)
+        if found_config is not None:
+            check_hf_config(found_config, model.config, source)
+    check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, state_dict, f"{source} ({layout} layout)")
+    if layout == "official":
+        return from_official(state_dict)
+    if layout == "hf":
+        return from_hf(state_dict)
+    return dict(state_dict)
+
+
+def load_state_dict(model, state_dict: dict[str, torch.Tensor], source: str = "state_dict", found_config=None):
+    """Strictly load a state dict in any layout into a `DepthModel` (in place); returns the model."""
+    converted = convert_to_depthkit(state_dict, model, source, found_config)
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+def load_checkpoint(model, path: str | os.PathLike):
+    """Strictly load a checkpoint file or transformers folder (any layout) into a `DepthModel`; returns the model."""
+    state_dict, found_config = read_checkpoint(path)
+    return load_state_dict(model, state_dict, str(path), found_config)
+
+
+def save_checkpoint(model, path: str | os.PathLike, layout: str = "official") -> Path:
+    """Save a `DepthModel`'s weights.
+
+    Args:
+        model: The model.
+        path: A `.pth` file ("official", "depthkit"), a `.safetensors` file ("depthkit"), or a folder ("hf":
+            `model.safetensors` + `config.json`, loadable by `DepthAnythingForDepthEstimation.from_pretrained`).
+        layout: "official", "depthkit" or "hf".
+
+    Returns:
+        The weights file written.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    path = Path(path).expanduser()
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if layout == "hf":
+        from safetensors.torch import save_file
+
+        tensors = {k: v.contiguous().clone() for k, v in to_hf(state_dict, model.config).items()}
+        path.mkdir(parents=True, exist_ok=True)
+        (path / HF_CONFIG_NAME).write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+        save_file(tensors, str(path / HF_WEIGHTS_NAME), metadata={"format": "pt"})
+        return path / HF_WEIGHTS_NAME
+    if layout == "official":
+        state_dict = to_official(state_dict, model.config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    else:
+        torch.save(state_dict, path)
+    return path
+
+
+def encoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DINOv2 encoder's weights (depthkit/timm key names) from an original DINOv2 checkpoint
+    (`dinov2_vits14_pretrain.pth`), an official Depth Anything checkpoint (`pretrained.*`) or a depthkit one.
+    """
+    if any(k.startswith(_OFFICIAL_ENCODER) for k in state_dict):
+        return {
+            _encoder_from_official_key(k[len(_OFFICIAL_ENCODER) :]): v
+            for k, v in state_dict.items()
+            if k.startswith(_OFFICIAL_ENCODER)
+        }
+    if any(k.startswith("encoder.") for k in state_dict):
+        return {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    if "cls_token" in state_dict or "pos_embed" in state_dict:  # original DINOv2 (or a bare depthkit encoder)
+        return {_encoder_from_official_key(k): v for k, v in state_dict.items()}
+    raise ValueError(f"no DINOv2 encoder weights found; first keys: {', '.join(list(state_dict)[:5])}")

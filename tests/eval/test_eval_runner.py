@@ -1,0 +1,220 @@
+"""The runner on real data (manifest + noise), saved predictions, a stand-in model, DA-2K, reports, W&B."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from depthkit.eval.benchmarks import load_benchmark
+from depthkit.eval.report import format_table, log_wandb, write_results
+from depthkit.eval.runner import FolderPredictor, ModelPredictor, evaluate
+from depthkit.spaces import AFFINE_DISPARITY, METRIC_DEPTH
+
+
+class ArrayPredictor:
+    """Predictions computed from each sample's ground truth (a test double for a model)."""
+
+    batch_size = 4
+
+    def __init__(self, fn, output_space):
+        self.fn, self.output_space = fn, output_space
+        self.description = {"kind": "test", "output_space": output_space}
+
+    def predict(self, items, samples):
+        return [self.fn(s) for s in samples]
+
+
+def _noisy(sample, sigma, seed):
+    noise_HW = np.exp(np.random.default_rng(seed).normal(0.0, sigma, sample["target"].shape))
+    depth_HW = np.where(sample["valid"], sample["target"], 3.0)  # holes get an arbitrary value
+    return (depth_HW * noise_HW).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def real_items(shared_data):
+    protocol, items = load_benchmark(str(shared_data / "rgbd" / "manifest.csv"))
+    return protocol, items[:10]  # NYU raw, SUN, TUM, three KITTI, three NYU, UniDepth: indoor and outdoor
+
+
+def test_real_data_metric_ground_truth_plus_noise(real_items):
+    protocol, items = real_items
+    predictor = ArrayPredictor(lambda s: _noisy(s, 0.05, 0), METRIC_DEPTH)
+    result = evaluate(items, predictor, protocol)
+    assert result["alignment"]["name"] == "none" and result["num_scored"] == len(items)
+    s = result["summary"]
+    # Multiplicative log-normal noise, sigma 0.05: E|e^n - 1| ~ 0.04, |n| < ln 1.25 almost surely.
+    assert 0.03 < s["abs_rel"] < 0.05 and s["delta1"] > 0.99 and s["rmse_log"] == pytest.approx(0.05, rel=0.05)
+    assert {r["group"] for r in result["per_image"]} >= {"metric3d_demo", "open3d_testdata"}
+
+
+def test_real_data_affine_disparity_plus_noise(real_items):
+    protocol, items = real_items
+
+    def affine(sample):
+        return (5.0 / _noisy(sample, 0.05, 1) + 0.3).astype(np.float32)
+
+    result = evaluate(items, ArrayPredictor(affine, AFFINE_DISPARITY), protocol)
+    assert result["alignment"]["name"] == "lsq_disparity"
+    assert result["summary"]["abs_rel"] < 0.08 and result["summary"]["delta1"] > 0.97
+    assert all(r["scale"] > 0 for r in result["per_image"])
+    # Scored in disparity space instead (Depth Anything's statement): also small, and recorded.
+    result = evaluate(items[:3], ArrayPredictor(affine, AFFINE_DISPARITY), protocol, metric_space="disparity")
+    assert result["metric_space"] == "disparity" and result["summary"]["abs_rel"] < 0.08
+
+
+def test_folder_predictions_npy_and_png_at_another_size(fake_layout, tmp_path):
+    root, truth = fake_layout("nyu")
+    protocol, items = load_benchmark("nyu", root)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    keys = sorted(truth)
+    depth_HW, _ = truth[keys[0]]
+    np.save(preds / f"{keys[0]}.npy", (1.0 / np.maximum(depth_HW, 0.1)).astype(np.float32))
+    depth_HW, valid_HW = truth[keys[1]]
+    cols = np.arange(depth_HW.shape[1])
+    filled_HW = np.stack([np.interp(cols, cols[v], d[v]) for d, v in zip(depth_HW, valid_HW, strict=True)])
+    small = Image.fromarray((1000.0 / filled_HW).astype(np.float32)).resize((320, 240), Image.BILINEAR)
+    Image.fromarray(np.asarray(small).astype(np.uint16)).save(preds / f"{keys[1]}.png")  # half size, 16-bit
+    result = evaluate(items, FolderPredictor(preds, output_space=AFFINE_DISPARITY), protocol)
+    rows = {r["key"]: r for r in result["per_image"]}
+    assert rows[keys[0]]["abs_rel"] < 1e-5  # exact disparity at full size
+    assert rows[keys[1]]["abs_rel"] < 0.02  # half size, 16-bit: bilinear upsampling of a smooth field
+    assert rows[keys[0]]["num_pixels"] <= (471 - 45) * (601 - 41)  # Eigen crop applied
+
+
+def test_png_metric_predictions_need_a_scale(fake_layout, tmp_path):
+    root, truth = fake_layout("nyu")
+    _, items = load_benchmark("nyu", root)
+    Image.fromarray(np.full((4, 4), 1000, dtype=np.uint16)).save(tmp_path / f"{items[0].key}.png")
+    predictor = FolderPredictor(tmp_path, output_space=METRIC_DEPTH)
+    with pytest.raises(ValueError, match="--png-scale"):
+        predictor.load(items[0].key)
+    assert FolderPredictor(tmp_path, output_space=METRIC_DEPTH, png_scale=1e-3).load(items[0].key).max() == 1.0
+    with pytest.raises(FileNotFoundError, match=items[1].key):
+        predictor.load(items[1].key)
+
+
+@dataclass
+class _Prediction:
+    values: np.ndarray
+    output_space: str
+
+
+class _StandInModel:
+    """Quacks like a depthkit.models model: `meta.output_space` and `infer(images, input_size, batch_size)`."""
+
+    meta = types.SimpleNamespace(output_space=AFFINE_DISPARITY)
+
+    def __init__(self):
+        self.calls = []
+
+    def infer(self, images, input_size=518, batch_size=8):
+        self.calls.append((len(images), input_size))
+        return [_Prediction(image.mean(axis=2).astype(np.float32) + 1.0, AFFINE_DISPARITY) for image in images]
+
+
+def test_model_predictor_batches_and_checks_spaces(fake_layout):
+    root, _ = fake_layout("sintel")
+    protocol, items = load_benchmark("sintel", root)
+    model = _StandInModel()
+    result = evaluate(items, ModelPredictor(model, name="stand_in", input_size=28, batch_size=8), protocol)
+    assert model.calls == [(2, 28)] and result["num_scored"] == 2
+    assert result["predictions"]["model"] == "stand_in"
+
+
+def test_da2k_pair_accuracy(fake_layout):
+    root, truth = fake_layout("da2k")
+    protocol, items = load_benchmark("da2k", root)
+
+    def disparity_from_pairs(sample, flip=False):
+        pred = np.zeros(sample["image"].shape[:2], dtype=np.float32)
+        for (r1, c1), (r2, c2) in sample["pairs"]:
+            pred[r1, c1], pred[r2, c2] = (1.0, 2.0) if flip else (2.0, 1.0)
+        return pred
+
+    right = evaluate(items, ArrayPredictor(disparity_from_pairs, AFFINE_DISPARITY), protocol)
+    assert right["summary"]["pair_accuracy"] == 1.0 and right["summary"]["num_pairs"] == 4
+    wrong = evaluate(items, ArrayPredictor(lambda s: disparity_from_pairs(s, True), AFFINE_DISPARITY), protocol)
+    assert wrong["summary"]["pair_accuracy"] == 0.0
+    as_depth = evaluate(items, ArrayPredictor(lambda s: disparity_from_pairs(s, True), METRIC_DEPTH), protocol)
+    assert as_depth["summary"]["pair_accuracy"] == 1.0  # in depth, smaller is closer
+    assert set(right["groups"]) == {"indoor", "outdoor"}
+    with pytest.raises(ValueError, match="pair order"):
+        evaluate(items, ArrayPredictor(disparity_from_pairs, AFFINE_DISPARITY), protocol, alignment="lsq_depth")
+
+
+def test_images_without_scored_pixels_are_listed_as_skipped(fake_layout):
+    root, _ = fake_layout("sintel")
+    protocol, items = load_benchmark("sintel", root)
+    result = evaluate(items, ArrayPredictor(lambda s: s["target"], METRIC_DEPTH), protocol, max_depth=0.5001)
+    assert result["num_scored"] == 0 and result["num_skipped"] == 2
+    assert result["per_image"][0]["status"].startswith("skipped")
+    assert result["overrides"] == {"max_depth": 0.5001}
+
+
+def test_reports_are_written_and_printed(fake_layout, tmp_path):
+    root, _ = fake_layout("diode")
+    protocol, items = load_benchmark("diode", root)
+    result = evaluate(items, ArrayPredictor(lambda s: _noisy(s, 0.1, 2), METRIC_DEPTH), protocol, num_worst=2)
+    written = write_results(result, tmp_path / "out" / "res.json")
+    assert [p.name for p in written] == ["res.json", "res_summary.csv", "res_per_image.csv", "res_worst.png"]
+    saved = json.loads((tmp_path / "out" / "res.json").read_text())
+    assert saved["alignment"]["name"] == "none" and "_worst" not in saved and len(saved["per_image"]) == 2
+    summary = list(csv.DictReader(open(tmp_path / "out" / "res_summary.csv")))
+    assert [r["group"] for r in summary] == ["all", "indoors", "outdoor"]
+    assert float(summary[0]["abs_rel"]) == pytest.approx(result["summary"]["abs_rel"])
+    assert not list((tmp_path / "out").glob("*.tmp"))
+    table = format_table(result)
+    assert "alignment    none" in table and "0.6..350 m" in table and "standard split has 771" in table
+
+
+def test_wandb_logging_is_offline_and_logs_a_table(fake_layout, monkeypatch):
+    calls = {}
+
+    class FakeRun:
+        def log(self, data):
+            calls["log"] = data
+
+        def finish(self):
+            calls["finished"] = True
+
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.setdefault("init", kw) and FakeRun(),
+        Table=lambda columns, data: ("table", columns, data),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    root, _ = fake_layout("sintel")
+    protocol, items = load_benchmark("sintel", root)
+    result = evaluate(items, ArrayPredictor(lambda s: s["target"], METRIC_DEPTH), protocol)
+    log_wandb(result)
+    assert calls["init"]["mode"] == "offline" and calls["finished"]
+    table = calls["log"]["eval/sintel_per_image"]
+    assert table[0] == "table" and "abs_rel" in table[1] and len(table[2]) == 2
+    assert calls["log"]["eval/abs_rel"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_reads_what_depthkit_predict_writes(fake_layout, tmp_path):
+    """`depthkit predict --save npy,png16` on the benchmark root names outputs by image path; both decode."""
+    from depthkit.models.predict import write_outputs
+
+    root, truth = fake_layout("sintel")
+    protocol, items = load_benchmark("sintel", root)
+    for space, kind in ((AFFINE_DISPARITY, "png16"), (METRIC_DEPTH, "png16"), (AFFINE_DISPARITY, "npy")):
+        out = tmp_path / f"{space}_{kind}"
+        for item in items:
+            depth_HW, _ = truth[item.key]
+            values_HW = (1.0 / depth_HW if space == AFFINE_DISPARITY else depth_HW).astype(np.float32)
+            write_outputs(values_HW, space, out, item.name, [kind])  # item.name = "alley_1/frame_0001"
+        result = evaluate(items, FolderPredictor(out, output_space=space), protocol)
+        assert result["summary"]["abs_rel"] < 2e-3, (space, kind)  # 16-bit quantization only
+    with pytest.raises(ValueError, match="written as affine_disparity"):
+        FolderPredictor(tmp_path / f"{AFFINE_DISPARITY}_png16", output_space=METRIC_DEPTH).load(
+            items[0].key, items[0].name
+        )
