@@ -1,1 +1,67 @@
-"""depthkit.pseudo_label."""
+"""depthkit.pseudo_label: teacher inference over image shards -> pseudo-label shards.
+
+    from depthkit.pseudo_label import PseudoLabelConfig, run_pseudo_label
+    config = PseudoLabelConfig(inputs=("data/unlabeled",), output="data/pseudo", model="dav2_vitl",
+                               weights="depth_anything_v2_vitl.pth", tta="hflip")
+    summary = run_pseudo_label(config, devices=8)       # or one rank per process under torchrun / srun
+
+The student reads the output with `ShardStream(images, kind="pseudo", labels="data/pseudo")`. See
+`docs/pseudo_labeling.md`; `job` (the pipeline of one rank), `launch` (ranks, spawning), `index` (records, resume,
+`index.json`), `teacher` (loading, hashing, the batched forward).
+
+Names are imported lazily (PEP 562), so `depthkit.pseudo_label.commands` (and `depthkit --help`) does not import
+torch. This package never imports lightning or `depthkit.train`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "PseudoLabelConfig": "job",
+    "RankSummary": "job",
+    "label_shards": "job",
+    "decode_confidence": "job",
+    "JobSummary": "launch",
+    "run_pseudo_label": "launch",
+    "resolve_launch": "launch",
+    "LabelSettings": "index",
+    "read_index": "index",
+    "Teacher": "teacher",
+    "load_teacher": "teacher",
+    "label_batch": "teacher",
+}
+__all__ = [
+    "JobSummary",
+    "LabelSettings",
+    "PseudoLabelConfig",
+    "RankSummary",
+    "Teacher",
+    "decode_confidence",
+    "label_batch",
+    "label_shards",
+    "load_teacher",
+    "read_index",
+    "resolve_launch",
+    "run_pseudo_label",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from depthkit.pseudo_label.index import LabelSettings, read_index
+    from depthkit.pseudo_label.job import PseudoLabelConfig, RankSummary, decode_confidence, label_shards
+    from depthkit.pseudo_label.launch import JobSummary, resolve_launch, run_pseudo_label
+    from depthkit.pseudo_label.teacher import Teacher, label_batch, load_teacher
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"depthkit.pseudo_label.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'depthkit.pseudo_label' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

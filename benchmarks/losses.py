@@ -1,0 +1,330 @@
+"""Benchmark the fused loss kernels against the eager reference and `torch.compile` of the reference.
+
+    python benchmarks/losses.py                  # CUDA: batch 32 at 518 x 518, fp32 and bf16, every op
+    python benchmarks/losses.py --quick          # tiny sizes; on CPU only the eager reference (checks it runs)
+    python benchmarks/losses.py --peak-gbps 3350 # override the GPU's peak memory bandwidth
+
+For each op, dtype and mode ("fwd", "fwd+bwd") it times three implementations: "triton" (the fused kernels,
+`impl="triton"`), "eager" (the plain-torch reference, `impl="torch"`) and "compile" (`torch.compile` of that
+reference), prints them side by side with the speedups, and writes a CSV to
+`benchmarks/results/losses_<device>.csv`. Timing on CUDA uses `triton.testing.do_bench` (median, L2 flushed).
+
+Bandwidth: "GB/s" is the op's *ideal* traffic divided by the time: fwd reads each input once; fwd+bwd reads
+each input twice (forward and backward) and writes the gradient once. "frac_peak" divides that by the GPU's
+peak (from `PEAK_GBPS` by device name, or `--peak-gbps`). The kernels move more than the ideal (the SSI
+losses read the maps 2-3 times in the forward, the median's radix select 4 more times), so frac_peak is a
+lower bound on the HBM utilization actually reached.
+
+Not a unit test: nothing here asserts a speed. `tests/losses/test_benchmark_script.py` only checks that
+`--quick` runs on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import depthkit_kernels as dk
+from depthkit_kernels import reference
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Vendor peak memory bandwidth in GB/s, matched in order against torch.cuda.get_device_name() (first hit wins).
+PEAK_GBPS: list[tuple[str, float]] = [
+    ("B200", 8000.0),
+    ("H200", 4800.0),
+    ("GH200", 4000.0),  # 96 GB HBM3; the 144 GB HBM3e part has 4900: pass --peak-gbps
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),  # SXM ("H100 80GB HBM3")
+    ("A100 80GB PCIe", 1935.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100", 1555.0),  # 40 GB parts
+    ("L40S", 864.0),
+    ("L40", 864.0),
+    ("L4", 300.0),
+    ("A10G", 600.0),
+    ("A10", 600.0),
+    ("RTX 4090", 1008.0),
+    ("RTX 3090", 936.0),
+    ("V100", 900.0),
+    ("T4", 320.0),
+]
+
+
+def peak_gbps(device_name: str) -> float | None:
+    for key, gbps in PEAK_GBPS:
+        if key in device_name:
+            return gbps
+    return None
+
+
+@dataclass
+class Case:
+    """One benchmarked op: how to build inputs, call it per impl, and its ideal traffic."""
+
+    name: str
+    make: Callable[[int, int, int, torch.dtype, str], tuple]
+    run: Callable[..., torch.Tensor]  # run(impl, *inputs) -> per-image loss (or values)
+    reference: Callable[..., torch.Tensor] | None  # plain-torch function to torch.compile
+    differentiable: bool = True
+    feature: bool = False
+
+
+def _maps(batch, height, width, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pred_BHW = torch.rand((batch, height, width), generator=g).to(device, dtype)
+    target_BHW = (0.5 * pred_BHW.float() + 0.1 * torch.rand(pred_BHW.shape, generator=g).to(device)).to(dtype)
+    valid_BHW = (torch.rand(pred_BHW.shape, generator=g) > 0.1).to(device)
+    return pred_BHW, target_BHW, valid_BHW
+
+
+def _features(batch, height, width, dtype, device, *, patch=14, dim=1024):
+    num_patches = (height // patch) * (width // patch)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    target_BND = torch.randn((batch, num_patches, dim), generator=g).to(device, dtype)
+    student_BND = (target_BND.float() + 0.7 * torch.randn(target_BND.shape, generator=g).to(device)).to(dtype)
+    return student_BND, target_BND
+
+
+def _lsq_ref(p, d, v):
+    return reference.ssi_lsq_reference(p, d, v, metric="mse")[0]
+
+
+def _median_ref(p, d, v):
+    return reference.ssi_median_reference(p, d, v, metric="l1")[0]
+
+
+def _median_trim_ref(p, d, v):
+    return reference.ssi_median_reference(p, d, v, metric="l1", trim=0.1)[0]
+
+
+def _gm_ref(p, d, v, s):
+    return reference.gradient_matching_reference(p, d, v, pred_scale_B=s)
+
+
+def _fa_ref(s, t):
+    return reference.feature_alignment_reference(s, t)[0]
+
+
+def _median_only_ref(x, v):
+    return reference.masked_lower_median(x, v)
+
+
+def _gm_make(b, h, w, dt, dev):
+    return (*_maps(b, h, w, dt, dev), torch.full((b,), 1.3, device=dev))
+
+
+CASES = [
+    Case("ssi_lsq", _maps, lambda impl, p, d, v: dk.ssi_lsq(p, d, v, impl=impl).loss_B, _lsq_ref),
+    Case("ssi_median", _maps, lambda impl, p, d, v: dk.ssi_median(p, d, v, impl=impl).loss_B, _median_ref),
+    Case(
+        "ssi_median_trim0.1",
+        _maps,
+        lambda impl, p, d, v: dk.ssi_median(p, d, v, trim=0.1, impl=impl).loss_B,
+        _median_trim_ref,
+    ),
+    Case(
+        "gradient_matching",
+        _gm_make,
+        lambda impl, p, d, v, s: dk.gradient_matching(p, d, v, pred_scale_B=s, impl=impl).loss_B,
+        _gm_ref,
+    ),
+    Case(
+        "feature_alignment",
+        _features,
+        lambda impl, s, t: dk.feature_alignment(s, t, impl=impl).loss_B,
+        _fa_ref,
+        feature=True,
+    ),
+    Case(
+        "masked_median",
+        lambda b, h, w, dt, dev: _maps(b, h, w, dt, dev)[::2],
+        lambda impl, x, v: dk.masked_median(x, v, impl=impl),
+        _median_only_ref,
+        differentiable=False,
+    ),
+]
+
+
+def ideal_bytes(inputs: tuple, mode: str) -> int:
+    read = sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
+    if mode == "fwd":
+        return read
+    return 2 * read + inputs[0].numel() * inputs[0].element_size()
+
+
+def time_ms(fn: Callable[[], object], *, cuda: bool, grad_to_none: list[torch.Tensor]) -> float:
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none))
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
+
+
+def bench_case(case: Case, impl: str, mode: str, inputs: tuple, *, cuda: bool) -> float:
+    inputs = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+    first = inputs[0]
+    if mode == "fwd+bwd":
+        first.requires_grad_(True)
+    if impl == "compile":
+        compiled = torch.compile(case.reference)
+
+        def call():
+            return compiled(*inputs)
+    else:
+
+        def call():
+            return case.run("torch" if impl == "eager" else impl, *inputs)
+
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return call()
+    else:
+
+        def step():
+            call().sum().backward()
+
+    return time_ms(step, cuda=cuda, grad_to_none=[first] if mode == "fwd+bwd" else [])
+
+
+def bench_median_vs_torch(batch: int, size: int, dtype: torch.dtype, dtype_name: str, device_name: str) -> list:
+    """Our exact masked median (radix select) against `torch.median(x, dim=1)` on all-valid maps.
+
+    CSV rows with op "median_vs_torch.median"; there "speedup_vs_eager" is relative to torch.median.
+    """
+    x_BHW = _maps(batch, size, size, dtype, "cuda")[0]
+    x_BM = x_BHW.view(batch, -1)  # B x HW
+    all_valid_BHW = torch.ones_like(x_BHW, dtype=torch.bool)
+    t_ours = time_ms(lambda: dk.masked_median(x_BHW, all_valid_BHW, impl="triton"), cuda=True, grad_to_none=[])
+    t_torch = time_ms(lambda: torch.median(x_BM, dim=1), cuda=True, grad_to_none=[])
+    print(f"masked_median (triton) vs torch.median(dim=1), {dtype_name}: {t_ours:.4f} ms vs {t_torch:.4f} ms "
+          f"= {t_torch / t_ours:.2f}x")  # fmt: skip
+    common = {"device": device_name, "op": "median_vs_torch.median", "dtype": dtype_name, "mode": "fwd",
+              "batch": batch, "height": size, "width": size}  # fmt: skip
+    return [
+        {**common, "impl": "triton", "ms": t_ours, "speedup_vs_eager": t_torch / t_ours},
+        {**common, "impl": "torch.median", "ms": t_torch, "speedup_vs_eager": 1.0},
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes; on CPU only the eager reference")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=518, help="height = width")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--ops", default=",".join(c.name for c in CASES))
+    parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth, GB/s")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--impls", default=None, help="comma list of triton,eager,compile (default: all on CUDA, eager on CPU)"
+    )
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if cuda:
+        device_name = torch.cuda.get_device_name()
+        impls = ["triton", "eager", "compile"]
+    else:
+        device_name = "cpu"
+        if not args.quick:
+            print("no CUDA device: running --quick with the eager reference only", file=sys.stderr)
+        args.quick = True
+        impls = ["eager"]
+    if args.impls:
+        impls = args.impls.split(",")
+        if "eager" not in impls or not set(impls) <= {"triton", "eager", "compile"}:
+            parser.error("--impls: a comma list of triton, eager, compile that includes eager")
+    batch, size = (2, 37) if args.quick else (args.batch, args.size)
+    peak = args.peak_gbps if args.peak_gbps is not None else (peak_gbps(device_name) if cuda else None)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    wanted_ops = set(args.ops.split(","))
+    unknown = wanted_ops - {c.name for c in CASES}
+    if unknown:
+        parser.error(f"unknown ops: {', '.join(sorted(unknown))}")
+
+    rows = []
+    header = f"{'op':<20} {'dtype':<5} {'mode':<8} " + " ".join(f"{i + ' ms':>11}" for i in impls)
+    header += f" {'x eager':>8} {'x compile':>9} {'GB/s':>8} {'%peak':>6}"
+    print(f"device: {device_name}, peak {peak if peak else '?'} GB/s, batch {batch}, {size}x{size}")
+    print(header)
+    for case in CASES:
+        if case.name not in wanted_ops:
+            continue
+        for dtype_name in args.dtypes.split(","):
+            dtype = dtypes[dtype_name]
+            inputs = case.make(batch, size, size, dtype, device)
+            for mode in ("fwd", "fwd+bwd") if case.differentiable else ("fwd",):
+                ms = {}
+                for impl in impls:
+                    try:
+                        ms[impl] = bench_case(case, impl, mode, inputs, cuda=cuda)
+                    except Exception as exc:  # a compile failure should not hide the other numbers
+                        if impl != "compile":
+                            raise
+                        print(f"  {case.name} {dtype_name} {mode} {impl}: failed: {exc!r}"[:300], file=sys.stderr)
+                        ms[impl] = math.nan
+                best = ms.get("triton", ms["eager"])
+                gbytes = ideal_bytes(inputs, mode) / 1e9
+                gbps = gbytes / (best / 1e3) if best == best else math.nan
+                frac = gbps / peak if peak else math.nan
+                x_eager = ms["eager"] / best if "triton" in ms else math.nan
+                x_compile = ms["compile"] / best if "compile" in ms else math.nan
+                line = f"{case.name:<20} {dtype_name:<5} {mode:<8} " + " ".join(f"{ms[i]:>11.4f}" for i in impls)
+                print(line + f" {x_eager:>8.2f} {x_compile:>9.2f} {gbps:>8.1f} {100 * frac:>6.1f}")
+                for impl in impls:
+                    rows.append(
+                        {
+                            "device": device_name,
+                            "op": case.name,
+                            "dtype": dtype_name,
+                            "mode": mode,
+                            "impl": impl,
+                            "batch": batch,
+                            "height": size,
+                            "width": size,
+                            "ms": ms[impl],
+                            "speedup_vs_eager": ms["eager"] / ms[impl],
+                            "speedup_vs_compile": ms["compile"] / ms[impl] if "compile" in ms else math.nan,
+                            "ideal_gbytes": gbytes,
+                            "gbps": gbytes / (ms[impl] / 1e3),
+                            "frac_peak": gbytes / (ms[impl] / 1e3) / peak if peak else math.nan,
+                        }
+                    )
+    if cuda and "masked_median" in wanted_ops:
+        for dtype_name in args.dtypes.split(","):
+            rows.extend(bench_median_vs_torch(batch, size, dtypes[dtype_name], dtype_name, device_name))
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ("-quick" if args.quick else "")
+    out_path = args.out_dir / f"losses_{tag}.csv"
+    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    with out_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Feature alignment loss (Depth Anything): keep the student's encoder features close to a frozen DINOv2's."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import depthkit_kernels
+
+from .reduction import with_reduction
+
+
+def feature_alignment_loss(
+    student_BND: torch.Tensor,
+    target_BND: torch.Tensor,
+    *,
+    tolerance: float = 0.85,
+    impl: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """1 - cosine similarity per patch, ignoring patches whose similarity already exceeds `tolerance`.
+
+    Per image, the mean of 1 - cos over the patches with cos <= tolerance; then the mean over images with at
+    least one such patch (an image whose patches all exceed the tolerance contributes nothing).
+
+    Args:
+        student_BND: the student's patch tokens (projected to the teacher's width if they differ).
+        target_BND: the frozen teacher's patch tokens (no gradient).
+        tolerance: Depth Anything uses 0.85.
+        impl: "auto" | "triton" | "torch".
+
+    Returns:
+        "loss", "loss_per_image", "num_valid" (patches that entered the mean, per image).
+    """
+    out = depthkit_kernels.feature_alignment(student_BND, target_BND, tolerance=tolerance, impl=impl)
+    return with_reduction(out.loss_B, out.num_included_B)
+
+
+class FeatureAlignmentLoss(nn.Module):
+    """Thin module around `feature_alignment_loss`."""
+
+    def __init__(self, tolerance: float = 0.85, impl: str = "auto"):
+        super().__init__()
+        self.tolerance = tolerance
+        self.impl = impl
+
+    def forward(self, student_BND: torch.Tensor, target_BND: torch.Tensor) -> dict[str, torch.Tensor]:
+        return feature_alignment_loss(student_BND, target_BND, tolerance=self.tolerance, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"tolerance={self.tolerance}, impl={self.impl!r}"

@@ -1,0 +1,183 @@
+"""Launching a pseudo-labeling job on one or many processes, GPUs and nodes, with plain torch.
+
+Where ranks come from, in this order:
+
+1. **A launcher made one process per device**: `torchrun` (or anything that sets `RANK` / `WORLD_SIZE` /
+   `LOCAL_RANK`, or an initialized `torch.distributed`), or `srun` with `SLURM_NTASKS == devices * num_nodes`
+   (`SLURM_PROCID` / `SLURM_LOCALID`). This process is one rank; `--devices` / `--num-nodes`, when given, must
+   agree with the world size.
+2. **Otherwise depthkit spawns** `devices` processes on this node (torch.multiprocessing, "spawn"), ranks
+   `node_rank * devices + local_rank`. With `num_nodes > 1` the node rank comes from `--node-rank`, else the
+   `NODE_RANK`, `GROUP_RANK` or `SLURM_NODEID` environment (start the command once per node, e.g. `srun
+   --ntasks-per-node=1`). On CPU, `devices` is the number of processes, each with cores / devices threads.
+
+Ranks need no communication: each labels its own shards (`job.label_shards`) and rewrites the index. Before
+spawning, the launcher checks the inputs, loads and hashes the teacher and checks it against the output, so user
+errors come out once, before any work; after the ranks end it rewrites the index one last time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from depthkit.pseudo_label.index import IndexWriter, read_index
+from depthkit.pseudo_label.job import PseudoLabelConfig, RankSummary, label_shards, prepare, resolve_device
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process takes part: as one rank ("run"), or as the parent of `devices` ranks ("spawn")."""
+
+    mode: str
+    world_size: int
+    rank: int = 0
+    local_rank: int = 0
+    devices: int = 1
+    node_rank: int = 0
+
+
+@dataclass
+class JobSummary:
+    """The ranks' summaries (those this process ran or spawned) and the output's index afterwards."""
+
+    ranks: list[RankSummary]
+    index: dict = field(default_factory=dict)
+
+    @property
+    def num_labeled(self) -> int:
+        return sum(r.num_labeled for r in self.ranks)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(r.num_skipped for r in self.ranks)
+
+    @property
+    def num_failed(self) -> int:
+        return sum(r.num_failed for r in self.ranks)
+
+    @property
+    def num_shards_labeled(self) -> int:
+        return sum(r.num_shards_labeled for r in self.ranks)
+
+    @property
+    def num_shards_skipped(self) -> int:
+        return sum(r.num_shards_skipped for r in self.ranks)
+
+    @property
+    def seconds(self) -> float:
+        return max((r.seconds for r in self.ranks), default=0.0)
+
+
+def resolve_launch(devices: int | None = None, num_nodes: int = 1, node_rank: int | None = None) -> Launch:
+    """Decide how this process runs (see the module docstring)."""
+    if devices is not None and devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {devices}")
+    if num_nodes < 1:
+        raise ValueError(f"--num-nodes must be >= 1, got {num_nodes}")
+    env = os.environ
+    launched = "RANK" in env and "WORLD_SIZE" in env
+    if launched or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        from depthkit.data.stream import topology
+
+        rank, world_size = topology()
+        expected = (devices or 1) * num_nodes
+        if (devices is not None or num_nodes > 1) and expected != world_size:
+            raise ValueError(
+                f"the launcher started {world_size} process(es), but --devices x --num-nodes = {expected}; "
+                "leave them out under torchrun or make them agree"
+            )
+        return Launch("run", world_size, rank=rank, local_rank=int(env.get("LOCAL_RANK", 0)))
+    expected = (devices or 1) * num_nodes
+    if expected > 1 and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) == expected:
+        return Launch("run", expected, rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)))
+    devices = devices or 1
+    if num_nodes > 1 and node_rank is None:
+        for name in ("NODE_RANK", "GROUP_RANK", "SLURM_NODEID"):
+            if name in env:
+                node_rank = int(env[name])
+                break
+        else:
+            raise ValueError(
+                f"--num-nodes {num_nodes}: this node's rank is unknown; pass --node-rank or set NODE_RANK "
+                "(or launch one process per device with torchrun / srun)"
+            )
+    node_rank = node_rank or 0
+    if not 0 <= node_rank < num_nodes:
+        raise ValueError(f"node rank {node_rank} is outside --num-nodes {num_nodes}")
+    world_size = devices * num_nodes
+    if devices == 1:
+        return Launch("run", world_size, rank=node_rank, node_rank=node_rank)
+    return Launch("spawn", world_size, rank=node_rank * devices, devices=devices, node_rank=node_rank)
+
+
+def run_pseudo_label(
+    config: PseudoLabelConfig,
+    *,
+    devices: int | None = None,
+    num_nodes: int = 1,
+    node_rank: int | None = None,
+    on_shard_done=None,
+) -> JobSummary:
+    """Run a pseudo-labeling job: this process's rank, or `devices` spawned ranks.
+
+    Args:
+        config: The job.
+        devices: Processes (GPUs, or CPU processes) per node; None: 1, or what the launcher started.
+        num_nodes: Nodes in the job.
+        node_rank: This node's rank (default from the environment).
+        on_shard_done: Called with each finished shard's record (in-process ranks only).
+
+    Returns:
+        The summaries of the ranks run here, and the output's index.
+    """
+    launch = resolve_launch(devices, num_nodes, node_rank)
+    if launch.mode == "run":
+        summary = label_shards(
+            config,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            local_rank=launch.local_rank,
+            on_shard_done=on_shard_done,
+        )
+        return JobSummary([summary], read_index(config.output))
+
+    # Check everything once, before spawning (the ranks repeat the cheap checks and reuse the hash).
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if torch.cuda.device_count() < launch.devices:
+            raise ValueError(f"--devices {launch.devices}, but {torch.cuda.device_count()} GPU(s) are visible")
+    plan, teacher, _, _ = prepare(config, device=resolve_device(config.device))  # the teacher stays on the CPU
+    sha256 = teacher.sha256
+    del teacher
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    torch.multiprocessing.spawn(
+        _spawned_rank,
+        args=(config, launch, sha256, results),
+        nprocs=launch.devices,
+        join=True,
+        start_method="spawn",
+    )
+    summaries = []
+    while not results.empty():
+        summaries.append(RankSummary(**results.get()))
+    summaries.sort(key=lambda s: s.rank)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    index = IndexWriter(plan.out_dir, plan.names).refresh(force=True)
+    return JobSummary(summaries, index)
+
+
+def _spawned_rank(local_rank: int, config: PseudoLabelConfig, launch: Launch, sha256: str, results) -> None:
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if cpu:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.devices))
+    summary = label_shards(
+        config,
+        rank=launch.node_rank * launch.devices + local_rank,
+        world_size=launch.world_size,
+        local_rank=local_rank,
+        teacher_sha256=sha256,
+    )
+    results.put(asdict(summary))

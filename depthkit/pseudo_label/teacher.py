@@ -1,0 +1,183 @@
+"""The teacher: loading it (once, in one function), hashing its weights, and the batched labeling forward.
+
+`load_teacher` is the only place a checkpoint becomes a teacher; a training-checkpoint format (which will carry its
+own model name) plugs in there. `label_batch` runs the official Depth Anything preprocessing on a bucket of images
+that share one network input size: uint8 images go to the device as they are, are scaled to [0, 1], resized with
+the models package's `resize_image` (bicubic, the official `image2tensor`), normalized with the model's metadata,
+run under `torch.inference_mode` (optionally in bf16 autocast, optionally with a horizontal-flip pass), and the
+predictions are resized back to each image's own size (bilinear, align_corners=True, as the official `infer_image`).
+
+Confidence (optional, needs the flip pass): with `a` the plain prediction and `b` the un-flipped prediction of the
+flipped image, at the network resolution,
+
+    confidence = exp(-|a - b| / s),   s = mean(|m - median(m)|) over the image,   m = (a + b) / 2
+
+so it is 1 where the two passes agree and falls towards 0 where they disagree by more than the image's typical
+deviation `s` (the scale the scale-and-shift-invariant loss divides by). It is unitless and invariant to the
+scale of the prediction, then resized to the image's size like the prediction.
+
+Shape legend: B batch, H/W an image's original size, h/w the network input size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from depthkit.models.preprocess import official_resize_hw, resize_image
+
+TTA_MODES = ("none", "hflip")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A loaded teacher and where its weights came from."""
+
+    model: torch.nn.Module
+    """The `DepthModel`, in eval mode with gradients off (on the CPU until the job moves it)."""
+    name: str
+    """Registry name."""
+    weights_path: str
+    """The file that was hashed (a transformers folder's `model.safetensors`)."""
+    sha256: str
+    """sha256 of `weights_path`: the teacher's identity in provenance and in the index."""
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 16 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_teacher(
+    model: str | None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    sha256: str | None = None,
+) -> Teacher:
+    """Build the teacher and load its weights, or fail with a clear error before any work.
+
+    Args:
+        model: Registered model name (`depthkit.models.list_models()`).
+        checkpoint: A teacher checkpoint. Today the models package's checkpoints (official `.pth`, depthkit
+            `.pth`/`.safetensors`, transformers folder) do not name their model, so `model` is required with it;
+            training checkpoints that carry their model name will be read here.
+        weights: Weights for `model` (same formats). Without `checkpoint` and `weights`, the official weights of
+            `model` are taken from the local checkpoint folder (never downloaded).
+        sha256: The weights' hash when already known (spawned ranks get it from the launcher, so a multi-GB file
+            is hashed once per job, not once per process).
+
+    Raises:
+        ValueError: No model name, both sources given, or weights that do not load into the model.
+        FileNotFoundError: A weights path that does not exist, or no local official weights.
+    """
+    from depthkit.models import create_model
+    from depthkit.models.checkpoint import HF_WEIGHTS_NAME, find_pretrained
+    from depthkit.models.registry import checkpoint_filename
+
+    if checkpoint is not None and weights is not None:
+        raise ValueError("give the teacher as --checkpoint PATH or as --model NAME --weights PATH, not both")
+    if not model:
+        raise ValueError("name the teacher's architecture with --model NAME (e.g. dav2_vitl)")
+    path = checkpoint if checkpoint is not None else weights
+    if path is None:
+        filename = checkpoint_filename(model)  # ValueError for an unknown name
+        if filename is None:
+            raise FileNotFoundError(f"{model} has no official weights; pass --weights PATH or --checkpoint PATH")
+        path = find_pretrained(filename, model)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+    try:
+        net = create_model(model, checkpoint_path=path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as err:  # an unreadable file: pickle / zip / safetensors errors of many types
+        raise ValueError(f"teacher checkpoint {path} does not load: {type(err).__name__}: {err}") from None
+    hashed = path / HF_WEIGHTS_NAME if path.is_dir() else path
+    net.eval().requires_grad_(False)
+    return Teacher(model=net, name=model, weights_path=str(hashed), sha256=sha256 or file_sha256(hashed))
+
+
+def network_size(height: int, width: int, resolution: int, patch_size: int) -> tuple[int, int]:
+    """The network input size of an image (the official rule: keep aspect, short side to `resolution`)."""
+    return official_resize_hw(height, width, resolution, patch_size)
+
+
+@torch.inference_mode()
+def label_batch(
+    model: torch.nn.Module,
+    images: list[torch.Tensor],
+    size_hw: tuple[int, int],
+    *,
+    tta: str = "none",
+    confidence: bool = False,
+    bf16: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Predict a bucket of images that share one network input size.
+
+    Args:
+        model: A `DepthModel` in eval mode, on its device.
+        images: uint8 `H x W x 3` tensors (sizes may differ; each maps to `size_hw`), on any device.
+        size_hw: The network input size (multiples of the patch size), from `network_size`.
+        tta: "none" or "hflip" (average with the un-flipped prediction of the flipped image).
+        confidence: Also return the per-pixel confidence (needs tta="hflip"; see the module docstring).
+        bf16: Run the model under bf16 autocast (predictions come back float32).
+
+    Returns:
+        One `(prediction_HW, confidence_HW or None)` pair of float32 numpy arrays per image, at its own size.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta={tta!r}; expected one of {TTA_MODES}")
+    if confidence and tta != "hflip":
+        raise ValueError("confidence comes from the flip pass: it needs tta='hflip'")
+    device = next(model.parameters()).device
+    image01_BCHW = torch.stack(
+        [
+            resize_image(image_HW3.to(device, non_blocking=True).permute(2, 0, 1).float() / 255.0, size_hw)
+            for image_HW3 in images
+        ]
+    )  # B x 3 x h x w, values may overshoot [0, 1] as in the official bicubic resize
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        input_BCHW = model.normalize(image01_BCHW)
+        pred_Bhw = model(input_BCHW).float()
+        conf_Bhw = None
+        if tta == "hflip":
+            flipped_Bhw = model(input_BCHW.flip(-1)).float().flip(-1)
+            if confidence:
+                conf_Bhw = flip_confidence(pred_Bhw, flipped_Bhw)
+            pred_Bhw = (pred_Bhw + flipped_Bhw) / 2
+    results = []
+    for i, image_HW3 in enumerate(images):
+        original_hw = tuple(image_HW3.shape[:2])
+        pred_HW = _resize_back(pred_Bhw[i], original_hw)
+        conf_HW = _resize_back(conf_Bhw[i], original_hw).clamp_(0, 1) if conf_Bhw is not None else None
+        results.append((_to_numpy(pred_HW), _to_numpy(conf_HW) if conf_HW is not None else None))
+    return results
+
+
+def flip_confidence(pred_Bhw: torch.Tensor, flipped_Bhw: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`exp(-|a - b| / s)` per pixel, `s` the mean absolute deviation of `(a + b) / 2` from its median per image."""
+    mean_BN = ((pred_Bhw + flipped_Bhw) / 2).flatten(1)  # B x (h*w)
+    median_B1 = mean_BN.median(dim=1, keepdim=True).values
+    scale_B11 = (mean_BN - median_B1).abs().mean(dim=1).clamp_min(eps)[:, None, None]
+    return torch.exp(-(pred_Bhw - flipped_Bhw).abs() / scale_B11)
+
+
+def _resize_back(map_hw: torch.Tensor, original_hw: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(map_hw[None, None], size=original_hw, mode="bilinear", align_corners=True)[0, 0]
+
+
+def _to_numpy(map_HW: torch.Tensor) -> np.ndarray:
+    return map_HW.cpu().numpy().astype(np.float32, copy=False)

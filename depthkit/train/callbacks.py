@@ -1,0 +1,147 @@
+"""Callbacks: throughput and data-wait logging, image panels, preemption checkpoints."""
+
+from __future__ import annotations
+
+import io
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+log = logging.getLogger("depthkit.train")
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs `perf/images_per_s` (all ranks), `perf/data_wait_fraction` and `data/skipped` every step.
+
+    Data wait is the time from the end of one step to the start of the next (the loader's turn); the rest is
+    compute. Images count labeled + unlabeled images of the step on this rank, times the world size.
+    """
+
+    def __init__(self):
+        self._step_end: float | None = None
+        self._step_start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step_start = time.perf_counter()
+        self._wait = 0.0 if self._step_end is None else self._step_start - self._step_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        compute = now - self._step_start
+        if self._step_end is not None:
+            parts = batch.values() if "labeled" in batch else [batch]
+            images = sum(int(p["image"].shape[0]) for p in parts) * trainer.world_size
+            total = compute + self._wait
+            pl_module.log_dict(
+                {"perf/images_per_s": images / max(total, 1e-9), "perf/data_wait_fraction": self._wait / total},
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "num_skipped"):
+            pl_module.log("data/skipped", float(datamodule.num_skipped), on_step=True, batch_size=1)
+        self._step_end = now
+
+
+def colorize(values_HW: np.ndarray, valid_HW: np.ndarray | None = None, cmap: str = "Spectral_r") -> np.ndarray:
+    """A perceptual colour map of a map, robustly normalized over its valid pixels (2nd-98th percentile)."""
+    from matplotlib import colormaps
+
+    valid = np.isfinite(values_HW) if valid_HW is None else (valid_HW & np.isfinite(values_HW))
+    lo, hi = np.percentile(values_HW[valid], [2, 98]) if valid.any() else (0.0, 1.0)
+    norm = np.clip((values_HW - lo) / max(hi - lo, 1e-12), 0, 1)
+    rgb = (colormaps[cmap](norm)[..., :3] * 255).astype(np.uint8)
+    rgb[~valid] = 0
+    return rgb
+
+
+def panel_image(panel: dict) -> np.ndarray:
+    """input | target | prediction (least-squares aligned to the target) | absolute error, side by side."""
+    image = panel["image"].permute(1, 2, 0).numpy()
+    target, valid, pred = panel["target"].numpy(), panel["valid"].numpy(), panel["pred"].numpy()
+    aligned = pred
+    if valid.sum() >= 2 and panel["space"] != "metric_depth":
+        a = np.stack([pred[valid], np.ones(valid.sum())], 1)
+        (scale, shift), *_ = np.linalg.lstsq(a.astype(np.float64), target[valid].astype(np.float64), rcond=None)
+        aligned = scale * pred + shift
+    error = np.abs(aligned - target)
+    tiles = [image, colorize(target, valid), colorize(aligned, valid), colorize(error, valid, cmap="magma")]
+    return np.concatenate(tiles, axis=1)
+
+
+class ImagePanels(L.Callback):
+    """Every time the module keeps a sample (`panel_every_n_steps`), logs an input | target | prediction | error
+    panel: to W&B (`WandbLogger.log_image`) when it is the logger, else as PNG under the log directory."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        panel = getattr(pl_module, "panel", None)
+        if panel is None or not trainer.is_global_zero:
+            return
+        pl_module.panel = None
+        picture = panel_image(panel)
+        caption = f"step {panel['step']}: input | target | prediction (aligned) | error"
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="panels/train", images=[picture], caption=[caption], step=trainer.global_step)
+                return
+        from PIL import Image
+
+        # `trainer.log_dir` would broadcast across ranks; only rank 0 is here, so ask the logger directly.
+        folder = Path(getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir) / "panels"
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(picture).save(buf, format="PNG")
+        (folder / f"step_{panel['step']:08d}.png").write_bytes(buf.getvalue())
+
+
+class Preemption(L.Callback):
+    """On SIGTERM or SIGUSR1 (cluster preemption), save `preempted.ckpt` after the current step and stop.
+
+    The checkpoint holds model, optimizer, scheduler, step and data position; resume with
+    `depthkit fit ... --ckpt_path <dir>/preempted.ckpt`. Handlers chain to any previous ones (e.g. Lightning's
+    SLURM requeue handler).
+    """
+
+    def __init__(self, dirpath: str | None = None, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+        self.dirpath, self.signal_names = dirpath, signals
+        self._received: str | None = None
+        self._previous: dict = {}
+
+    def on_train_start(self, trainer, pl_module):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.signal_names:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self._received = signal.Signals(signum).name
+        previous = self._previous.get(signum)
+        if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
+            previous(signum, frame)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        received = torch.tensor(1 if self._received else 0, device=pl_module.device)
+        if trainer.world_size > 1:
+            received = trainer.strategy.reduce(received, reduce_op="max")
+        if int(received):
+            folder = Path(self.dirpath or trainer.default_root_dir)
+            path = folder / "preempted.ckpt"
+            trainer.save_checkpoint(path)
+            log.warning("received %s: saved %s at step %d, stopping", self._received, path, trainer.global_step)
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()

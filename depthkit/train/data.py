@@ -1,0 +1,180 @@
+"""`DepthDataModule`: labeled (+ unlabeled / pseudo-labeled) shard streams for Lightning.
+
+Every path is checked when the module is built, so a wrong shard path fails before any training starts. The
+stream positions (`StreamState`) go into checkpoints through `state_dict`, so a resumed run continues the data
+where it stopped (see `docs/data.md`, "Resume").
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.utilities import CombinedLoader
+
+from depthkit.data.shards import shard_paths
+from depthkit.data.stream import ShardStream, StreamState, make_loader
+from depthkit.data.transforms import SampleTransform, TransformConfig
+
+
+class DepthDataModule(L.LightningDataModule):
+    """Training and validation data from WebDataset shards.
+
+    Args:
+        labeled: Labeled shards (folder, glob, brace pattern, URL, or a list).
+        unlabeled: Unlabeled image shards for the student; None trains on labeled data only.
+        pseudo_labels: Folder of pseudo-label shards for `unlabeled` (same file names); None means the student's
+            online teacher labels them.
+        val: Labeled shards for validation (centre crops, no augmentation); None skips validation.
+        batch_size: Labeled images per step and device.
+        ratio: Labeled:unlabeled images per step (Depth Anything: 1:2); the unlabeled batch is
+            `batch_size * ratio[1] / ratio[0]`.
+        crop_size: Training crop, a multiple of 14 (Depth Anything: 518).
+        val_crop_size: Validation centre crop; default `crop_size`.
+        num_workers: DataLoader workers per stream and device.
+        shuffle_buffer: Samples in each worker's shuffle buffer.
+        resampled: Draw shards with replacement forever (step-based training; set `trainer.max_steps`).
+        cutmix_p: CutMix probability per unlabeled sample (Depth Anything: 0.5).
+        seed: Seeds shard order, shuffling, augmentation and CutMix.
+        on_error: "raise" at a bad sample, or "skip" and count it (logged as `data/skipped`).
+    """
+
+    def __init__(
+        self,
+        labeled: str | list[str],
+        *,
+        unlabeled: str | list[str] | None = None,
+        pseudo_labels: str | None = None,
+        val: str | list[str] | None = None,
+        batch_size: int = 4,
+        ratio: tuple[int, int] = (1, 2),
+        crop_size: int = 518,
+        val_crop_size: int | None = None,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        cutmix_p: float = 0.5,
+        seed: int = 0,
+        on_error: str = "raise",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if len(ratio) != 2 or min(ratio) <= 0:
+            raise ValueError(f"data.ratio must be two positive numbers (labeled:unlabeled), got {ratio}")
+        if pseudo_labels and not unlabeled:
+            raise ValueError("data.pseudo_labels needs data.unlabeled (the images they label)")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error={on_error!r}; expected 'raise' or 'skip'")
+        # Resolve every path now: a typo fails before the first step, naming the path.
+        for name, spec in (("labeled", labeled), ("unlabeled", unlabeled), ("val", val)):
+            if spec is not None:
+                try:
+                    shard_paths(spec)
+                except FileNotFoundError as err:
+                    raise FileNotFoundError(f"data.{name}: {err}") from None
+        if pseudo_labels:
+            for url in shard_paths(unlabeled):
+                label = pseudo_labels.rstrip("/") + "/" + url.rsplit("/", 1)[-1]
+                if "://" not in label and not label.startswith("pipe:"):
+                    try:
+                        shard_paths(label)
+                    except FileNotFoundError:
+                        raise FileNotFoundError(
+                            f"data.pseudo_labels: no pseudo-label shard {label} for image shard {url}"
+                        ) from None
+        self.unlabeled_batch_size = max(1, round(batch_size * ratio[1] / ratio[0]))
+        self.transform = TransformConfig(crop_size=crop_size)
+        self.states = {"labeled": StreamState(), "unlabeled": StreamState()}
+        self._resume: dict = {}
+
+    # -- streams ---------------------------------------------------------------------------------------------
+
+    def _topology(self) -> tuple[int | None, int | None]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (None, None)
+
+    def _stream(self, name: str, spec, *, kind: str, batch_size: int, transform: TransformConfig, **kw):
+        hp = self.hparams
+        rank, world_size = self._topology()
+        return ShardStream(
+            spec,
+            kind=kind,
+            batch_size=batch_size,
+            transform=SampleTransform(transform, seed=hp.seed),
+            shuffle_buffer=hp.shuffle_buffer,
+            seed=hp.seed,
+            on_error=hp.on_error,
+            rank=rank,
+            world_size=world_size,
+            resume=self._resume.get(name),
+            **kw,
+        )
+
+    def train_dataloader(self):
+        hp = self.hparams
+        labeled = self._stream(
+            "labeled",
+            hp.labeled,
+            kind="labeled",
+            batch_size=hp.batch_size,
+            transform=self.transform,
+            resampled=hp.resampled,
+        )
+        loaders = {"labeled": make_loader(labeled, num_workers=hp.num_workers)}
+        if hp.unlabeled is None:
+            return loaders["labeled"]
+        strong = TransformConfig(crop_size=hp.crop_size, strong=True)
+        unlabeled = self._stream(
+            "unlabeled",
+            hp.unlabeled,
+            kind="pseudo" if hp.pseudo_labels else "unlabeled",
+            labels=hp.pseudo_labels,
+            batch_size=self.unlabeled_batch_size,
+            transform=strong,
+            resampled=hp.resampled,
+            cutmix_p=hp.cutmix_p,
+        )
+        loaders["unlabeled"] = make_loader(unlabeled, num_workers=hp.num_workers)
+        return CombinedLoader(loaders, mode="min_size")
+
+    def val_dataloader(self):
+        hp = self.hparams
+        if hp.val is None:
+            return []
+        transform = TransformConfig(crop_size=hp.val_crop_size or hp.crop_size, random_crop=False, hflip=False)
+        # Every rank validates on all validation shards: validation sets are small, and ranks with unequal
+        # (or no) shards would stall the synchronized metric reduction.
+        stream = ShardStream(
+            hp.val,
+            kind="labeled",
+            batch_size=hp.batch_size,
+            drop_last=False,
+            rank=0,
+            world_size=1,
+            transform=SampleTransform(transform, seed=hp.seed),
+            on_error=hp.on_error,
+        )
+        return make_loader(stream, num_workers=min(hp.num_workers, 1))
+
+    # -- position --------------------------------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            parts = batch if "labeled" in batch else {"labeled": batch}
+            for name, part in parts.items():
+                self.states[name].update(part)
+        return batch
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(state.num_skipped for state in self.states.values())
+
+    def state_dict(self) -> dict:
+        return {name: state.state_dict() for name, state in self.states.items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = {name: dict(s) for name, s in state_dict.items() if s.get("consumed")}
+        for name, state in state_dict.items():
+            if name in self.states:
+                self.states[name].load_state_dict(state)

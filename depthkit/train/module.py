@@ -1,0 +1,364 @@
+"""LightningModules: a thin wrapper around `DepthModel` for each kind of run.
+
+- `DepthModule`: supervised training on labeled batches: the Depth Anything teacher (affine-invariant disparity,
+  SSI losses) and metric fine-tuning (metric head, SiLog), chosen by the model's output space and the loss.
+- `StudentModule`: labeled + unlabeled batches (1:2), strong augmentation and CutMix on unlabeled images,
+  targets from pseudo-label shards or a frozen teacher online, feature alignment to a frozen DINOv2.
+
+Constructors take registry names, primitives and frozen dataclasses (never modules), so `save_hyperparameters`
+lets a checkpoint rebuild its model without the YAML. Batches are those of `depthkit.data.stream` (uint8 images;
+scaling and normalization happen here, on device).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import lightning as L
+import torch
+
+from depthkit.data.cutmix import mix_like
+from depthkit.losses import DepthLoss, DepthLossConfig, feature_alignment_loss, preset
+from depthkit.models import create_encoder, create_model
+from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, METRIC_DEPTH
+from depthkit.train.config import LossWeights, OptimConfig
+
+
+def targets_in_space(batch: dict, output_space: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's targets in the model's output space: `(target_BHW, valid_BHW)`.
+
+    Relative models train on disparity: metric depth becomes 1 / depth on valid pixels; disparity and affine
+    disparity pass through. Metric models need metric depth targets.
+    """
+    target_BHW, valid_BHW = batch["target"], batch["valid"]
+    spaces = {m.get("output_space", m.get("pseudo", {}).get("output_space")) for m in batch["meta"]}
+    if output_space == METRIC_DEPTH:
+        if spaces != {METRIC_DEPTH}:
+            raise ValueError(f"a metric model needs metric_depth targets, the batch has {sorted(map(str, spaces))}")
+        return target_BHW, valid_BHW
+    if len(spaces) != 1:
+        raise ValueError(f"a batch mixes target spaces {sorted(map(str, spaces))}; use one space per dataset")
+    (space,) = spaces
+    if space == METRIC_DEPTH:
+        valid_BHW = valid_BHW & (target_BHW > 0)
+        target_BHW = torch.where(valid_BHW, 1.0 / target_BHW.clamp_min(1e-6), torch.zeros_like(target_BHW))
+    elif space not in (DISPARITY, AFFINE_DISPARITY):
+        raise ValueError(f"unknown target space {space!r}")
+    return target_BHW, valid_BHW
+
+
+def start_output_positive(model) -> None:
+    """Give a freshly initialised relative head a positive output bias.
+
+    The head ends in conv -> ReLU; with random weights its pre-activation can be negative at every pixel (likely
+    for narrow heads), and then no gradient ever flows. A bias of 1 starts every pixel in the ReLU's linear part.
+    Only the initial value changes, not the layout, so official checkpoints load as before.
+    """
+    last_conv = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    if last_conv.bias is not None:
+        with torch.no_grad():
+            last_conv.bias.fill_(1.0)
+
+
+def load_encoder_weights(model, checkpoint_path: str) -> None:
+    """Initialise `model.encoder` from DINOv2 (or any encoder) weights, as Depth Anything students start."""
+    encoder = create_encoder(model.meta.name, checkpoint_path=checkpoint_path)
+    model.encoder.load_state_dict(encoder.state_dict(), strict=True)
+
+
+class DepthModule(L.LightningModule):
+    """Supervised depth training: teacher (relative) or metric fine-tuning.
+
+    Args:
+        model: Registry name (`depthkit.models.list_models()`), e.g. "dav2_vitl", "dav2_metric_vits", "test_dav2".
+        pretrained: Start from the official Depth Anything weights in the local checkpoint folder.
+        checkpoint_path: Start from this checkpoint instead (official, depthkit or transformers layout).
+        encoder_checkpoint: Initialise only the encoder from these DINOv2 weights (the Depth Anything recipe).
+        model_overrides: Config fields of the model to change (e.g. `{"max_depth": 80.0}`).
+        loss: The loss on labeled images (`depthkit.losses.DepthLossConfig`; presets in `configs/loss/`).
+        optim: Optimizer and schedule.
+        compile: Wrap the model in `torch.compile`.
+        panel_every_n_steps: Keep a sample for the image-panel callback every N steps (0: never).
+    """
+
+    def __init__(
+        self,
+        model: str = "test_dav2",
+        *,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        encoder_checkpoint: str | None = None,
+        model_overrides: dict | None = None,
+        loss: DepthLossConfig = preset("dav2"),
+        optim: OptimConfig = OptimConfig(),
+        compile: bool = False,
+        panel_every_n_steps: int = 200,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.loss_config, self.optim_config = loss, optim  # typed; self.hparams holds what the CLI saw
+        self.model = create_model(
+            model, pretrained=pretrained, checkpoint_path=checkpoint_path, **(model_overrides or {})
+        )
+        if encoder_checkpoint:
+            load_encoder_weights(self.model, encoder_checkpoint)
+        space = self.model.meta.output_space
+        if not pretrained and checkpoint_path is None and space != METRIC_DEPTH:
+            start_output_positive(self.model)
+        if (loss.objective == "silog") != (space == METRIC_DEPTH):
+            raise ValueError(
+                f"loss objective {loss.objective!r} does not fit model {model!r} ({space}): metric models train "
+                "with objective 'silog', relative models with 'ssi'"
+            )
+        self.loss_fn = DepthLoss(loss)
+        self.compile_model, self.panel_every_n_steps = compile, panel_every_n_steps
+        self.panel: dict | None = None  # the latest sample for `ImagePanels`
+
+    def configure_model(self) -> None:
+        if self.compile_model and not isinstance(self.model.forward, torch._dynamo.eval_frame.OptimizedModule):
+            self.model.forward = torch.compile(self.model.forward)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def predict_uint8(self, image_B3HW: torch.Tensor, *, model=None, with_features: bool = False):
+        """Run a model on a uint8 batch: scale to [0, 1], normalize with the model's metadata, forward."""
+        model = self.model if model is None else model
+        image_BCHW = model.normalize(image_B3HW.float() / 255.0)
+        return model.forward_with_features(image_BCHW) if with_features else model(image_BCHW)
+
+    def forward(self, image_B3HW: torch.Tensor) -> torch.Tensor:
+        return self.predict_uint8(image_B3HW)
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def labeled_loss(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        target_BHW, valid_BHW = targets_in_space(batch, self.model.meta.output_space)
+        pred_BHW = self.predict_uint8(batch["image"])
+        return self.loss_fn(pred_BHW, target_BHW, valid_BHW), pred_BHW
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labeled = batch["labeled"] if "labeled" in batch else batch
+        out, pred_BHW = self.labeled_loss(labeled)
+        self.log_terms("train", out, batch_size=labeled["image"].shape[0])
+        self.keep_panel(labeled, pred_BHW)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out, pred_BHW = self.labeled_loss(batch)
+        self.log_terms("val", out, batch_size=batch["image"].shape[0])
+        metrics = aligned_metrics(pred_BHW, batch, self.model.meta.output_space)
+        if metrics:
+            self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch["image"].shape[0])
+
+    def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
+        """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""
+        for key, value in out.items():
+            if value.dim() != 0 or key == "num_valid":
+                continue
+            # Every rank sees the same validation data (see DepthDataModule.val_dataloader): no sync needed.
+            self.log(
+                f"{stage}/{prefix}{key}", value.detach(), batch_size=batch_size, prog_bar=not prefix and key == "loss"
+            )
+
+    def keep_panel(self, batch: dict, pred_BHW: torch.Tensor) -> None:
+        if self.panel_every_n_steps and self.global_step % self.panel_every_n_steps == 0:
+            target_BHW, valid_BHW = targets_in_space(batch, self.model.meta.output_space)
+            self.panel = {
+                "image": batch["image"][0].detach().cpu(),
+                "target": target_BHW[0].detach().float().cpu(),
+                "valid": valid_BHW[0].detach().cpu(),
+                "pred": pred_BHW[0].detach().float().cpu(),
+                "space": self.model.meta.output_space,
+                "step": self.global_step,
+            }
+
+    # -- optimization ----------------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        cfg = self.optim_config
+        groups = [
+            {
+                "params": [p for p in self.model.encoder.parameters() if p.requires_grad],
+                "lr": cfg.encoder_lr,
+                "name": "encoder",
+            },
+            {
+                "params": [p for p in self.model.head.parameters() if p.requires_grad],
+                "lr": cfg.decoder_lr,
+                "name": "decoder",
+            },
+        ]
+        optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 0
+        if total <= 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class StudentModule(DepthModule):
+    """The Depth Anything student: labeled + pseudo-labeled images, CutMix, feature alignment.
+
+    Per step, with a labeled batch and an unlabeled batch (1:2 by default, set in the data module):
+    - labeled: `loss` on the (weakly augmented) labeled images;
+    - unlabeled: the student sees the strongly augmented, CutMix-ed image; the target is the pseudo-label of the
+      clean image (from pseudo-label shards, or from the frozen `teacher` online), mixed with the same CutMix
+      mask; `unlabeled_loss` is computed per CutMix region and averaged by area;
+    - feature alignment: 1 - cosine between the student's final encoder tokens and a frozen copy of the encoder
+      it started from (DINOv2), per patch, ignoring patches above `feature_tolerance`;
+    - total: `loss_weights` (normalized: the mean of the terms, as Depth Anything V1).
+
+    Args (beyond `DepthModule`'s):
+        unlabeled_loss: The loss on pseudo-labels (Depth Anything V2: trimmed, `dav2_pseudo`).
+        teacher: Registry name of an online teacher; None reads targets from pseudo-label shards.
+        teacher_checkpoint: Weights of the online teacher.
+        feature_tolerance: Patches with cosine similarity above this are ignored (0.85).
+        loss_weights: How labeled, unlabeled and feature terms combine.
+    """
+
+    def __init__(
+        self,
+        model: str = "test_dav2",
+        *,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        encoder_checkpoint: str | None = None,
+        model_overrides: dict | None = None,
+        loss: DepthLossConfig = preset("dav2"),
+        unlabeled_loss: DepthLossConfig = preset("dav2_pseudo"),
+        teacher: str | None = None,
+        teacher_checkpoint: str | None = None,
+        feature_tolerance: float = 0.85,
+        loss_weights: LossWeights = LossWeights(),
+        optim: OptimConfig = OptimConfig(),
+        compile: bool = False,
+        panel_every_n_steps: int = 200,
+    ):
+        super().__init__(
+            model,
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            encoder_checkpoint=encoder_checkpoint,
+            model_overrides=model_overrides,
+            loss=loss,
+            optim=optim,
+            compile=compile,
+            panel_every_n_steps=panel_every_n_steps,
+        )
+        self.save_hyperparameters()
+        if self.model.meta.output_space == METRIC_DEPTH:
+            raise ValueError(f"the student trains relative depth; {model!r} is a metric model")
+        self.unlabeled_config, self.weights, self.feature_tolerance = unlabeled_loss, loss_weights, feature_tolerance
+        self.unlabeled_loss_fn = DepthLoss(unlabeled_loss)
+        # The frozen DINOv2 target is the encoder the student starts from (`encoder_checkpoint`): a copy, kept out
+        # of checkpoints (it is rebuilt from the same weights) and always in eval mode.
+        self.frozen_encoder = copy.deepcopy(self.model.encoder).requires_grad_(False).eval()
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = create_model(teacher, checkpoint_path=teacher_checkpoint).requires_grad_(False).eval()
+            if self.teacher.meta.output_space == METRIC_DEPTH:
+                raise ValueError(f"teacher {teacher!r} is metric; pseudo-labels are affine-invariant disparity")
+        elif teacher_checkpoint:
+            raise ValueError("teacher_checkpoint needs teacher= (the teacher's registry name)")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen_encoder.eval()  # frozen networks stay in eval mode for the whole run
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        drop = ("frozen_encoder.", "teacher.")
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(drop)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        own = self.state_dict()
+        for key in own:
+            if key.startswith(("frozen_encoder.", "teacher.")):
+                checkpoint["state_dict"].setdefault(key, own[key])
+
+    def unlabeled_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pseudo-labels of the clean images: from the shards, or from the online teacher."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                target_BHW = self.predict_uint8(batch["image"], model=self.teacher).float()
+            return target_BHW, torch.ones_like(target_BHW, dtype=torch.bool)
+        if "target" not in batch:
+            raise ValueError("unlabeled batches carry no pseudo-labels: set data.pseudo_labels or model.teacher")
+        return targets_in_space(batch, AFFINE_DISPARITY)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labeled, unlabeled = batch["labeled"], batch["unlabeled"]
+        out_l, pred_l_BHW = self.labeled_loss(labeled)
+
+        target_BHW, valid_BHW = self.unlabeled_targets(unlabeled)
+        mask_BHW, index_B = unlabeled.get("cutmix_mask"), unlabeled.get("cutmix_index")
+        if mask_BHW is not None:
+            target_BHW = mix_like(target_BHW, mask_BHW, index_B)
+            valid_BHW = mix_like(valid_BHW, mask_BHW, index_B)
+        image_B3HW = unlabeled.get("image_strong", unlabeled["image"])
+        pred_u_BHW, tokens_BND = self.predict_uint8(image_B3HW, with_features=True)
+        out_u = self.unlabeled_loss_fn(pred_u_BHW, target_BHW, valid_BHW, mask_BHW)
+
+        w = self.weights
+        total = w.labeled * out_l["loss"] + w.unlabeled * out_u["loss"]
+        logs = {"labeled": out_l["loss"], "unlabeled": out_u["loss"]}
+        if w.feature > 0:
+            with torch.no_grad():
+                frozen_BND = self.frozen_encoder.forward_patch_tokens(self.model.normalize(image_B3HW.float() / 255.0))
+            out_f = feature_alignment_loss(
+                tokens_BND, frozen_BND, tolerance=self.feature_tolerance, impl=self.loss_config.impl
+            )
+            total = total + w.feature * out_f["loss"]
+            logs["feature"] = out_f["loss"]
+        if w.normalize:
+            total = total / (w.labeled + w.unlabeled + (w.feature if "feature" in logs else 0.0))
+        n = labeled["image"].shape[0] + image_B3HW.shape[0]
+        self.log_terms("train", out_l, batch_size=labeled["image"].shape[0], prefix="labeled/")
+        self.log_terms("train", out_u, batch_size=image_B3HW.shape[0], prefix="unlabeled/")
+        self.log_dict({f"train/term/{k}": v.detach() for k, v in logs.items()}, batch_size=n)
+        self.log("train/loss", total.detach(), batch_size=n, prog_bar=True)
+        self.keep_panel(labeled, pred_l_BHW)
+        return total
+
+
+def aligned_metrics(pred_BHW: torch.Tensor, batch: dict, output_space: str) -> dict[str, float]:
+    """Mean AbsRel and delta1 over a batch of metric-depth targets, after the evaluation protocol's alignment.
+
+    Relative predictions: per-image least squares in disparity space (`depthkit.eval`); metric ones: none.
+    Targets that are not metric depth are skipped (no metrics).
+    """
+    import numpy as np
+
+    from depthkit.eval.alignment import align_to_depth
+    from depthkit.eval.metrics import depth_metrics
+
+    rows = []
+    for b, meta in enumerate(batch["meta"]):
+        if meta.get("output_space") != METRIC_DEPTH:
+            continue
+        target_HW = batch["target"][b].detach().float().cpu().numpy()
+        mask_HW = batch["valid"][b].detach().cpu().numpy() & (target_HW > 0)
+        if mask_HW.sum() < 2:
+            continue
+        cap = float(target_HW[mask_HW].max())
+        depth_HW, _ = align_to_depth(
+            pred_BHW[b].detach().float().cpu().numpy(),
+            target_HW,
+            mask_HW,
+            alignment="none" if output_space == METRIC_DEPTH else "lsq_disparity",
+            output_space=output_space,
+            min_depth=1e-3,
+            max_depth=cap,
+        )
+        rows.append(depth_metrics(depth_HW, target_HW, mask_HW))
+    if not rows:
+        return {}
+    return {k: float(np.mean([r[k] for r in rows])) for k in ("abs_rel", "delta1")}
+
+
+def replace_config(config, **changes):
+    """`dataclasses.replace` for the frozen configs (recipes and tests tweak presets with it)."""
+    return dataclasses.replace(config, **changes)

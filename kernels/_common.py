@@ -1,0 +1,110 @@
+"""Shared plumbing for the Triton ops: the dispatch rule, input checks and kernel resolution.
+
+Dispatch (house rule 3): every op takes `impl="auto" | "triton" | "torch"`.
+- "torch": the plain-torch reference (`depthkit_kernels.reference`), which is the op's spec.
+- "triton": the fused kernels. On CPU tensors this raises `ValueError` unless `TRITON_INTERPRET=1` is set, in
+  which case the kernels run in Triton's interpreter (slow; for tests on small shapes).
+- "auto": Triton when every tensor is on CUDA, the reference elsewhere (also on CPU with the interpreter on).
+
+Kernel resolution: `triton.jit` decides at *decoration* time whether a kernel is compiled or interpreted, from
+`TRITON_INTERPRET`. So that the answer does not depend on who imported `depthkit_kernels` first, launchers call
+`resolve(kernel)`, which re-wraps the kernel's Python function for the mode the environment asks for *now*.
+For this to work, the kernels in this package never call other `@triton.jit` functions (helpers are inlined).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+IMPLS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreter_enabled() -> bool:
+    """Whether `TRITON_INTERPRET` is set now (read on every call, like Triton does)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def use_triton(op: str, impl: str, *tensors: torch.Tensor) -> bool:
+    """Apply the dispatch rule for `op`; True means: run the Triton kernels.
+
+    Raises:
+        ValueError: `impl` is unknown, or "triton" was asked for CPU tensors without `TRITON_INTERPRET=1`.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
+    if impl == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "auto":
+        return on_cuda
+    if on_cuda or interpreter_enabled():
+        return True
+    devices = sorted({str(t.device) for t in tensors})
+    raise ValueError(
+        f"{op}: impl='triton' needs CUDA tensors, got {', '.join(devices)}; use impl='auto' or 'torch', "
+        "or set TRITON_INTERPRET=1 (before launching) to run the Triton interpreter on CPU"
+    )
+
+
+@functools.cache
+def _as_interpreted(kernel: JITFunction) -> InterpretedFunction:
+    return InterpretedFunction(kernel.fn)
+
+
+@functools.cache
+def _as_compiled(kernel: InterpretedFunction) -> JITFunction:
+    return JITFunction(kernel.fn)
+
+
+def resolve(kernel):
+    """Return `kernel` compiled or interpreted, as `TRITON_INTERPRET` asks at call time."""
+    if interpreter_enabled():
+        return kernel if isinstance(kernel, InterpretedFunction) else _as_interpreted(kernel)
+    return _as_compiled(kernel) if isinstance(kernel, InterpretedFunction) else kernel
+
+
+def check_maps(op: str, pred_BHW: torch.Tensor, target_BHW: torch.Tensor, valid_BHW: torch.Tensor) -> None:
+    """Validate the (prediction, target, valid) triple shared by the dense losses.
+
+    Raises:
+        ValueError: wrong rank, mismatched shapes/devices, a non-bool mask, an unsupported dtype or empty input.
+    """
+    if pred_BHW.dim() != 3:
+        raise ValueError(f"{op}: expected B x H x W maps, got pred of shape {tuple(pred_BHW.shape)}")
+    if target_BHW.shape != pred_BHW.shape or valid_BHW.shape != pred_BHW.shape:
+        raise ValueError(
+            f"{op}: shapes differ: pred {tuple(pred_BHW.shape)}, target {tuple(target_BHW.shape)}, "
+            f"valid {tuple(valid_BHW.shape)}"
+        )
+    if valid_BHW.dtype != torch.bool:
+        raise ValueError(f"{op}: valid must be a bool mask, got {valid_BHW.dtype}")
+    for name, t in (("pred", pred_BHW), ("target", target_BHW)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if len({pred_BHW.device, target_BHW.device, valid_BHW.device}) != 1:
+        raise ValueError(f"{op}: tensors are on different devices")
+    if pred_BHW.numel() == 0:
+        raise ValueError(f"{op}: empty input of shape {tuple(pred_BHW.shape)}")
+
+
+def flat_contiguous(x_BHW: torch.Tensor) -> torch.Tensor:
+    """B x (H*W) contiguous view, copying only when the input is not contiguous."""
+    return x_BHW.contiguous().view(x_BHW.shape[0], -1)  # B x HW
+
+
+def valid_bytes(valid_BHW: torch.Tensor) -> torch.Tensor:
+    """The bool mask as a contiguous B x HW uint8 view (zero-copy when already contiguous)."""
+    return valid_BHW.contiguous().view(torch.uint8).view(valid_BHW.shape[0], -1)  # B x HW
+
+
+def zeros_like_grad(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """An upstream gradient that autograd left as None becomes zeros (fp32, contiguous)."""
+    if g is None:
+        return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    return g.float().contiguous()

@@ -1,0 +1,274 @@
+"""Fused multi-scale gradient matching (MiDaS eq. 11; Depth Anything V2 uses it with weight 2).
+
+Three layers, Liger style: Triton kernels (`_gm_forward_kernel`, `_gm_finalize_kernel`, `_gm_backward_kernel`),
+`GradientMatchingFunction`, and the dispatch function `gradient_matching`. Spec:
+`reference.gradient_matching_reference`.
+
+All scales in one pass: each program takes a chunk of `BLOCK` full-resolution pixels of one image; for scale k
+a pixel (y, x) takes part when y and x are multiples of 2**k, and its right / lower neighbour at distance 2**k
+is loaded directly (mostly cache hits). Per chunk it writes (sum of |differences|, number of valid subsampled
+pixels) per scale; a per-image kernel combines them. The residual is r = a * pred - c * target with optional
+per-image scales a (differentiable) and c (constant), so an SSI alignment can be applied on the fly without
+writing the aligned prediction; shifts cancel in differences and are not inputs.
+
+Backward, one elementwise pass: dL/dr_j = sum_k gL / M_k * [j on the grid of scale k] * sum over its four
+neighbours at distance 2**k that are valid of sgn(r_j - r_neighbour); dL/dpred_j = a * dL/dr_j and
+dL/da = sum_j dL/dr_j * pred_j (per-chunk partial sums).
+
+Shapes: B images, H x W pixels (`_BM` = B x H*W flattened), C chunks per image, K scales. Non-contiguous inputs
+are copied.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._common import check_maps, flat_contiguous, resolve, use_triton, valid_bytes
+
+BLOCK = 2048
+BLOCK_BACKWARD = 1024  # the backward keeps 4 neighbours x scales live: 2048 spilled registers on sm_90 (ptxas -v)
+MAX_SCALES = 8
+
+
+@triton.jit
+def _gm_forward_kernel(
+    pred_ptr,
+    target_ptr,
+    valid_ptr,
+    pred_scale_ptr,
+    target_scale_ptr,
+    part_ptr,
+    H,
+    W,
+    C,
+    HAS_PRED_SCALE: tl.constexpr,
+    HAS_TARGET_SCALE: tl.constexpr,
+    NUM_SCALES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    HW = H * W
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < HW
+    y = offs // W
+    x = offs % W
+    base = b.to(tl.int64) * HW
+    a = 1.0
+    if HAS_PRED_SCALE:
+        a = tl.load(pred_scale_ptr + b)
+    cd = 1.0
+    if HAS_TARGET_SCALE:
+        cd = tl.load(target_scale_ptr + b)
+    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    r = a * p - cd * d
+    out = part_ptr + (b * C + c) * (2 * NUM_SCALES)
+    for k in tl.static_range(NUM_SCALES):
+        step = 1 << k
+        on_grid = v & ((y % step) == 0) & ((x % step) == 0)
+        # right neighbour (y, x + step)
+        m_r = on_grid & (x + step < W)
+        v_r = (tl.load(valid_ptr + base + offs + step, mask=m_r, other=0) != 0) & m_r
+        p_r = tl.load(pred_ptr + base + offs + step, mask=v_r, other=0.0).to(tl.float32)
+        d_r = tl.load(target_ptr + base + offs + step, mask=v_r, other=0.0).to(tl.float32)
+        diff_r = tl.where(v_r, tl.abs(a * p_r - cd * d_r - r), 0.0)
+        # lower neighbour (y + step, x)
+        m_d = on_grid & (y + step < H)
+        v_d = (tl.load(valid_ptr + base + offs + step * W, mask=m_d, other=0) != 0) & m_d
+        p_d = tl.load(pred_ptr + base + offs + step * W, mask=v_d, other=0.0).to(tl.float32)
+        d_d = tl.load(target_ptr + base + offs + step * W, mask=v_d, other=0.0).to(tl.float32)
+        diff_d = tl.where(v_d, tl.abs(a * p_d - cd * d_d - r), 0.0)
+        tl.store(out + 2 * k, tl.sum(diff_r + diff_d, axis=0))
+        tl.store(out + 2 * k + 1, tl.sum(on_grid.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _gm_finalize_kernel(
+    part_ptr, loss_ptr, inv_count_ptr, num_valid_ptr, C, NUM_SCALES: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    b = tl.program_id(0)
+    cs = tl.arange(0, BLOCK_C)
+    m = cs < C
+    src = part_ptr + (b * C + cs) * (2 * NUM_SCALES)
+    loss = 0.0
+    for k in tl.static_range(NUM_SCALES):
+        total = tl.sum(tl.load(src + 2 * k, mask=m, other=0.0), axis=0)
+        count = tl.sum(tl.load(src + 2 * k + 1, mask=m, other=0.0), axis=0)
+        inv = tl.where(count > 0, 1.0 / tl.maximum(count, 1.0), 0.0)
+        loss += total * inv
+        tl.store(inv_count_ptr + b * NUM_SCALES + k, inv)
+        if k == 0:
+            tl.store(num_valid_ptr + b, count.to(tl.int32))
+    tl.store(loss_ptr + b, loss)
+
+
+@triton.jit
+def _gm_backward_kernel(
+    pred_ptr,
+    target_ptr,
+    valid_ptr,
+    pred_scale_ptr,
+    target_scale_ptr,
+    inv_count_ptr,
+    grad_loss_ptr,
+    grad_pred_ptr,
+    grad_scale_part_ptr,
+    H,
+    W,
+    C,
+    HAS_PRED_SCALE: tl.constexpr,
+    HAS_TARGET_SCALE: tl.constexpr,
+    NUM_SCALES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    HW = H * W
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < HW
+    y = offs // W
+    x = offs % W
+    base = b.to(tl.int64) * HW
+    a = 1.0
+    if HAS_PRED_SCALE:
+        a = tl.load(pred_scale_ptr + b)
+    cd = 1.0
+    if HAS_TARGET_SCALE:
+        cd = tl.load(target_scale_ptr + b)
+    grad_loss = tl.load(grad_loss_ptr + b)
+    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    r = a * p - cd * d
+    grad_r = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(NUM_SCALES):
+        step = 1 << k
+        weight = grad_loss * tl.load(inv_count_ptr + b * NUM_SCALES + k)
+        on_grid = v & ((y % step) == 0) & ((x % step) == 0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for nb in tl.static_range(4):
+            # neighbours: 0 right, 1 left, 2 below, 3 above
+            if nb == 0:
+                m_n = on_grid & (x + step < W)
+                delta = step
+            elif nb == 1:
+                m_n = on_grid & (x >= step)
+                delta = -step
+            elif nb == 2:
+                m_n = on_grid & (y + step < H)
+                delta = step * W
+            else:
+                m_n = on_grid & (y >= step)
+                delta = -step * W
+            v_n = (tl.load(valid_ptr + base + offs + delta, mask=m_n, other=0) != 0) & m_n
+            p_n = tl.load(pred_ptr + base + offs + delta, mask=v_n, other=0.0).to(tl.float32)
+            d_n = tl.load(target_ptr + base + offs + delta, mask=v_n, other=0.0).to(tl.float32)
+            diff = r - (a * p_n - cd * d_n)
+            acc += tl.where(v_n, tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)), 0.0)
+        grad_r += weight * acc
+    tl.store(grad_pred_ptr + base + offs, (a * grad_r).to(grad_pred_ptr.dtype.element_ty), mask=inb)
+    if HAS_PRED_SCALE:
+        tl.store(grad_scale_part_ptr + b * C + c, tl.sum(grad_r * p, axis=0))
+
+
+class GradientMatchingFunction(torch.autograd.Function):
+    """Multi-scale gradient matching, fused. Outputs (loss_B, num_valid_B); gradients to pred and pred_scale_B."""
+
+    @staticmethod
+    def forward(ctx, pred_BHW, target_BHW, valid_BHW, pred_scale_B, target_scale_B, num_scales):
+        num_images, height, width = pred_BHW.shape
+        p_BM, d_BM, v_BM = flat_contiguous(pred_BHW), flat_contiguous(target_BHW), valid_bytes(valid_BHW)
+        hw = height * width
+        num_chunks = triton.cdiv(hw, BLOCK)
+        device = p_BM.device
+        has_a, has_c = pred_scale_B is not None, target_scale_B is not None
+        a_B = pred_scale_B.detach().float().contiguous() if has_a else p_BM
+        c_B = target_scale_B.detach().float().contiguous() if has_c else p_BM
+        part = torch.empty((num_images, num_chunks, 2 * num_scales), dtype=torch.float32, device=device)
+        resolve(_gm_forward_kernel)[(num_images, num_chunks)](
+            p_BM, d_BM, v_BM, a_B, c_B, part, height, width, num_chunks,
+            HAS_PRED_SCALE=has_a, HAS_TARGET_SCALE=has_c, NUM_SCALES=num_scales, BLOCK=BLOCK, num_warps=8,
+        )  # fmt: skip
+        loss_B = torch.empty(num_images, dtype=torch.float32, device=device)
+        inv_count_BK = torch.empty((num_images, num_scales), dtype=torch.float32, device=device)
+        num_valid_B = torch.empty(num_images, dtype=torch.int32, device=device)
+        resolve(_gm_finalize_kernel)[(num_images,)](
+            part, loss_B, inv_count_BK, num_valid_B, num_chunks,
+            NUM_SCALES=num_scales, BLOCK_C=max(16, triton.next_power_of_2(num_chunks)),
+        )  # fmt: skip
+        ctx.save_for_backward(p_BM, d_BM, v_BM, a_B if has_a else None, c_B if has_c else None, inv_count_BK)
+        ctx.shape, ctx.num_scales = pred_BHW.shape, num_scales
+        ctx.mark_non_differentiable(num_valid_B)
+        ctx.set_materialize_grads(False)
+        return loss_B, num_valid_B
+
+    @staticmethod
+    def backward(ctx, grad_loss_B, _grad_num_valid):
+        p_BM, d_BM, v_BM, a_B, c_B, inv_count_BK = ctx.saved_tensors
+        if grad_loss_B is None:
+            return None, None, None, None, None, None
+        num_images, height, width = ctx.shape
+        hw = height * width
+        num_chunks = triton.cdiv(hw, BLOCK_BACKWARD)
+        has_a, has_c = a_B is not None, c_B is not None
+        grad_pred_BM = torch.empty_like(p_BM)
+        grad_part = torch.empty((num_images, num_chunks), dtype=torch.float32, device=p_BM.device) if has_a else None
+        resolve(_gm_backward_kernel)[(num_images, num_chunks)](
+            p_BM, d_BM, v_BM, a_B if has_a else p_BM, c_B if has_c else p_BM, inv_count_BK,
+            grad_loss_B.float().contiguous(), grad_pred_BM, grad_part if has_a else p_BM, height, width, num_chunks,
+            HAS_PRED_SCALE=has_a, HAS_TARGET_SCALE=has_c, NUM_SCALES=ctx.num_scales, BLOCK=BLOCK_BACKWARD, num_warps=8,
+        )  # fmt: skip
+        grad_scale_B = grad_part.sum(dim=1) if has_a and ctx.needs_input_grad[3] else None
+        return grad_pred_BM.view(ctx.shape), None, None, grad_scale_B, None, None
+
+
+class GradientMatchingOutput(NamedTuple):
+    """Per-image results of `gradient_matching`: fp32 loss and the int32 count of valid full-res pixels."""
+
+    loss_B: torch.Tensor
+    num_valid_B: torch.Tensor
+
+
+def gradient_matching(
+    pred_BHW: torch.Tensor,
+    target_BHW: torch.Tensor,
+    valid_BHW: torch.Tensor,
+    *,
+    num_scales: int = 4,
+    pred_scale_B: torch.Tensor | None = None,
+    target_scale_B: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> GradientMatchingOutput:
+    """Multi-scale gradient matching per image; spec: `reference.gradient_matching_reference`.
+
+    Args:
+        pred_BHW: prediction (fp32/bf16/fp16); aligned already, or aligned on the fly with `pred_scale_B`.
+        target_BHW: target (no gradient).
+        valid_BHW: bool mask.
+        num_scales: number of scales (strides 1, 2, 4, ...), 1 to 8.
+        pred_scale_B: optional per-image factor on pred (differentiable), e.g. the SSI scale.
+        target_scale_B: optional per-image factor on target (no gradient), e.g. 1 / MAD(target).
+        impl: "auto" | "triton" | "torch".
+    """
+    check_maps("gradient_matching", pred_BHW, target_BHW, valid_BHW)
+    if not 1 <= num_scales <= MAX_SCALES:
+        raise ValueError(f"gradient_matching: num_scales={num_scales} must be in [1, {MAX_SCALES}]")
+    for name, s in (("pred_scale_B", pred_scale_B), ("target_scale_B", target_scale_B)):
+        if s is not None and s.shape != (pred_BHW.shape[0],):
+            raise ValueError(f"gradient_matching: {name} must have shape ({pred_BHW.shape[0]},), got {tuple(s.shape)}")
+    if use_triton("gradient_matching", impl, pred_BHW, target_BHW, valid_BHW):
+        loss_B, num_valid_B = GradientMatchingFunction.apply(
+            pred_BHW, target_BHW, valid_BHW, pred_scale_B, target_scale_B, num_scales
+        )
+        return GradientMatchingOutput(loss_B, num_valid_B)
+    loss_B = reference.gradient_matching_reference(
+        pred_BHW, target_BHW, valid_BHW, num_scales=num_scales, pred_scale_B=pred_scale_B, target_scale_B=target_scale_B
+    )
+    return GradientMatchingOutput(loss_B, valid_BHW.sum(dim=(1, 2)).to(torch.int32))

@@ -1,0 +1,643 @@
+"""Fused scale-and-shift-invariant (SSI) losses: least-squares (MiDaS) and median/MAD (Depth Anything) alignment.
+
+Three layers, Liger style:
+1. Triton kernels + launchers (this file's `_*_kernel` and `_loss_passes`).
+2. `SSILsqFunction` / `SSIMedianFunction`: `torch.autograd.Function`s with a fused one-pass backward.
+3. `ssi_lsq` / `ssi_median`: the dispatch functions (`impl="auto" | "triton" | "torch"`).
+The spec is `reference.ssi_lsq_reference` / `reference.ssi_median_reference`; read those first.
+
+Passes over the B x HW maps (C = chunks of `BLOCK` pixels per image; small per-image kernels in between):
+- least squares: 1 stats pass (per-chunk count, means and *centered* moments, combined exactly per image by
+  the parallel-variance formula; no raw sums of squares, so no catastrophic cancellation in fp32), the 2x2
+  solve, 1 loss pass, and 1 backward pass.
+- median/MAD: 4 radix-select passes (pred and target medians in the same launches, see `select.py`), 1 MAD
+  pass, 1 loss pass, 1 backward pass.
+- trimming adds: the loss pass writes the per-pixel loss map (fp32), 4 radix-select passes find the threshold,
+  1 pass sums the kept losses; the backward reads the map to recover the kept set bit-exactly.
+
+Backward, per image (n valid pixels, N kept, w_j trim weights, g_j = dphi/de at the residual e_j, upstream
+gradients gL for the image's loss and gA / gB for the alignment outputs; c = gL / N):
+- least squares, e = s p + t - d, s = cov / var, t = mean_d - s mean_p:
+  dp_j = c w_j g_j s + ds_j (c Z + gA - mean_p gB) - (s / n)(c G + gB),
+  ds_j = ((d_j - mean_d) - 2 s (p_j - mean_p)) / var, with G = sum w g, Z = sum w g (p - mean_p)
+  (no-ops when the system is singular: s = 0 and t = mean_d carry no gradient).
+- median/MAD, e = (p - m_p) / S_p - (d - m_d) / S_d, output pred_scale = 1 / S_p:
+  dp_j = c w_j g_j / S_p + k_S [S_p unfloored] (sgn(p_j - m_p) / n) + [p_j == m_p] k_m / n_tied,
+  k_S = -c Z / S_p - gA / S_p^2 with Z = sum w g (p - m_p) / S_p, and
+  k_m = -c G / S_p - k_S [S_p unfloored] sum(sgn(p - m_p)) / n.
+G and Z are summed in the forward loss pass, so the backward is a single elementwise pass.
+
+Shapes: B images, HW pixels per image (`_BM` = B x HW, the flattened maps), C chunks per image, F per-image
+fields (`IMG_FIELDS`), A per-image backward fields (`AUX_FIELDS`). Non-contiguous inputs are copied.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._common import check_maps, flat_contiguous, resolve, use_triton, valid_bytes, zeros_like_grad
+from .select import MODE_KEEP, MODE_MEDIAN, radix_select
+
+BLOCK = 2048
+ALIGN_LSQ = 0
+ALIGN_MEDIAN = 1
+IMG_FIELDS = 8
+# Per-image fields in `img` (fp32):
+#   least squares: 0 n, 1 mean_p, 2 mean_d, 3 n*var_p, 4 scale, 5 shift, 6 singular (0/1)
+#   median/MAD:    0 n, 1 median_p, 2 median_d, 3 S_p unfloored (0/1), 4 S_p, 5 S_d, 6 sum sgn(p - m_p), 7 n_tied
+AUX_FIELDS = 4  # per image: 0 num_keep, 1 G = sum w g, 2 Z = sum w g z, 3 tie fraction at the trim threshold
+
+
+def _reduce_block(C):
+    return max(16, triton.next_power_of_2(C))
+
+
+@triton.jit
+def _lsq_stats_kernel(pred_ptr, target_ptr, valid_ptr, part_ptr, HW, C, BLOCK: tl.constexpr):
+    """Per chunk: count, means and centered second moments -> part[b, c, 0:5]."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < HW
+    base = b.to(tl.int64) * HW
+    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    vf = v.to(tl.float32)
+    n = tl.sum(vf, axis=0)
+    n_safe = tl.maximum(n, 1.0)
+    mean_p = tl.sum(p, axis=0) / n_safe
+    mean_d = tl.sum(d, axis=0) / n_safe
+    pc = (p - mean_p) * vf
+    dc = (d - mean_d) * vf
+    out = part_ptr + (b * C + c) * 5
+    tl.store(out + 0, n)
+    tl.store(out + 1, mean_p)
+    tl.store(out + 2, mean_d)
+    tl.store(out + 3, tl.sum(pc * pc, axis=0))
+    tl.store(out + 4, tl.sum(pc * dc, axis=0))
+
+
+@triton.jit
+def _lsq_solve_kernel(
+    part_ptr, img_ptr, scale_ptr, shift_ptr, num_valid_ptr, C, rel_eps, IMG_FIELDS: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """Combine the chunks of one image exactly (parallel-variance formula) and solve the 2x2 system."""
+    b = tl.program_id(0)
+    cs = tl.arange(0, BLOCK_C)
+    m = cs < C
+    src = part_ptr + (b * C + cs) * 5
+    n_c = tl.load(src + 0, mask=m, other=0.0)
+    mp_c = tl.load(src + 1, mask=m, other=0.0)
+    md_c = tl.load(src + 2, mask=m, other=0.0)
+    var_c = tl.load(src + 3, mask=m, other=0.0)
+    cov_c = tl.load(src + 4, mask=m, other=0.0)
+    n = tl.sum(n_c, axis=0)
+    n_safe = tl.maximum(n, 1.0)
+    mean_p = tl.sum(n_c * mp_c, axis=0) / n_safe
+    mean_d = tl.sum(n_c * md_c, axis=0) / n_safe
+    var_p = tl.sum(var_c + n_c * (mp_c - mean_p) * (mp_c - mean_p), axis=0)
+    cov = tl.sum(cov_c + n_c * (mp_c - mean_p) * (md_c - mean_d), axis=0)
+    singular = (n < 2.0) | (var_p <= rel_eps * (var_p + n * mean_p * mean_p))
+    scale = tl.where(singular, 0.0, cov / tl.where(singular, 1.0, var_p))
+    shift = mean_d - scale * mean_p
+    out = img_ptr + b * IMG_FIELDS
+    tl.store(out + 0, n)
+    tl.store(out + 1, mean_p)
+    tl.store(out + 2, mean_d)
+    tl.store(out + 3, var_p)
+    tl.store(out + 4, scale)
+    tl.store(out + 5, shift)
+    tl.store(out + 6, singular.to(tl.float32))
+    tl.store(scale_ptr + b, scale)
+    tl.store(shift_ptr + b, shift)
+    tl.store(num_valid_ptr + b, n.to(tl.int32))
+
+
+@triton.jit
+def _median_mad_kernel(pred_ptr, target_ptr, valid_ptr, median_ptr, part_ptr, HW, C, num_images, BLOCK: tl.constexpr):
+    """Per chunk: sum |p - m_p|, sum |d - m_d|, sum sgn(p - m_p), #(p == m_p) -> part[b, c, 0:4]."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < HW
+    base = b.to(tl.int64) * HW
+    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    med_p = tl.load(median_ptr + b)
+    med_d = tl.load(median_ptr + num_images + b)
+    vf = v.to(tl.float32)
+    dp = p - med_p
+    sgn = tl.where(dp > 0, 1.0, tl.where(dp < 0, -1.0, 0.0))
+    out = part_ptr + (b * C + c) * 4
+    tl.store(out + 0, tl.sum(tl.abs(dp) * vf, axis=0))
+    tl.store(out + 1, tl.sum(tl.abs(d - med_d) * vf, axis=0))
+    tl.store(out + 2, tl.sum(sgn * vf, axis=0))
+    tl.store(out + 3, tl.sum(tl.where(v & (p == med_p), 1.0, 0.0), axis=0))
+
+
+@triton.jit
+def _median_norm_kernel(
+    part_ptr,
+    median_ptr,
+    num_valid_ptr,
+    img_ptr,
+    pred_scale_ptr,
+    target_scale_ptr,
+    C,
+    num_images,
+    eps,
+    IMG_FIELDS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per image: the mean absolute deviations (floored at eps) and the per-image fields for the later passes."""
+    b = tl.program_id(0)
+    cs = tl.arange(0, BLOCK_C)
+    m = cs < C
+    src = part_ptr + (b * C + cs) * 4
+    abs_p = tl.sum(tl.load(src + 0, mask=m, other=0.0), axis=0)
+    abs_d = tl.sum(tl.load(src + 1, mask=m, other=0.0), axis=0)
+    sum_sgn = tl.sum(tl.load(src + 2, mask=m, other=0.0), axis=0)
+    num_tied = tl.sum(tl.load(src + 3, mask=m, other=0.0), axis=0)
+    n = tl.load(num_valid_ptr + b).to(tl.float32)
+    n_safe = tl.maximum(n, 1.0)
+    mad_p = abs_p / n_safe
+    mad_d = abs_d / n_safe
+    unfloored = mad_p > eps
+    s_p = tl.where(unfloored, mad_p, eps)
+    s_d = tl.where(mad_d > eps, mad_d, eps)
+    out = img_ptr + b * IMG_FIELDS
+    tl.store(out + 0, n)
+    tl.store(out + 1, tl.load(median_ptr + b))
+    tl.store(out + 2, tl.load(median_ptr + num_images + b))
+    tl.store(out + 3, unfloored.to(tl.float32))
+    tl.store(out + 4, s_p)
+    tl.store(out + 5, s_d)
+    tl.store(out + 6, sum_sgn)
+    tl.store(out + 7, num_tied)
+    tl.store(pred_scale_ptr + b, 1.0 / s_p)
+    tl.store(target_scale_ptr + b, 1.0 / s_d)
+
+
+@triton.jit
+def _ssi_pixel_kernel(
+    pred_ptr,
+    target_ptr,
+    valid_ptr,
+    img_ptr,
+    part_ptr,
+    lossmap_ptr,
+    HW,
+    C,
+    ALIGN: tl.constexpr,
+    L1: tl.constexpr,
+    WRITE_MAP: tl.constexpr,
+    IMG_FIELDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Aligned residual e and per-pixel loss l. Untrimmed: part[b, c] = (sum l, sum g, sum g z); else store l."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < HW
+    base = b.to(tl.int64) * HW
+    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    img = img_ptr + b * IMG_FIELDS
+    if ALIGN == 0:
+        mean_p = tl.load(img + 1)
+        scale = tl.load(img + 4)
+        shift = tl.load(img + 5)
+        e = scale * p + shift - d
+        z = p - mean_p
+    else:
+        med_p = tl.load(img + 1)
+        med_d = tl.load(img + 2)
+        s_p = tl.load(img + 4)
+        s_d = tl.load(img + 5)
+        z = (p - med_p) / s_p
+        e = z - (d - med_d) / s_d
+    if L1:
+        loss = tl.abs(e)
+        g = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))
+    else:
+        loss = e * e
+        g = 2.0 * e
+    vf = v.to(tl.float32)
+    if WRITE_MAP:
+        tl.store(lossmap_ptr + base + offs, loss * vf, mask=inb)
+    else:
+        out = part_ptr + (b * C + c) * 3
+        tl.store(out + 0, tl.sum(loss * vf, axis=0))
+        tl.store(out + 1, tl.sum(g * vf, axis=0))
+        tl.store(out + 2, tl.sum(g * z * vf, axis=0))
+
+
+@triton.jit
+def _ssi_trimmed_kernel(
+    pred_ptr,
+    target_ptr,
+    valid_ptr,
+    img_ptr,
+    lossmap_ptr,
+    threshold_ptr,
+    part_ptr,
+    HW,
+    C,
+    ALIGN: tl.constexpr,
+    L1: tl.constexpr,
+    IMG_FIELDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Sums below / at the trim threshold -> part[b, c, 0:7] (see `_ssi_finalize_kernel`)."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < HW
+    base = b.to(tl.int64) * HW
+    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    loss = tl.load(lossmap_ptr + base + offs, mask=inb, other=0.0)
+    threshold = tl.load(threshold_ptr + b)
+    img = img_ptr + b * IMG_FIELDS
+    if ALIGN == 0:
+        mean_p = tl.load(img + 1)
+        scale = tl.load(img + 4)
+        shift = tl.load(img + 5)
+        e = scale * p + shift - d
+        z = p - mean_p
+    else:
+        med_p = tl.load(img + 1)
+        med_d = tl.load(img + 2)
+        s_p = tl.load(img + 4)
+        s_d = tl.load(img + 5)
+        z = (p - med_p) / s_p
+        e = z - (d - med_d) / s_d
+    if L1:
+        g = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))
+    else:
+        g = 2.0 * e
+    below = tl.where(v & (loss < threshold), 1.0, 0.0)
+    tied = tl.where(v & (loss == threshold), 1.0, 0.0)
+    out = part_ptr + (b * C + c) * 7
+    tl.store(out + 0, tl.sum(loss * below, axis=0))
+    tl.store(out + 1, tl.sum(below, axis=0))
+    tl.store(out + 2, tl.sum(tied, axis=0))
+    tl.store(out + 3, tl.sum(g * below, axis=0))
+    tl.store(out + 4, tl.sum(g * z * below, axis=0))
+    tl.store(out + 5, tl.sum(g * tied, axis=0))
+    tl.store(out + 6, tl.sum(g * z * tied, axis=0))
+
+
+@triton.jit
+def _ssi_finalize_kernel(
+    part_ptr,
+    img_ptr,
+    threshold_ptr,
+    aux_ptr,
+    loss_ptr,
+    C,
+    trim,
+    TRIMMED: tl.constexpr,
+    IMG_FIELDS: tl.constexpr,
+    AUX_FIELDS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per image: the loss (mean of the kept per-pixel losses) and G, Z for the backward."""
+    b = tl.program_id(0)
+    cs = tl.arange(0, BLOCK_C)
+    m = cs < C
+    n = tl.load(img_ptr + b * IMG_FIELDS)
+    if TRIMMED:
+        src = part_ptr + (b * C + cs) * 7
+        sum_below = tl.sum(tl.load(src + 0, mask=m, other=0.0), axis=0)
+        num_below = tl.sum(tl.load(src + 1, mask=m, other=0.0), axis=0)
+        num_tied = tl.sum(tl.load(src + 2, mask=m, other=0.0), axis=0)
+        g_below = tl.sum(tl.load(src + 3, mask=m, other=0.0), axis=0)
+        z_below = tl.sum(tl.load(src + 4, mask=m, other=0.0), axis=0)
+        g_tied = tl.sum(tl.load(src + 5, mask=m, other=0.0), axis=0)
+        z_tied = tl.sum(tl.load(src + 6, mask=m, other=0.0), axis=0)
+        num_keep = n - tl.floor(n * trim)
+        frac = (num_keep - num_below) / tl.maximum(num_tied, 1.0)
+        total = sum_below + frac * num_tied * tl.load(threshold_ptr + b)
+        big_g = g_below + frac * g_tied
+        big_z = z_below + frac * z_tied
+    else:
+        src = part_ptr + (b * C + cs) * 3
+        total = tl.sum(tl.load(src + 0, mask=m, other=0.0), axis=0)
+        big_g = tl.sum(tl.load(src + 1, mask=m, other=0.0), axis=0)
+        big_z = tl.sum(tl.load(src + 2, mask=m, other=0.0), axis=0)
+        num_keep = n
+        frac = n * 0.0 + 1.0
+    tl.store(loss_ptr + b, total / tl.maximum(num_keep, 1.0))
+    out = aux_ptr + b * AUX_FIELDS
+    tl.store(out + 0, num_keep)
+    tl.store(out + 1, big_g)
+    tl.store(out + 2, big_z)
+    tl.store(out + 3, frac)
+
+
+@triton.jit
+def _ssi_backward_kernel(
+    pred_ptr,
+    target_ptr,
+    valid_ptr,
+    img_ptr,
+    aux_ptr,
+    lossmap_ptr,
+    threshold_ptr,
+    grad_loss_ptr,
+    grad_a_ptr,
+    grad_b_ptr,
+    grad_pred_ptr,
+    HW,
+    ALIGN: tl.constexpr,
+    L1: tl.constexpr,
+    TRIMMED: tl.constexpr,
+    IMG_FIELDS: tl.constexpr,
+    AUX_FIELDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """d(loss_B, alignment outputs)/d pred in one elementwise pass (formulas in the module docstring)."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < HW
+    base = b.to(tl.int64) * HW
+    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    vf = v.to(tl.float32)
+    img = img_ptr + b * IMG_FIELDS
+    aux = aux_ptr + b * AUX_FIELDS
+    n = tl.load(img + 0)
+    n_safe = tl.maximum(n, 1.0)
+    c_loss = tl.load(grad_loss_ptr + b) / tl.maximum(tl.load(aux + 0), 1.0)
+    big_g = c_loss * tl.load(aux + 1)
+    big_z = c_loss * tl.load(aux + 2)
+    grad_a = tl.load(grad_a_ptr + b)
+    if ALIGN == 0:
+        mean_p = tl.load(img + 1)
+        mean_d = tl.load(img + 2)
+        var_p = tl.load(img + 3)
+        scale = tl.load(img + 4)
+        shift = tl.load(img + 5)
+        solved = 1.0 - tl.load(img + 6)
+        e = scale * p + shift - d
+    else:
+        med_p = tl.load(img + 1)
+        med_d = tl.load(img + 2)
+        unfloored = tl.load(img + 3)
+        s_p = tl.load(img + 4)
+        s_d = tl.load(img + 5)
+        e = (p - med_p) / s_p - (d - med_d) / s_d
+    if L1:
+        g = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))
+    else:
+        g = 2.0 * e
+    if TRIMMED:
+        loss = tl.load(lossmap_ptr + base + offs, mask=inb, other=0.0)
+        threshold = tl.load(threshold_ptr + b)
+        w = tl.where(loss < threshold, 1.0, tl.where(loss == threshold, tl.load(aux + 3), 0.0))
+        q = c_loss * w * g
+    else:
+        q = c_loss * g
+    if ALIGN == 0:
+        grad_b = tl.load(grad_b_ptr + b)
+        k_scale = solved * (big_z + grad_a - mean_p * grad_b) / tl.where(solved > 0, var_p, 1.0)
+        k_shift = solved * (scale / n_safe) * (big_g + grad_b)
+        grad = q * scale + ((d - mean_d) - 2.0 * scale * (p - mean_p)) * k_scale - k_shift
+    else:
+        sum_sgn = tl.load(img + 6)
+        num_tied = tl.maximum(tl.load(img + 7), 1.0)
+        k_s = (-big_z / s_p - grad_a / (s_p * s_p)) * unfloored
+        k_m = (-big_g / s_p - k_s * sum_sgn / n_safe) / num_tied
+        dp = p - med_p
+        sgn = tl.where(dp > 0, 1.0, tl.where(dp < 0, -1.0, 0.0))
+        grad = q / s_p + k_s * sgn / n_safe + tl.where(p == med_p, k_m, 0.0)
+    grad = grad * vf
+    tl.store(grad_pred_ptr + base + offs, grad.to(grad_pred_ptr.dtype.element_ty), mask=inb)
+
+
+def _loss_passes(p_BM, d_BM, v_BM, img_BF, *, align: int, l1: bool, trim: float):
+    """Loss pass(es) after the alignment: returns (loss_B, aux_BA, lossmap_BM or None, threshold_B or None)."""
+    num_images, hw = p_BM.shape
+    num_chunks = triton.cdiv(hw, BLOCK)
+    grid = (num_images, num_chunks)
+    device = p_BM.device
+    loss_B = torch.empty(num_images, dtype=torch.float32, device=device)
+    aux_BA = torch.empty((num_images, AUX_FIELDS), dtype=torch.float32, device=device)
+    trimmed = trim > 0
+    lossmap_BM = torch.empty((num_images, hw), dtype=torch.float32, device=device) if trimmed else None
+    threshold_B = None
+    if trimmed:
+        resolve(_ssi_pixel_kernel)[grid](
+            p_BM, d_BM, v_BM, img_BF, lossmap_BM, lossmap_BM, hw, num_chunks,
+            ALIGN=align, L1=l1, WRITE_MAP=True, IMG_FIELDS=IMG_FIELDS, BLOCK=BLOCK, num_warps=8,
+        )  # fmt: skip
+        threshold_B, _ = radix_select([lossmap_BM], v_BM, mode=MODE_KEEP, trim=trim)
+        part = torch.empty((num_images, num_chunks, 7), dtype=torch.float32, device=device)
+        resolve(_ssi_trimmed_kernel)[grid](
+            p_BM, d_BM, v_BM, img_BF, lossmap_BM, threshold_B, part, hw, num_chunks,
+            ALIGN=align, L1=l1, IMG_FIELDS=IMG_FIELDS, BLOCK=BLOCK, num_warps=8,
+        )  # fmt: skip
+    else:
+        part = torch.empty((num_images, num_chunks, 3), dtype=torch.float32, device=device)
+        resolve(_ssi_pixel_kernel)[grid](
+            p_BM, d_BM, v_BM, img_BF, part, part, hw, num_chunks,
+            ALIGN=align, L1=l1, WRITE_MAP=False, IMG_FIELDS=IMG_FIELDS, BLOCK=BLOCK, num_warps=8,
+        )  # fmt: skip
+    resolve(_ssi_finalize_kernel)[(num_images,)](
+        part, img_BF, threshold_B if trimmed else loss_B, aux_BA, loss_B, num_chunks, float(trim),
+        TRIMMED=trimmed, IMG_FIELDS=IMG_FIELDS, AUX_FIELDS=AUX_FIELDS, BLOCK_C=_reduce_block(num_chunks),
+    )  # fmt: skip
+    return loss_B, aux_BA, lossmap_BM, threshold_B
+
+
+def _backward(ctx, grad_loss_B, grad_a_B, grad_b_B):
+    p_BM, d_BM, v_BM, img_BF, aux_BA, lossmap_BM, threshold_B = ctx.saved_tensors
+    num_images, hw = p_BM.shape
+    grad_pred_BM = torch.empty_like(p_BM)
+    trimmed = ctx.trim > 0
+    grad_loss_B = zeros_like_grad(grad_loss_B, aux_BA[:, 0])
+    grad_a_B = zeros_like_grad(grad_a_B, aux_BA[:, 0])
+    grad_b_B = zeros_like_grad(grad_b_B, aux_BA[:, 0])
+    resolve(_ssi_backward_kernel)[(num_images, triton.cdiv(hw, BLOCK))](
+        p_BM, d_BM, v_BM, img_BF, aux_BA,
+        lossmap_BM if trimmed else p_BM, threshold_B if trimmed else grad_loss_B,
+        grad_loss_B, grad_a_B, grad_b_B, grad_pred_BM, hw,
+        ALIGN=ctx.align, L1=ctx.l1, TRIMMED=trimmed, IMG_FIELDS=IMG_FIELDS, AUX_FIELDS=AUX_FIELDS,
+        BLOCK=BLOCK, num_warps=8,
+    )  # fmt: skip
+    return grad_pred_BM.view(ctx.shape)
+
+
+class SSILsqFunction(torch.autograd.Function):
+    """Least-squares SSI loss, fused. Outputs (loss_B, scale_B, shift_B, num_valid_B); the first three carry
+    gradients to `pred`, the target and the mask get none."""
+
+    @staticmethod
+    def forward(ctx, pred_BHW, target_BHW, valid_BHW, metric, trim):
+        p_BM, d_BM, v_BM = flat_contiguous(pred_BHW), flat_contiguous(target_BHW), valid_bytes(valid_BHW)
+        num_images, hw = p_BM.shape
+        num_chunks = triton.cdiv(hw, BLOCK)
+        device = p_BM.device
+        part = torch.empty((num_images, num_chunks, 5), dtype=torch.float32, device=device)
+        resolve(_lsq_stats_kernel)[(num_images, num_chunks)](
+            p_BM, d_BM, v_BM, part, hw, num_chunks, BLOCK=BLOCK, num_warps=8
+        )
+        img_BF = torch.empty((num_images, IMG_FIELDS), dtype=torch.float32, device=device)
+        scale_B = torch.empty(num_images, dtype=torch.float32, device=device)
+        shift_B = torch.empty(num_images, dtype=torch.float32, device=device)
+        num_valid_B = torch.empty(num_images, dtype=torch.int32, device=device)
+        resolve(_lsq_solve_kernel)[(num_images,)](
+            part, img_BF, scale_B, shift_B, num_valid_B, num_chunks, reference.LSQ_REL_EPS,
+            IMG_FIELDS=IMG_FIELDS, BLOCK_C=_reduce_block(num_chunks),
+        )  # fmt: skip
+        l1 = metric == "l1"
+        loss_B, aux_BA, lossmap_BM, threshold_B = _loss_passes(
+            p_BM, d_BM, v_BM, img_BF, align=ALIGN_LSQ, l1=l1, trim=trim
+        )
+        ctx.save_for_backward(p_BM, d_BM, v_BM, img_BF, aux_BA, lossmap_BM, threshold_B)
+        ctx.align, ctx.l1, ctx.trim, ctx.shape = ALIGN_LSQ, l1, trim, pred_BHW.shape
+        ctx.mark_non_differentiable(num_valid_B)
+        ctx.set_materialize_grads(False)
+        return loss_B, scale_B, shift_B, num_valid_B
+
+    @staticmethod
+    def backward(ctx, grad_loss_B, grad_scale_B, grad_shift_B, _grad_num_valid):
+        return _backward(ctx, grad_loss_B, grad_scale_B, grad_shift_B), None, None, None, None
+
+
+class SSIMedianFunction(torch.autograd.Function):
+    """Median/MAD SSI loss, fused. Outputs (loss_B, pred_scale_B, target_scale_B, pred_median_B,
+    target_median_B, num_valid_B); only loss_B and pred_scale_B (= 1 / MAD(pred)) carry gradients."""
+
+    @staticmethod
+    def forward(ctx, pred_BHW, target_BHW, valid_BHW, metric, trim, eps):
+        p_BM, d_BM, v_BM = flat_contiguous(pred_BHW), flat_contiguous(target_BHW), valid_bytes(valid_BHW)
+        num_images, hw = p_BM.shape
+        num_chunks = triton.cdiv(hw, BLOCK)
+        device = p_BM.device
+        medians_R, num_valid_B = radix_select([p_BM, d_BM], v_BM, mode=MODE_MEDIAN)
+        part = torch.empty((num_images, num_chunks, 4), dtype=torch.float32, device=device)
+        resolve(_median_mad_kernel)[(num_images, num_chunks)](
+            p_BM, d_BM, v_BM, medians_R, part, hw, num_chunks, num_images, BLOCK=BLOCK, num_warps=8
+        )
+        img_BF = torch.empty((num_images, IMG_FIELDS), dtype=torch.float32, device=device)
+        pred_scale_B = torch.empty(num_images, dtype=torch.float32, device=device)
+        target_scale_B = torch.empty(num_images, dtype=torch.float32, device=device)
+        resolve(_median_norm_kernel)[(num_images,)](
+            part, medians_R, num_valid_B, img_BF, pred_scale_B, target_scale_B, num_chunks, num_images, float(eps),
+            IMG_FIELDS=IMG_FIELDS, BLOCK_C=_reduce_block(num_chunks),
+        )  # fmt: skip
+        l1 = metric == "l1"
+        loss_B, aux_BA, lossmap_BM, threshold_B = _loss_passes(
+            p_BM, d_BM, v_BM, img_BF, align=ALIGN_MEDIAN, l1=l1, trim=trim
+        )
+        ctx.save_for_backward(p_BM, d_BM, v_BM, img_BF, aux_BA, lossmap_BM, threshold_B)
+        ctx.align, ctx.l1, ctx.trim, ctx.shape = ALIGN_MEDIAN, l1, trim, pred_BHW.shape
+        pred_median_B, target_median_B = medians_R[:num_images], medians_R[num_images:]
+        ctx.mark_non_differentiable(target_scale_B, pred_median_B, target_median_B, num_valid_B)
+        ctx.set_materialize_grads(False)
+        return loss_B, pred_scale_B, target_scale_B, pred_median_B, target_median_B, num_valid_B
+
+    @staticmethod
+    def backward(ctx, grad_loss_B, grad_pred_scale_B, *_non_differentiable):
+        return _backward(ctx, grad_loss_B, grad_pred_scale_B, None), None, None, None, None, None
+
+
+class LsqSSIOutput(NamedTuple):
+    """Per-image results of `ssi_lsq` (fp32, except the int32 count)."""
+
+    loss_B: torch.Tensor
+    scale_B: torch.Tensor
+    shift_B: torch.Tensor
+    num_valid_B: torch.Tensor
+
+
+class MedianSSIOutput(NamedTuple):
+    """Per-image results of `ssi_median` (fp32, except the int32 count). Only loss_B and pred_scale_B have
+    gradients; the normalized residual is pred_scale * (pred - pred_median) - target_scale * (target - ...)."""
+
+    loss_B: torch.Tensor
+    pred_scale_B: torch.Tensor
+    target_scale_B: torch.Tensor
+    pred_median_B: torch.Tensor
+    target_median_B: torch.Tensor
+    num_valid_B: torch.Tensor
+
+
+def _check_options(op: str, metric: str, trim: float) -> None:
+    if metric not in ("mse", "l1"):
+        raise ValueError(f"{op}: metric={metric!r} is not 'mse' or 'l1'")
+    if not 0.0 <= trim < 1.0:
+        raise ValueError(f"{op}: trim={trim} must be in [0, 1)")
+
+
+def ssi_lsq(
+    pred_BHW: torch.Tensor,
+    target_BHW: torch.Tensor,
+    valid_BHW: torch.Tensor,
+    *,
+    metric: str = "mse",
+    trim: float = 0.0,
+    impl: str = "auto",
+) -> LsqSSIOutput:
+    """Least-squares scale-and-shift-invariant loss per image; spec: `reference.ssi_lsq_reference`.
+
+    Args:
+        pred_BHW: prediction (fp32/bf16/fp16).
+        target_BHW: target in the same space (no gradient).
+        valid_BHW: bool mask.
+        metric: "mse" (mean of r^2) or "l1" (mean of |r|).
+        trim: fraction of the largest per-pixel losses dropped per image (0 keeps all).
+        impl: "auto" | "triton" | "torch".
+    """
+    check_maps("ssi_lsq", pred_BHW, target_BHW, valid_BHW)
+    _check_options("ssi_lsq", metric, trim)
+    if use_triton("ssi_lsq", impl, pred_BHW, target_BHW, valid_BHW):
+        return LsqSSIOutput(*SSILsqFunction.apply(pred_BHW, target_BHW, valid_BHW, metric, float(trim)))
+    loss_B, scale_B, shift_B = reference.ssi_lsq_reference(pred_BHW, target_BHW, valid_BHW, metric=metric, trim=trim)
+    return LsqSSIOutput(loss_B, scale_B, shift_B, valid_BHW.sum(dim=(1, 2)).to(torch.int32))
+
+
+def ssi_median(
+    pred_BHW: torch.Tensor,
+    target_BHW: torch.Tensor,
+    valid_BHW: torch.Tensor,
+    *,
+    metric: str = "l1",
+    trim: float = 0.0,
+    eps: float = reference.MAD_EPS,
+    impl: str = "auto",
+) -> MedianSSIOutput:
+    """Median/MAD scale-and-shift-invariant loss per image; spec: `reference.ssi_median_reference`.
+
+    Args:
+        pred_BHW: prediction (fp32/bf16/fp16).
+        target_BHW: target in the same space (no gradient).
+        valid_BHW: bool mask.
+        metric: "l1" (Depth Anything) or "mse".
+        trim: fraction of the largest per-pixel losses dropped per image (Depth Anything V2 uses 0.1 on
+            pseudo-labels).
+        eps: floor of the mean absolute deviation.
+        impl: "auto" | "triton" | "torch".
+    """
+    check_maps("ssi_median", pred_BHW, target_BHW, valid_BHW)
+    _check_options("ssi_median", metric, trim)
+    if eps <= 0:
+        raise ValueError(f"ssi_median: eps={eps} must be > 0")
+    if use_triton("ssi_median", impl, pred_BHW, target_BHW, valid_BHW):
+        outputs = SSIMedianFunction.apply(pred_BHW, target_BHW, valid_BHW, metric, float(trim), float(eps))
+        return MedianSSIOutput(*outputs)
+    outputs = reference.ssi_median_reference(pred_BHW, target_BHW, valid_BHW, metric=metric, trim=trim, eps=eps)
+    return MedianSSIOutput(*outputs, valid_BHW.sum(dim=(1, 2)).to(torch.int32))

@@ -1,0 +1,95 @@
+"""The dispatch rule shared by every op: impl="auto" | "triton" | "torch"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import depthkit_kernels as dk
+from depthkit_kernels import _common
+
+
+def _maps():
+    pred_BHW = torch.randn(2, 5, 7)
+    return pred_BHW, pred_BHW + 1.0, torch.ones(2, 5, 7, dtype=torch.bool)
+
+
+CALLS = {
+    "ssi_lsq": lambda impl: dk.ssi_lsq(*_maps(), impl=impl),
+    "ssi_median": lambda impl: dk.ssi_median(*_maps(), impl=impl),
+    "gradient_matching": lambda impl: dk.gradient_matching(*_maps(), impl=impl),
+    "feature_alignment": lambda impl: dk.feature_alignment(torch.randn(2, 3, 4), torch.randn(2, 3, 4), impl=impl),
+    "masked_median": lambda impl: dk.masked_median(_maps()[0], _maps()[2], impl=impl),
+}
+
+
+@pytest.mark.parametrize("op", CALLS)
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch, op):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        CALLS[op]("triton")
+
+
+@pytest.mark.parametrize("op", CALLS)
+def test_unknown_impl_raises(op):
+    with pytest.raises(ValueError, match="impl"):
+        CALLS[op]("cuda")
+
+
+@pytest.mark.parametrize("op", CALLS)
+def test_auto_on_cpu_uses_the_reference(monkeypatch, op):
+    """Even with the interpreter on, "auto" never picks Triton for CPU tensors."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("auto picked Triton on CPU")
+
+    for fn in (dk.SSILsqFunction, dk.SSIMedianFunction, dk.GradientMatchingFunction, dk.FeatureAlignmentFunction):
+        monkeypatch.setattr(fn, "apply", fail)
+    monkeypatch.setattr("depthkit_kernels.radix_select", fail)
+    CALLS[op]("auto")
+
+
+def test_use_triton_rules(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not _common.use_triton("op", "torch", x)
+    assert not _common.use_triton("op", "auto", x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _common.use_triton("op", "triton", x)
+    assert not _common.use_triton("op", "auto", x)
+
+
+def test_kernels_follow_the_environment_at_call_time(monkeypatch):
+    """A kernel imported in one mode is re-wrapped for the mode TRITON_INTERPRET asks for when it is launched."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from depthkit_kernels.ssi import _lsq_stats_kernel
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert isinstance(_common.resolve(_lsq_stats_kernel), InterpretedFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not isinstance(_common.resolve(_lsq_stats_kernel), InterpretedFunction)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda p, t, v: (p[0], t[0], v[0]),  # not B x H x W
+        lambda p, t, v: (p, t[:, :-1], v),  # shape mismatch
+        lambda p, t, v: (p, t, v.float()),  # float mask
+        lambda p, t, v: (p.double(), t, v),  # float64
+    ],
+)
+def test_bad_inputs_raise(bad):
+    with pytest.raises(ValueError):
+        dk.ssi_lsq(*bad(*_maps()), impl="torch")
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="metric"):
+        dk.ssi_lsq(*_maps(), metric="huber")
+    with pytest.raises(ValueError, match="trim"):
+        dk.ssi_median(*_maps(), trim=1.0)
+    with pytest.raises(ValueError, match="num_scales"):
+        dk.gradient_matching(*_maps(), num_scales=0)

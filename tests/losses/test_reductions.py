@@ -1,0 +1,67 @@
+"""Per image, then the mean over images with valid pixels; all-invalid batches give a zero with a gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from depthkit.losses import (
+    DepthLoss,
+    feature_alignment_loss,
+    gradient_matching_loss,
+    preset,
+    silog_loss,
+    ssi_lsq_loss,
+    ssi_median_loss,
+    ssi_trimmed_loss,
+)
+
+MAP_LOSSES = {
+    "ssi_lsq": ssi_lsq_loss,
+    "ssi_median": ssi_median_loss,
+    "ssi_trimmed": ssi_trimmed_loss,
+    "gradient_matching": gradient_matching_loss,
+    "dav2_pseudo": lambda p, t, v, impl: DepthLoss(preset("dav2_pseudo", impl=impl))(p, t, v),
+}
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("name", MAP_LOSSES)
+def test_all_invalid_batch_gives_zero_with_gradient(request, device, impl, name):
+    if impl == "triton":
+        request.getfixturevalue("triton_device")  # skips when Triton cannot run here
+    pred_BHW = torch.rand(2, 5, 7, device=device, requires_grad=True)
+    target_BHW = torch.full((2, 5, 7), float("nan"), device=device)
+    valid_BHW = torch.zeros(2, 5, 7, dtype=torch.bool, device=device)
+    out = MAP_LOSSES[name](pred_BHW, target_BHW, valid_BHW, impl=impl)
+    loss = out["loss"]
+    assert isinstance(loss, torch.Tensor) and loss.dtype == torch.float32 and loss.dim() == 0
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(pred_BHW.grad, torch.zeros_like(pred_BHW))
+
+
+def test_silog_and_features_all_invalid():
+    pred_BHW = torch.rand(2, 3, 3, requires_grad=True)
+    out = silog_loss(pred_BHW, torch.zeros(2, 3, 3), torch.ones(2, 3, 3, dtype=torch.bool))  # targets <= 0
+    assert out["loss"].item() == 0.0 and out["loss"].requires_grad
+    out["loss"].backward()
+    student_BND = torch.randn(2, 4, 6, requires_grad=True)
+    out = feature_alignment_loss(student_BND, student_BND.detach() * 2.0)  # everything above tolerance
+    assert out["loss"].item() == 0.0 and out["loss"].requires_grad
+    out["loss"].backward()
+
+
+@pytest.mark.parametrize("name", ["ssi_lsq", "ssi_median", "gradient_matching"])
+def test_mean_is_over_images_with_valid_pixels(name):
+    g = torch.Generator().manual_seed(0)
+    pred_BHW, target_BHW = torch.rand(3, 6, 5, generator=g), torch.rand(3, 6, 5, generator=g)
+    valid_BHW = torch.rand(3, 6, 5, generator=g) > 0.3
+    valid_BHW[1] = False
+    out = MAP_LOSSES[name](pred_BHW, target_BHW, valid_BHW, impl="torch")
+    per_image = [MAP_LOSSES[name](pred_BHW[i : i + 1], target_BHW[i : i + 1], valid_BHW[i : i + 1], impl="torch")
+                 for i in (0, 2)]  # fmt: skip
+    expected = (per_image[0]["loss"] + per_image[1]["loss"]) / 2
+    torch.testing.assert_close(out["loss"], expected)
+    assert out["loss_per_image"][1].item() == 0.0
+    assert out["num_valid"].tolist() == valid_BHW.sum(dim=(1, 2)).tolist()

@@ -1,0 +1,343 @@
+"""Pseudo-labeling: labels, provenance, failed images, TTA, resume after SIGKILL, ranks, teacher mixing, errors."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import depthkit
+from depthkit.cli import main
+from depthkit.data.shards import decode_sample, iter_tar_samples, shard_paths
+from depthkit.data.stream import ShardStream
+from depthkit.models import create_model
+from depthkit.models.preprocess import official_resize_hw, resize_image
+from depthkit.pseudo_label import PseudoLabelConfig, decode_confidence, read_index, resolve_launch, run_pseudo_label
+
+RESOLUTION = 28  # network inputs of 28 x 42 and so on: milliseconds per image with the tiny model
+
+
+def _config(inputs, out, ckpt, **kw) -> PseudoLabelConfig:
+    base = dict(
+        inputs=tuple(map(str, inputs)) if isinstance(inputs, list) else (str(inputs),),
+        output=str(out),
+        model="test_dav2",
+        checkpoint=str(ckpt),
+        resolution=RESOLUTION,
+        batch_size=3,
+        num_workers=0,
+        device="cpu",
+        progress=False,
+    )
+    return PseudoLabelConfig(**{**base, **kw})
+
+
+def _labels(out) -> dict[str, list[dict]]:
+    """Every output shard's raw samples, by shard name, in file order."""
+    return {Path(p).name: list(iter_tar_samples(p)) for p in shard_paths(str(out))}
+
+
+def _images(inputs) -> dict[str, np.ndarray]:
+    images = {}
+    for path in shard_paths(str(inputs)):
+        for raw in iter_tar_samples(path):
+            try:
+                images[raw["__key__"]] = decode_sample(raw)["image"]
+            except ValueError:
+                pass
+    return images
+
+
+def _teacher(ckpt):
+    return create_model("test_dav2", checkpoint_path=ckpt).eval()
+
+
+def test_labels_match_single_image_inference_with_provenance(mixed, teacher_ckpt, tmp_path):
+    summary = run_pseudo_label(_config(mixed, tmp_path / "out", teacher_ckpt))
+    assert (summary.num_labeled, summary.num_failed, summary.num_shards_labeled) == (7, 1, 2)
+    model, images = _teacher(teacher_ckpt), _images(mixed)
+    labels = _labels(tmp_path / "out")
+    assert list(labels) == ["mixed-000000.tar", "mixed-000001.tar"]
+    keys = [raw["__key__"] for raws in labels.values() for raw in raws]
+    assert keys == [f"img{i:02d}" for i in range(8) if i != 5]  # input order, the bad image left out
+    sha256 = __import__("hashlib").sha256(Path(teacher_ckpt).read_bytes()).hexdigest()
+    expected = {key: model.infer(images[key], input_size=RESOLUTION).values for key in keys}
+    for raw in (r for raws in labels.values() for r in raws):
+        sample = decode_sample(raw, kind="pseudo")
+        assert set(raw) == {"__key__", "__url__", "json", "target.npz"}
+        torch.testing.assert_close(sample["target"], expected[raw["__key__"]], rtol=1e-5, atol=1e-6)
+        assert sample["valid"].all()
+        meta = sample["meta"]
+        assert (meta["kind"], meta["output_space"], meta["target_encoding"]) == ("pseudo", "affine_disparity", "npz")
+        assert (meta["source"], meta["licence"]) == ("test", "cc0")
+        prov = meta["provenance"]
+        assert prov["teacher_sha256"] == sha256 and prov["model"] == "test_dav2"
+        assert (prov["resolution"], prov["tta"], prov["precision"]) == (RESOLUTION, "none", "fp32")
+        assert prov["depthkit_version"] == depthkit.__version__ and prov["time"].endswith("Z")
+        assert prov["checkpoint_file"] == "teacher.pth"
+    index = read_index(tmp_path / "out")
+    assert index["complete"] and index["shards"] == {"mixed-000000.tar": 4, "mixed-000001.tar": 3}
+    assert list(index["failed"]["mixed-000001.tar"]) == ["img05"]
+    assert "cannot decode image" in index["failed"]["mixed-000001.tar"]["img05"]
+    assert index["teacher"]["teacher_sha256"] == sha256 and index["teacher"]["resolution"] == RESOLUTION
+
+    # The student's pipeline reads the labels back, paired with their images by key (the bad image skipped).
+    stream = ShardStream(str(mixed), kind="pseudo", labels=str(tmp_path / "out"), batch_size=1, drop_last=False)
+    seen = []
+    for batch in stream:
+        key = batch["key"][0]
+        seen.append(key)
+        assert batch["target"].shape[1:] == batch["image"].shape[2:]
+        assert batch["meta"][0]["pseudo"]["provenance"]["teacher_sha256"] == sha256
+        torch.testing.assert_close(batch["target"][0].numpy(), expected[key], rtol=1e-5, atol=1e-6)
+    assert seen == keys
+
+
+def test_truncated_shard_and_early_batches(mixed, teacher_ckpt, tmp_path, monkeypatch):
+    """A tar cut off mid-member keeps what was readable and records the rest; running every bucket early (the
+    memory bound at its extreme) changes no label and no order."""
+    import shutil
+    import tarfile
+
+    from depthkit.pseudo_label import job
+
+    monkeypatch.setattr(job._Labeler, "MAX_WAITING_BATCHES", 0)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(mixed / "mixed-000000.tar", inputs)
+    with tarfile.open(mixed / "mixed-000001.tar") as tar:
+        member = tar.getmember("img06.png")
+    data = (mixed / "mixed-000001.tar").read_bytes()
+    (inputs / "mixed-000001.tar").write_bytes(data[: member.offset_data + member.size // 2])
+    summary = run_pseudo_label(_config(inputs, tmp_path / "out", teacher_ckpt))
+    assert (summary.num_labeled, summary.num_failed) == (5, 1)
+    index = read_index(tmp_path / "out")
+    assert index["shards"] == {"mixed-000000.tar": 4, "mixed-000001.tar": 1}
+    failed = index["failed"]["mixed-000001.tar"]
+    assert sorted(failed) == ["*", "img05"] and "corrupt or unreadable tar after key img06" in failed["*"]
+    model, images = _teacher(teacher_ckpt), _images(mixed)
+    labels = [r for raws in _labels(tmp_path / "out").values() for r in raws]
+    assert [r["__key__"] for r in labels] == ["img00", "img01", "img02", "img03", "img04"]
+    for raw in labels:
+        expected = model.infer(images[raw["__key__"]], input_size=RESOLUTION).values
+        torch.testing.assert_close(decode_sample(raw)["target"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_flip_tta_is_the_flip_average_and_gives_a_confidence(unlabeled, teacher_ckpt, tmp_path):
+    first_two = [str(p) for p in shard_paths(str(unlabeled))[:2]]
+    run_pseudo_label(_config(first_two, tmp_path / "tta", teacher_ckpt, tta="hflip", confidence=True))
+    model, images = _teacher(teacher_ckpt), _images(unlabeled)
+    for raws in _labels(tmp_path / "tta").values():
+        for raw in raws:
+            sample = decode_sample(raw, kind="pseudo")
+            image_HW3 = images[raw["__key__"]]
+            size_hw = official_resize_hw(*image_HW3.shape[:2], RESOLUTION, 14)
+            x_13hw = model.normalize(resize_image(torch.tensor(image_HW3).permute(2, 0, 1) / 255.0, size_hw)[None])
+            with torch.inference_mode():
+                a_hw, b_hw = model(x_13hw)[0], model(x_13hw.flip(-1))[0].flip(-1)
+            expected = torch.nn.functional.interpolate(
+                ((a_hw + b_hw) / 2)[None, None], size=image_HW3.shape[:2], mode="bilinear", align_corners=True
+            )[0, 0]
+            torch.testing.assert_close(torch.from_numpy(sample["target"]), expected, rtol=1e-5, atol=1e-6)
+            plain = model.infer(image_HW3, input_size=RESOLUTION).values
+            assert np.abs(sample["target"] - plain).max() > 1e-4, "TTA output equals the plain output"
+            conf = decode_confidence(raw["confidence.png"])
+            assert conf.shape == image_HW3.shape[:2] and conf.min() >= 0 and conf.max() <= 1
+            assert sample["meta"]["provenance"]["tta"] == "hflip"
+
+
+def test_png16_encoding_stores_the_rounded_prediction_exactly(unlabeled, teacher_ckpt, tmp_path):
+    from depthkit.pseudo_label.job import quantize_png16
+
+    first_two = [str(p) for p in shard_paths(str(unlabeled))[:2]]
+    run_pseudo_label(_config(first_two, tmp_path / "out", teacher_ckpt, encoding="png16"))
+    model, images = _teacher(teacher_ckpt), _images(unlabeled)
+    for raws in _labels(tmp_path / "out").values():
+        for raw in raws:
+            assert set(raw) == {"__key__", "__url__", "json", "target.png"}
+            sample = decode_sample(raw, kind="pseudo")
+            assert sample["meta"]["target_encoding"] == "png16" and sample["meta"]["provenance"]["encoding"] == "png16"
+            plain = model.infer(images[raw["__key__"]], input_size=RESOLUTION).values
+            step = float(plain.max()) / 65535
+            assert np.abs(sample["target"] - plain).max() <= 0.51 * step + 1e-6
+            quantized, scale = quantize_png16(plain)
+            assert scale == pytest.approx(step, rel=1e-5) and np.abs(sample["target"] - quantized).max() <= 1.01 * step
+    # On its own grid the encoding is exact: what is written is what is read.
+    from depthkit.pseudo_label.job import encode_label
+
+    pred = np.random.default_rng(0).random((7, 9), dtype=np.float32) * 3
+    pred[0, 0] = 0.0
+    quantized, _ = quantize_png16(pred)
+    members = encode_label("k", pred, None, {"kind": "pseudo", "output_space": "affine_disparity"}, encoding="png16")
+    raw = {"__key__": "k", "__url__": "mem", **{name.split(".", 1)[1]: data for name, data in members.items()}}
+    decoded = decode_sample(raw, kind="pseudo")
+    np.testing.assert_array_equal(decoded["target"], quantized)
+    assert decoded["valid"].all() and quantized[0, 0] > 0
+
+
+def _run_cli(argv: list[str]) -> None:
+    torch.set_num_threads(1)  # the same in every child: identical floating-point work
+    sys.exit(main(argv))
+
+
+def _child(argv: list[str]) -> multiprocessing.Process:
+    process = multiprocessing.get_context("fork").Process(target=_run_cli, args=(argv,))
+    process.start()
+    return process
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(unlabeled, teacher_ckpt, tmp_path):
+    def argv(out):
+        return ["pseudo-label", "--model", "test_dav2", "--checkpoint", str(teacher_ckpt), "--input", str(unlabeled),
+                "--output", str(out), "--resolution", str(RESOLUTION), "--batch-size", "2", "--num-workers", "0",
+                "--device", "cpu", "--no-progress"]  # fmt: skip
+
+    reference = _child(argv(tmp_path / "ref"))
+    killed = _child(argv(tmp_path / "killed"))
+    index_path = tmp_path / "killed" / "index.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and killed.is_alive():
+        try:
+            if json.loads(index_path.read_text())["shards"]:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.join()
+    reference.join()
+    assert reference.exitcode == 0 and killed.exitcode == -signal.SIGKILL
+    num_done = len(read_index(tmp_path / "killed")["shards"])
+    assert 1 <= num_done < 6, f"the kill should land mid-run, but {num_done} of 6 shards were finished"
+
+    rerun = _child(argv(tmp_path / "killed"))
+    rerun.join()
+    assert rerun.exitcode == 0
+    index = read_index(tmp_path / "killed")
+    assert index["complete"] and index["num_samples"] == 12
+    assert not list((tmp_path / "killed").glob("*.tmp"))
+    got, want = _labels(tmp_path / "killed"), _labels(tmp_path / "ref")
+    assert list(got) == list(want)
+    keys = Counter(raw["__key__"] for raws in got.values() for raw in raws)
+    assert set(keys) == set(_images(unlabeled)) and set(keys.values()) == {1}  # every key exactly once
+    for name in want:
+        assert [r["__key__"] for r in got[name]] == [r["__key__"] for r in want[name]]
+        for a, b in zip(got[name], want[name], strict=True):
+            sa, sb = decode_sample(a), decode_sample(b)
+            np.testing.assert_array_equal(sa["target"], sb["target"])  # bit-identical labels
+            sa["meta"]["provenance"].pop("time"), sb["meta"]["provenance"].pop("time")
+            assert sa["meta"] == sb["meta"]
+
+
+def test_rerun_skips_finished_and_redoes_unfinished_shards(unlabeled, teacher_ckpt, tmp_path):
+    config = _config(unlabeled, tmp_path / "out", teacher_ckpt)
+    run_pseudo_label(config)
+    before = _labels(tmp_path / "out")
+    # A kill between the rename and the record leaves a tar without a record; a kill mid-shard leaves a .tmp.
+    (tmp_path / "out" / "records" / "synth-000001.tar.json").unlink()
+    (tmp_path / "out" / "synth-000003.tar").rename(tmp_path / "out" / "synth-000003.tar.tmp")
+    (tmp_path / "out" / "records" / "synth-000003.tar.json").unlink()
+    assert read_index(tmp_path / "out")["complete"]  # the stale index is rebuilt from the records on the rerun
+    summary = run_pseudo_label(config)
+    assert (summary.num_shards_labeled, summary.num_shards_skipped) == (2, 4)
+    assert (summary.num_labeled, summary.num_skipped) == (4, 8)
+    after = _labels(tmp_path / "out")
+    for name, raws in before.items():
+        for a, b in zip(raws, after[name], strict=True):
+            np.testing.assert_array_equal(decode_sample(a)["target"], decode_sample(b)["target"])
+    assert read_index(tmp_path / "out")["complete"] and not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_two_processes_split_the_shards_without_overlap_or_gap(unlabeled, teacher_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["pseudo-label", "--model", "test_dav2", "--checkpoint", str(teacher_ckpt), "--input", str(unlabeled),
+            "--output", str(out), "--resolution", str(RESOLUTION), "--devices", "2", "--device", "cpu",
+            "--num-workers", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "labeled 12 image(s) in 6 shard(s)" in capsys.readouterr().out
+    index = read_index(out)
+    names = [Path(p).name for p in shard_paths(str(unlabeled))]
+    assert index["complete"] and sorted(index["records"]) == names
+    assert {name: index["records"][name]["rank"] for name in names} == {n: i % 2 for i, n in enumerate(names)}
+    keys = Counter(raw["__key__"] for raws in _labels(out).values() for raw in raws)
+    assert set(keys) == set(_images(unlabeled)) and set(keys.values()) == {1}
+
+
+def test_a_different_teacher_or_setting_is_refused_unless_allowed(
+    unlabeled, teacher_ckpt, other_teacher_ckpt, tmp_path
+):
+    first_two = [str(p) for p in shard_paths(str(unlabeled))[:2]]
+    run_pseudo_label(_config(first_two, tmp_path / "out", teacher_ckpt))
+    with pytest.raises(ValueError, match="different teacher.*teacher_sha256.*--allow-mixed-teachers"):
+        run_pseudo_label(_config(unlabeled, tmp_path / "out", other_teacher_ckpt))
+    with pytest.raises(ValueError, match="resolution: 28 -> 42"):
+        run_pseudo_label(_config(unlabeled, tmp_path / "out", teacher_ckpt, resolution=42))
+    assert len(read_index(tmp_path / "out")["shards"]) == 2  # nothing was written by the refused runs
+    summary = run_pseudo_label(_config(unlabeled, tmp_path / "out", other_teacher_ckpt, allow_mixed_teachers=True))
+    assert (summary.num_shards_labeled, summary.num_shards_skipped) == (4, 2)
+    index = read_index(tmp_path / "out")
+    assert index["complete"] and index["teacher"] == "mixed" and len(index["teachers"]) == 2
+
+
+def test_start_errors_are_clear_and_come_before_any_work(unlabeled, teacher_ckpt, v1_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="shard not found: .*nope-000009.tar"):
+        run_pseudo_label(_config(unlabeled / "nope-000009.tar", out, teacher_ckpt))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is no checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth does not load"):
+        run_pseudo_label(_config(unlabeled, out, garbage))
+    with pytest.raises(ValueError, match="does not match the model"):
+        run_pseudo_label(_config(unlabeled, out, v1_ckpt))  # a test_dav1 checkpoint for test_dav2
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint not found"):
+        run_pseudo_label(_config(unlabeled, out, tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="would overwrite the input shard"):
+        run_pseudo_label(_config(unlabeled, unlabeled, teacher_ckpt))
+    assert not out.exists()
+    argv = ["pseudo-label", "--checkpoint", str(garbage), "--model", "test_dav2", "--input", str(unlabeled),
+            "--output", str(out), "--device", "cpu", "--devices", "2"]  # fmt: skip
+    assert main(argv) == 1  # checked by the launcher before it spawns anything
+    assert "depthkit pseudo-label: error:" in capsys.readouterr().err and not out.exists()
+    assert main(argv[:-4] + ["--confidence"]) == 1
+    assert "--confidence comes from the flip pass" in capsys.readouterr().err
+
+
+def test_launch_topology(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "NODE_RANK", "GROUP_RANK",
+                 "SLURM_NODEID"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    assert resolve_launch().mode == "run" and resolve_launch().world_size == 1
+    spawn = resolve_launch(devices=4)
+    assert (spawn.mode, spawn.world_size, spawn.devices) == ("spawn", 4, 4)
+    with pytest.raises(ValueError, match="node's rank is unknown"):
+        resolve_launch(devices=2, num_nodes=2)
+    node = resolve_launch(devices=2, num_nodes=3, node_rank=2)
+    assert (node.mode, node.world_size, node.node_rank) == ("spawn", 6, 2)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    slurm = resolve_launch(devices=4, num_nodes=2)
+    assert (slurm.mode, slurm.rank, slurm.world_size, slurm.local_rank) == ("run", 5, 8, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    torchrun = resolve_launch()
+    assert (torchrun.mode, torchrun.rank, torchrun.world_size, torchrun.local_rank) == ("run", 3, 4, 3)
+    with pytest.raises(ValueError, match="the launcher started 4 process"):
+        resolve_launch(devices=8)
+
+
+def test_command_module_imports_no_torch():
+    code = "import sys, depthkit.pseudo_label.commands; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Multi-node training under SLURM: one task per GPU; Lightning reads SLURM's environment (no code changes).
+#   sbatch --nodes 4 tools/slurm_train.sh recipes/dav2_student_vitl.yaml
+#SBATCH --job-name=depthkit
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=72:00:00
+#SBATCH --signal=SIGUSR1@120
+#SBATCH --requeue
+# SIGUSR1 two minutes before the time limit: depthkit's Preemption callback saves `preempted.ckpt` and stops;
+# the requeued job resumes from it (model, optimizer, scheduler, step and data position).
+set -euo pipefail
+RECIPE=${1:?usage: sbatch tools/slurm_train.sh RECIPE.yaml [TRAINER.yaml]}
+TRAINER=${2:-configs/trainer/gpu_ddp.yaml}
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
+RESUME=()
+if [ -f "$RUN_DIR/preempted.ckpt" ]; then RESUME=(--ckpt_path "$RUN_DIR/preempted.ckpt"); fi
+srun depthkit fit --trainer "$TRAINER" --config "$RECIPE" \
+  --trainer.num_nodes "$SLURM_NNODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
+  --trainer.default_root_dir "$RUN_DIR" "${RESUME[@]}"
