@@ -246,6 +246,19 @@ def test_wandb_offline_run_holds_metrics_and_panels(tiny_data, tmp_path, monkeyp
     assert panels, f"no image panels in {run_dir}"
 
 
+def _teacher_args(tiny_data, tmp_path, *extra: str) -> list[str]:
+    recipe = ["--config", str(REPO / "recipes/tiny_teacher.yaml"), "--data.labeled", str(tiny_data / "labeled")]
+    return [
+        "fit",
+        "--trainer",
+        str(REPO / "configs/trainer/cpu.yaml"),
+        *recipe,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        *extra,
+    ]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -255,45 +268,16 @@ def test_wandb_offline_run_holds_metrics_and_panels(tiny_data, tmp_path, monkeyp
     ],
 )
 def test_bad_config_fails_before_training(override, message, tiny_data, tmp_path, capsys):
-    args = [
-        "fit",
-        "--trainer",
-        str(REPO / "configs/trainer/cpu.yaml"),
-        "--config",
-        str(REPO / "recipes/tiny_teacher.yaml"),
-        "--data.labeled",
-        str(tiny_data / "labeled"),
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        *override,
-    ]
-    assert main(args) == 1
+    assert main(_teacher_args(tiny_data, tmp_path, *override)) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
 def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path, capsys):
-    from depthkit.models import create_model, save_checkpoint
-
-    other = tmp_path / "metric.pth"
-    save_checkpoint(create_model("test_dav2_metric"), other, layout="depthkit")
-    big = tmp_path / "other.pth"
-    torch.save({"encoder.blocks.99.attn.qkv.weight": torch.zeros(1)}, big)
-    args = [
-        "fit",
-        "--trainer",
-        str(REPO / "configs/trainer/cpu.yaml"),
-        "--config",
-        str(REPO / "recipes/tiny_teacher.yaml"),
-        "--data.labeled",
-        str(tiny_data / "labeled"),
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--model.init_args.checkpoint_path",
-        str(big),
-    ]
-    assert main(args) == 1
+    other = tmp_path / "other.pth"
+    torch.save({"encoder.blocks.99.attn.qkv.weight": torch.zeros(1)}, other)
+    assert main(_teacher_args(tiny_data, tmp_path, "--model.init_args.checkpoint_path", str(other))) == 1
     assert "blocks.99" in capsys.readouterr().err
 
 
