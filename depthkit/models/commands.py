@@ -21,7 +21,13 @@ def register(subparsers) -> None:
         "reported and skipped.",
     )
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
-    predict.add_argument("--model", required=True, help="registered model name, e.g. dav2_vits")
+    predict.add_argument("--model", help="registered model name, e.g. dav2_vits (required unless --onnx)")
+    predict.add_argument(
+        "--onnx",
+        metavar="PATH",
+        help="run this `depthkit export onnx` graph with ONNX Runtime instead of torch (no torch imported; the model "
+        "name and normalization come from the graph)",
+    )
     predict.add_argument("--checkpoint", help="weights: official .pth, depthkit .pth/.safetensors or a HF folder")
     predict.add_argument(
         "--random-weights", action="store_true", help="no weights at all (seeded random init; for smoke tests)"
@@ -42,6 +48,16 @@ def register(subparsers) -> None:
 
 def _build_predictor(args: argparse.Namespace):
     """A function from a list of uint8 RGB images to `Prediction`s (an ONNX backend would plug in here)."""
+    if args.onnx:  # ONNX Runtime: no torch in the process (depthkit.export.runtime)
+        from depthkit.export.runtime import build_predictor
+
+        if args.checkpoint or args.random_weights:
+            raise ValueError("--onnx holds its own weights; it excludes --checkpoint and --random-weights")
+        return build_predictor(
+            args.onnx, model=args.model, input_size=args.input_size, batch_size=args.batch_size, device=args.device
+        )
+    if not args.model:
+        raise ValueError("--model NAME is required (or --onnx PATH)")
     import torch
 
     from depthkit.models import create_model
