@@ -1,0 +1,188 @@
+"""ONNX export: dynamic sizes, verification, metadata, padding of non-multiples, fp16, atomic writes, the command."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from export_helpers import EXPORT_SIZE, VERIFY_SIZES, tiny_model
+
+from depthkit.cli import main
+from depthkit.export import TOLERANCES, OnnxDepthModel, VerificationError, export_onnx, load_model
+from depthkit.export.exporter import PaddedDepthModel, graph_meta, parse_dynamic, parse_size, traceable_pos_embed
+from depthkit.export.metadata import from_props, to_props
+from depthkit.models import create_model
+
+
+def _torch(model, image_BCHW: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return PaddedDepthModel(model)(torch.from_numpy(image_BCHW)).numpy()
+
+
+def test_export_verifies_at_several_sizes_and_aspect_ratios(exported):
+    report = exported.verification
+    assert report.passed and report.precision == "fp32" and report.tolerance == TOLERANCES["fp32"]
+    shapes = {case.shape[2:] for case in report.cases}
+    assert shapes == set(VERIFY_SIZES)
+    assert {case.source.split()[0] for case in report.cases} == {"random", "image"}
+    assert all(case.scale > 0.1 for case in report.cases), "the tiny model's output should vary"
+    assert report.max_rel < 1e-5  # far inside the tolerance: only float rounding differs
+    text = report.format()
+    assert "verification passed" in text and "max rel err" in text
+
+
+def test_graph_is_dynamic_in_batch_height_and_width(exported, model):
+    graph = onnx.load(str(exported.path))
+    onnx.checker.check_model(graph, full_check=True)
+    dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    assert graph.graph.output[0].name == model.meta.output_space
+    session = OnnxDepthModel(exported.path)
+    rng = np.random.default_rng(0)
+    for size in [(28, 126), (14, 14), (140, 98), (84, 56)]:  # none of them the export size 56 x 84
+        image_BCHW = rng.standard_normal((3, 3, *size)).astype(np.float32)
+        got = session(image_BCHW)
+        assert got.shape == (3, *size)
+        np.testing.assert_allclose(got, _torch(model, image_BCHW), rtol=0, atol=1e-5)
+
+
+def test_position_embedding_resize_matches_dinov2_at_every_grid():
+    encoder = create_model("test_dav2").encoder  # 5 x 5 stored grid
+    with torch.no_grad():
+        encoder.pos_embed.normal_()
+    for grid_hw in [(5, 5), (1, 1), (3, 8), (8, 3), (5, 7), (7, 5), (37, 20), (2, 2)]:
+        torch.testing.assert_close(
+            traceable_pos_embed(encoder, *grid_hw), encoder.interpolate_pos_embed(*grid_hw), rtol=0, atol=1e-5
+        )
+    no_offset = create_model("test_dav2", interpolate_offset=0.0).encoder  # the transformers variant
+    for grid_hw in [(3, 8), (5, 5), (6, 6)]:
+        torch.testing.assert_close(
+            traceable_pos_embed(no_offset, *grid_hw), no_offset.interpolate_pos_embed(*grid_hw), rtol=0, atol=1e-5
+        )
+
+
+def test_non_multiple_sizes_are_zero_padded_and_cropped(exported, model):
+    session = OnnxDepthModel(exported.path)
+    image_BCHW = np.random.default_rng(1).standard_normal((1, 3, 45, 61)).astype(np.float32)
+    got = session(image_BCHW)
+    assert got.shape == (1, 45, 61)
+    padded = F.pad(torch.from_numpy(image_BCHW), (0, 70 - 61, 0, 56 - 45))  # to 56 x 70, zeros = the mean colour
+    with torch.no_grad():
+        expected = model(padded)[:, :45, :61].numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):  # the torch model itself refuses
+        model(torch.from_numpy(image_BCHW))
+    assert [v % 14 for v in session.network_size(45, 61, input_size=30)] == [0, 0]  # `infer` resizes: no padding
+
+
+def test_metadata_round_trip(exported, model):
+    props = {p.key: p.value for p in onnx.load(str(exported.path)).metadata_props}
+    meta = from_props(props)
+    assert meta == exported.meta == OnnxDepthModel(exported.path).meta
+    assert meta.name == "test_dav2" and meta.output_space == model.meta.output_space
+    assert (meta.patch_size, meta.mean, meta.std, meta.max_depth) == (14, model.meta.mean, model.meta.std, None)
+    assert meta.dynamic_axes == ("batch", "height", "width") and meta.input_size_hw == EXPORT_SIZE
+    import depthkit
+
+    assert props["depthkit_version"] == depthkit.__version__
+    metric = graph_meta(create_model("test_dav2_metric"), precision="fp16", dynamic=("batch",), size_hw=(70, 70))
+    assert from_props(to_props(metric)) == metric and metric.max_depth == 20.0
+    with pytest.raises(ValueError, match="not a depthkit ONNX export"):
+        from_props({"model_name": "x"})
+    with pytest.raises(ValueError, match="format '9'"):
+        from_props({**to_props(metric), "depthkit_onnx_format": "9"})
+
+
+def test_fp16_export_verifies_within_its_tolerance(model, export_dir, photos):
+    result = export_onnx(
+        model,
+        export_dir / "tiny_fp16.onnx",
+        size_hw=EXPORT_SIZE,
+        fp16=True,
+        verify_sizes=VERIFY_SIZES[:1] + VERIFY_SIZES[-1:],
+        verify_images=photos[:1],
+        log=None,
+    )
+    report = result.verification
+    assert report.passed and report.tolerance == TOLERANCES["fp16"] and result.meta.precision == "fp16"
+    assert report.max_rel > 1e-5, "an fp16 graph that matches fp32 to rounding is not running in fp16"
+    graph = onnx.load(str(result.path))
+    float16 = onnx.TensorProto.FLOAT16
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # callers feed float32
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert sum(t.data_type == float16 for t in graph.graph.initializer) > len(graph.graph.initializer) // 2
+
+
+def test_failed_verification_writes_nothing_at_the_path(model, tmp_path, monkeypatch):
+    from depthkit.export import verification
+
+    monkeypatch.setitem(verification.TOLERANCES, "fp32", 0.0)
+    with pytest.raises(VerificationError, match="kept as .*bad.failed.onnx"):
+        export_onnx(model, tmp_path / "bad.onnx", size_hw=EXPORT_SIZE, verify_sizes=[(42, 42)], log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.failed.onnx"]  # no temporary file, no bad.onnx
+
+
+def test_training_checkpoint_names_its_model(tmp_path):
+    model = tiny_model("test_dav2_metric")
+    ckpt = tmp_path / "last.ckpt"  # the layout `depthkit fit` writes (Lightning): hyper_parameters + state_dict
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model": "test_dav2_metric", "model_overrides": {"max_depth": 80.0}},
+            "epoch": 0,
+        },
+        ckpt,
+    )
+    loaded = load_model(checkpoint=ckpt)
+    assert loaded.meta.name == "test_dav2_metric" and loaded.meta.max_depth == 80.0 and not loaded.training
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    torch.save({"state_dict": {}}, tmp_path / "anonymous.ckpt")
+    with pytest.raises(ValueError, match="does not name its model"):
+        load_model(checkpoint=tmp_path / "anonymous.ckpt")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_model(checkpoint=ckpt, model="test_dav2")
+    with pytest.raises(FileNotFoundError):
+        load_model(checkpoint=tmp_path / "missing.ckpt")
+
+
+def test_command_static_graph(checkpoint, export_dir, photos, capsys):
+    out = export_dir / "static.onnx"
+    args = ["export", "onnx", "--model", "test_dav2", "--weights", str(checkpoint), "--out", str(out)]
+    args += ["--dynamic", "none", "--size", "42x56", "--verify-images", str(photos[0]), "--opset", "18"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "verification passed" in printed and "1 x 3 x 42 x 56" in printed and f"wrote {out}" in printed
+    session = OnnxDepthModel(out)
+    assert session.static_size_hw == (42, 56) and session.meta.dynamic_axes == ()
+    with pytest.raises(ValueError, match="static height of 42"):
+        session(np.zeros((1, 3, 56, 56), np.float32))
+    prediction = session.infer(np.zeros((30, 100, 3), np.uint8))  # resized to the static size, and back
+    assert prediction.values.shape == (30, 100)
+
+
+def test_command_errors_are_clean(checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "x.onnx")
+    base = ["export", "onnx", "--model", "test_dav2", "--weights", str(checkpoint), "--no-verify"]
+    cases = [
+        (["export", "onnx", "--out", out], "exactly one"),
+        ([*base, "--out", out, "--dynamic", "batch,depth"], "subset of batch,height,width"),
+        ([*base, "--out", out, "--opset", "11"], "opset 11 is not supported"),
+        ([*base, "--out", out, "--size", "50x56"], "not a multiple of the patch size 14"),
+        ([*base, "--out", str(tmp_path / "x.onx")], "must end in .onnx"),
+        (["export", "onnx", "--model", "test_dav2", "--out", out], "has no official weights"),
+    ]
+    for args, message in cases:
+        assert main(args) == 1, args
+        assert message in capsys.readouterr().err, args
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_option_parsers():
+    assert parse_dynamic("width,batch") == ("batch", "width")
+    assert parse_dynamic("none") == parse_dynamic("") == ()
+    assert parse_size("518") == (518, 518) and parse_size("392x518") == (392, 518)
+    with pytest.raises(ValueError):
+        parse_size("0x14")

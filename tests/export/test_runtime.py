@@ -1,0 +1,123 @@
+"""The torch-free ONNX Runtime path: preprocessing parity with torch, `predict --onnx` vs `predict`, no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from depthkit.cli import main
+from depthkit.export.runtime import OnnxDepthModel, official_resize_hw, resize_bicubic, resize_bilinear, to_float_hwc
+from depthkit.models import preprocess
+
+PREDICT_TOLERANCE = 1e-4  # predict --onnx vs predict (torch), relative to each image's prediction range
+
+
+def test_resize_rule_is_the_models_rule():
+    rng = np.random.default_rng(0)
+    sizes = [(480, 640), (375, 1242), (1, 1), (14, 14), (517, 519), (1000, 13)] + [
+        tuple(int(v) for v in rng.integers(1, 2000, 2)) for _ in range(300)
+    ]
+    for height, width in sizes:
+        for input_size, patch in [(518, 14), (28, 14), (364, 14), (100, 16)]:
+            assert official_resize_hw(height, width, input_size, patch) == preprocess.official_resize_hw(
+                height, width, input_size, patch
+            ), (height, width, input_size, patch)
+
+
+@pytest.mark.parametrize("size_hw", [(37, 53), (96, 60), (20, 20), (7, 90), (1, 5)])
+def test_bicubic_resize_matches_torch(size_hw):
+    image = np.random.default_rng(1).integers(0, 256, (23, 41, 3), dtype=np.uint8)
+    expected = preprocess.resize_image(preprocess.to_float_chw(image), size_hw).permute(1, 2, 0).numpy()
+    got = resize_bicubic(to_float_hwc(image), size_hw)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=5e-6)  # float32 rounding of 16 weighted terms
+
+
+@pytest.mark.parametrize("size_hw", [(100, 37), (5, 5), (1, 9), (30, 200)])
+def test_bilinear_resize_back_matches_torch(size_hw):
+    values = np.random.default_rng(2).standard_normal((14, 28)).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(values)[None, None], size=size_hw, mode="bilinear", align_corners=True)
+    np.testing.assert_allclose(resize_bilinear(values, size_hw), expected[0, 0].numpy(), rtol=0, atol=2e-6)
+
+
+def test_images_are_converted_like_the_torch_path():
+    rng = np.random.default_rng(3)
+    for image in [
+        rng.integers(0, 256, (9, 7), dtype=np.uint8),
+        rng.integers(0, 256, (9, 7, 1), dtype=np.uint8),
+        rng.integers(0, 256, (9, 7, 4), dtype=np.uint8),
+        rng.random((9, 7, 3), dtype=np.float32),
+    ]:
+        expected = preprocess.to_float_chw(image).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(to_float_hwc(image), expected)
+    with pytest.raises(ValueError, match="uint8 or float"):
+        to_float_hwc(np.zeros((4, 4, 3), np.int32))
+
+
+def test_predict_onnx_matches_predict_torch(exported, checkpoint, photos, tmp_path):
+    common = ["--save", "npy", "--input-size", "42", "--batch-size", "4", "--no-progress"]
+    inputs = [str(p) for p in photos]
+    torch_args = ["--model", "test_dav2", "--checkpoint", str(checkpoint)]
+    assert main(["predict", *inputs, "--out", str(tmp_path / "torch"), *torch_args, *common]) == 0
+    assert main(["predict", *inputs, "--out", str(tmp_path / "onnx"), "--onnx", str(exported.path), *common]) == 0
+    compared = 0
+    for path in sorted((tmp_path / "torch").glob("*.npy")):
+        expected, got = np.load(path), np.load(tmp_path / "onnx" / path.name)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        value_range = float(expected.max() - expected.min())
+        assert value_range > 0.05, "the tiny model's prediction should vary over the image"
+        np.testing.assert_allclose(got, expected, rtol=0, atol=PREDICT_TOLERANCE * value_range, err_msg=path.name)
+        compared += 1
+    assert compared == len(photos)
+
+
+def test_predict_onnx_options(exported, checkpoint, photos, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    args = ["predict", str(photos[0]), "--out", out, "--onnx", str(exported.path), "--no-progress"]
+    assert main([*args, "--checkpoint", str(checkpoint)]) == 1
+    assert "excludes --checkpoint" in capsys.readouterr().err
+    assert main([*args, "--model", "dav2_vits"]) == 1
+    assert "an export of test_dav2" in capsys.readouterr().err
+    assert main([*args, "--device", "tpu"]) == 1
+    assert "expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert main(["predict", str(photos[0]), "--out", out, "--no-progress"]) == 1
+    assert "--model NAME is required" in capsys.readouterr().err
+
+
+def test_foreign_onnx_graphs_are_refused(tmp_path):
+    node = onnx.helper.make_node("Identity", ["image"], ["out"])
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        [node], "g", [value("image", onnx.TensorProto.FLOAT, None)], [value("out", onnx.TensorProto.FLOAT, None)]
+    )
+    path = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ValueError, match="not a depthkit ONNX export"):
+        OnnxDepthModel(path)
+    (tmp_path / "junk.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match="does not load in ONNX Runtime"):
+        OnnxDepthModel(tmp_path / "junk.onnx")
+
+
+def test_runtime_and_predict_onnx_import_no_torch(exported, photos, tmp_path):
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from depthkit.export.runtime import OnnxDepthModel\n"
+        f"model = OnnxDepthModel({str(exported.path)!r})\n"
+        "assert model.infer(np.zeros((20, 30, 3), np.uint8), input_size=28).values.shape == (20, 30)\n"
+        "from depthkit.cli import main\n"
+        f"assert main(['predict', {str(photos[0])!r}, '--out', {str(tmp_path)!r}, '--onnx', "
+        f"{str(exported.path)!r}, '--input-size', '28', '--no-progress']) == 0\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm', 'lightning'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list(tmp_path.glob("*_color.png"))) == 1
