@@ -18,6 +18,7 @@ import torch
 
 import depthkit
 from depthkit.cli import main
+from depthkit.data.convert import write_synthetic
 from depthkit.data.shards import decode_sample, iter_tar_samples, shard_paths
 from depthkit.data.stream import ShardStream
 from depthkit.models import create_model
@@ -196,7 +197,14 @@ def _child(argv: list[str]) -> multiprocessing.Process:
     return process
 
 
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(unlabeled, teacher_ckpt, tmp_path):
+NUM_KILL_SHARDS = 40
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(teacher_ckpt, tmp_path):
+    # Enough shards that an idle machine cannot finish them all between the first record and the kill.
+    unlabeled = tmp_path / "input"
+    write_synthetic(unlabeled, num=2 * NUM_KILL_SHARDS, size=(42, 56), seed=5, labeled=False, shard_size=2)
+
     def argv(out):
         return ["pseudo-label", "--model", "test_dav2", "--checkpoint", str(teacher_ckpt), "--input", str(unlabeled),
                 "--output", str(out), "--resolution", str(RESOLUTION), "--batch-size", "2", "--num-workers", "0",
@@ -218,13 +226,13 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(unlabeled, teacher_ckpt,
     reference.join()
     assert reference.exitcode == 0 and killed.exitcode == -signal.SIGKILL
     num_done = len(read_index(tmp_path / "killed")["shards"])
-    assert 1 <= num_done < 6, f"the kill should land mid-run, but {num_done} of 6 shards were finished"
+    assert 1 <= num_done < NUM_KILL_SHARDS, f"the kill should land mid-run, but {num_done} shards were finished"
 
     rerun = _child(argv(tmp_path / "killed"))
     rerun.join()
     assert rerun.exitcode == 0
     index = read_index(tmp_path / "killed")
-    assert index["complete"] and index["num_samples"] == 12
+    assert index["complete"] and index["num_samples"] == 2 * NUM_KILL_SHARDS
     assert not list((tmp_path / "killed").glob("*.tmp"))
     got, want = _labels(tmp_path / "killed"), _labels(tmp_path / "ref")
     assert list(got) == list(want)
