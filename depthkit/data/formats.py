@@ -40,10 +40,12 @@ def image_from_bytes(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 raise ValueError(f"{name}: image mode {img.mode} is not an 8-bit colour image")
-            rgb = np.asarray(img.convert("RGB"))
+            if img.getexif().get(0x0112, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            # the common case (plain RGB, no rotation) decodes straight into the array, without PIL copies
+            rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, Image.DecompressionBombError, SyntaxError) as err:
         raise ValueError(f"{name}: cannot decode image ({err})") from err
     return np.ascontiguousarray(rgb)

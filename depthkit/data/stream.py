@@ -103,11 +103,12 @@ def collate(samples: list[dict]) -> dict:
     batch: dict = {
         "key": [s["__key__"] for s in samples],
         "meta": [s["meta"] for s in samples],
-        "image": torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous(),
+        # B×H×W×3 storage viewed as B×3×H×W (channels-last layout; `.float()` on the device makes it dense)
+        "image": torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2),
     }
     if "image_strong" in samples[0]:
         strong = np.stack([s["image_strong"] for s in samples])
-        batch["image_strong"] = torch.from_numpy(strong).permute(0, 3, 1, 2).contiguous()
+        batch["image_strong"] = torch.from_numpy(strong).permute(0, 3, 1, 2)
     if "target" in samples[0]:
         batch["target"] = torch.from_numpy(np.stack([s["target"] for s in samples]))
         batch["valid"] = torch.from_numpy(np.stack([s["valid"] for s in samples]))

@@ -125,7 +125,7 @@ class SampleTransform:
 
         def geometry(map_HW, resize):
             out = resize(map_HW, h, w)[window]
-            return np.ascontiguousarray(out[:, ::-1] if flip else out)
+            return out[:, ::-1] if flip else out  # a view: collate's np.stack makes the one copy
 
         out = dict(sample)
         out["image"] = geometry(image_HW3, resize_image)
