@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import subprocess
 import sys
@@ -32,13 +31,19 @@ CROP = 84
 FAR_CAP_M = 20.0
 
 
-def stage(name: str, done: Path, fresh: bool):
-    """Decorator-free helper: print the stage header; return False when its output exists (skip)."""
-    if done.exists() and not fresh:
-        print(f"[demo] {name}: done already ({done}); skipping", flush=True)
-        return False
-    print(f"[demo] {name} ...", flush=True)
-    return True
+class Stages:
+    """Skips a stage whose output exists, unless `--fresh` or an earlier stage ran (its inputs changed)."""
+
+    def __init__(self, fresh: bool):
+        self.redo = fresh
+
+    def __call__(self, name: str, done: Path) -> bool:
+        if done.exists() and not self.redo:
+            print(f"[demo] {name}: done already ({done}); skipping", flush=True)
+            return False
+        print(f"[demo] {name} ...", flush=True)
+        self.redo = True
+        return True
 
 
 def run(args: list[str]) -> None:
@@ -52,6 +57,16 @@ def fit(out: Path, recipe: str, name: str, steps: int, extra: list[str]) -> Path
     run_dir = out / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    # Two loggers: CSV (read back for the report) and W&B offline (the dashboard, `wandb sync` later).
+    loggers = run_dir.parent / f"{name}_loggers.yaml"
+    loggers.parent.mkdir(parents=True, exist_ok=True)
+    loggers.write_text(
+        "trainer:\n  logger:\n"
+        "    - class_path: lightning.pytorch.loggers.CSVLogger\n"
+        f"      init_args: {{save_dir: '{run_dir}', name: csv}}\n"
+        "    - class_path: lightning.pytorch.loggers.WandbLogger\n"
+        f"      init_args: {{project: depthkit-demo, name: {name}, offline: true, save_dir: '{out / 'wandb'}'}}\n"
+    )
     run(
         [
             "fit",
@@ -60,11 +75,7 @@ def fit(out: Path, recipe: str, name: str, steps: int, extra: list[str]) -> Path
             "--config",
             str(REPO / f"recipes/{recipe}.yaml"),
             "--config",
-            str(REPO / "configs/overlay/wandb.yaml"),
-            "--trainer.logger.init_args.save_dir",
-            str(out / "wandb"),
-            "--trainer.logger.init_args.name",
-            name,
+            str(loggers),
             "--trainer.max_steps",
             str(steps),
             "--trainer.default_root_dir",
@@ -172,12 +183,9 @@ def loss_figure(runs: dict[str, Path], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, run_dir in runs.items():
-        history = run_dir / "history.csv"
-        if not history.exists():
-            continue
-        rows = list(csv.DictReader(open(history)))
-        steps = [int(r["step"]) for r in rows]
-        ax.plot(steps, [float(r["loss"]) for r in rows], label=name)
+        (metrics,) = run_dir.glob("csv/version_*/metrics.csv")
+        rows = [r for r in csv.DictReader(open(metrics)) if r.get("train/loss")]
+        ax.plot([int(r["step"]) for r in rows], [float(r["train/loss"]) for r in rows], label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("train/loss")
     ax.set_yscale("log")
@@ -185,24 +193,6 @@ def loss_figure(runs: dict[str, Path], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def export_history(out: Path, name: str) -> Path:
-    """Copy the run's train/loss history out of the W&B offline run into `runs/<name>/history.csv`."""
-    run_dir = out / "runs" / name
-    rows = []
-    for summary in sorted((out / "wandb").rglob("wandb-history.jsonl")) or []:
-        for line in open(summary):
-            record = json.loads(line)
-            if "train/loss" in record:
-                rows.append(
-                    {"step": record.get("trainer/global_step", record.get("_step")), "loss": record["train/loss"]}
-                )
-    with open(run_dir / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,66 +209,36 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "data"
     h, w = IMAGE_SIZE
 
-    if stage("1/7 synthesize shards", data / "heldout" / "index.json", args.fresh):
-        run(
-            [
-                "synth",
-                "--out",
-                str(data / "labeled"),
-                "--num",
-                "512",
-                "--size",
-                str(h),
-                str(w),
-                "--seed",
-                "0",
-                "--shard-size",
-                "64",
-                "--workers",
-                "2",
-                "--overwrite",
-            ]
-        )
-        run(
-            [
-                "synth",
-                "--out",
-                str(data / "unlabeled"),
-                "--num",
-                "512",
-                "--size",
-                str(h),
-                str(w),
-                "--seed",
-                "1",
-                "--shard-size",
-                "64",
-                "--workers",
-                "2",
-                "--unlabeled",
-                "--overwrite",
-            ]
-        )
-        run(
-            [
-                "synth",
-                "--out",
-                str(data / "heldout"),
-                "--num",
-                "48",
-                "--size",
-                str(h),
-                str(w),
-                "--seed",
-                "2",
-                "--shard-size",
-                "48",
-                "--overwrite",
-            ]
-        )
+    stage = Stages(args.fresh)
+    if stage("1/7 synthesize shards", data / "heldout" / "index.json"):
+        for name, num, seed, extra in (
+            ("labeled", 512, 0, []),
+            ("unlabeled", 512, 1, ["--unlabeled"]),
+            ("heldout", 48, 2, []),
+        ):
+            run(
+                [
+                    "synth",
+                    "--out",
+                    str(data / name),
+                    "--num",
+                    str(num),
+                    "--size",
+                    str(h),
+                    str(w),
+                    "--seed",
+                    str(seed),
+                    "--shard-size",
+                    "64",
+                    "--workers",
+                    "2",
+                    "--overwrite",
+                    *extra,
+                ]
+            )
 
     teacher = out / "teacher.ckpt"
-    if stage("2/7 train the teacher", teacher, args.fresh):
+    if stage("2/7 train the teacher", teacher):
         fit(
             out,
             "tiny_teacher",
@@ -288,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     pseudo = data / "pseudo"
-    if stage("3/7 pseudo-label the unlabeled shards", pseudo / "index.json", args.fresh):
+    if stage("3/7 pseudo-label the unlabeled shards", pseudo / "index.json"):
+        shutil.rmtree(pseudo, ignore_errors=True)  # labels of an earlier teacher must not mix in
         run(
             [
                 "pseudo-label",
@@ -308,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     student = out / "student.ckpt"
-    if stage("4/7 train the student", student, args.fresh):
+    if stage("4/7 train the student", student):
         fit(
             out,
             "tiny_student",
@@ -345,12 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     onnx = out / "student.onnx"
-    if stage("6/7 export the student to ONNX and verify", onnx, args.fresh):
+    if stage("6/7 export the student to ONNX and verify", onnx):
         run(["export", "onnx", "--model", "test_dav2", "--weights", str(student), "--out", str(onnx)])
 
     print("[demo] 7/7 report", flush=True)
-    for name in ("teacher", "student"):
-        export_history(out, name)
     sample_figure(out, {"teacher": teacher, "student": student}, out / "samples.png")
     loss_figure({"teacher": out / "runs/teacher", "student": out / "runs/student"}, out / "loss_curves.png")
     ramp, t, s = scores["ramp"]["abs_rel"], scores["teacher"]["abs_rel"], scores["student"]["abs_rel"]
