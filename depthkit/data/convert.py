@@ -6,23 +6,18 @@ to a temporary name and renamed like the shards themselves.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from depthkit.data.formats import IMAGE_SUFFIXES, load_image
 from depthkit.data.manifest import load_row, read_manifest, sample_key
-from depthkit.data.shards import FORMAT_VERSION, ShardWriter, encode_sample, source_image_bytes
+from depthkit.data.shards import FORMAT_VERSION, ShardWriter, encode_sample, source_image_bytes, write_json_atomic
 
 
 def write_index(out_dir: str | Path, index: dict) -> None:
     """Write `index.json` atomically."""
-    path = Path(out_dir) / "index.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(Path(out_dir) / "index.json", index)
 
 
 def _write(

@@ -26,6 +26,7 @@ import functools
 import io
 import json
 import os
+import socket
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -360,6 +361,30 @@ class TarWriter:
 def _member_order(name: str) -> tuple[int, str]:
     # Metadata first so streaming readers learn the kind before the payload; then the rest by name.
     return (0 if name.endswith(".json") else 1, name)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to a temporary name unique to this host and process, fsync it, and rename it into place.
+
+    Several ranks may write the same file (an index); a shared temporary name would let them clobber each other.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_file_name(url: str) -> str:
+    """A shard's file name. Pseudo-label shards carry the file name of the image shard they label."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def label_shard_url(labels: str | Path, image_url: str) -> str:
+    """Where the pseudo-labels of an image shard live: `labels/<the image shard's file name>`."""
+    return str(labels).rstrip("/") + "/" + shard_file_name(image_url)
 
 
 def iter_tar_samples(path: str | Path) -> Iterator[dict]:

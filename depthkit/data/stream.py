@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from depthkit.data.cutmix import cutmix_boxes
-from depthkit.data.shards import ShardFormatError, decode_sample, shard_paths
+from depthkit.data.shards import ShardFormatError, decode_sample, label_shard_url, shard_paths
 
 KINDS = ("labeled", "unlabeled", "pseudo")
 log = logging.getLogger("depthkit.data")
@@ -163,7 +163,7 @@ class ShardStream(IterableDataset):
         if kind == "pseudo" and not labels:
             raise ValueError("kind='pseudo' needs labels= (the folder of pseudo-label shards)")
         self.urls = shard_paths(shards)
-        self.label_urls = [_label_shard(labels, url) for url in self.urls] if kind == "pseudo" else None
+        self.label_urls = [label_shard_url(labels, url) for url in self.urls] if kind == "pseudo" else None
         self.kind, self.batch_size, self.transform = kind, batch_size, transform
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
         self.on_error, self.cutmix_p, self.drop_last = on_error, cutmix_p, drop_last
@@ -303,11 +303,6 @@ class ShardStream(IterableDataset):
         batch["__worker__"], batch["__num_workers__"], batch["__total_workers__"] = workers
         batch["__consumed__"], batch["__skipped__"], batch["__epoch__"] = consumed, skipped, self.epoch
         return batch
-
-
-def _label_shard(labels: str, url: str) -> str:
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    return labels.rstrip("/") + "/" + name
 
 
 def _paired(images: Iterator[dict], labels: Iterator[dict]) -> Iterator[dict]:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from depthkit.data.shards import write_json_atomic
 
 INDEX_NAME = "index.json"
 RECORDS_DIR = "records"
@@ -60,16 +61,6 @@ class LabelSettings:
             for name, value in self.to_dict().items()
             if other.get(name) != value
         ]
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary name unique to this process, fsync it, and rename it into place."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def record_path(out_dir: Path, shard_name: str) -> Path:

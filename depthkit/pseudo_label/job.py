@@ -42,7 +42,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import depthkit
-from depthkit.data.shards import ShardFormatError, TarWriter, decode_sample, encode_sample, shard_paths
+from depthkit.data.shards import (
+    ShardFormatError,
+    TarWriter,
+    decode_sample,
+    encode_sample,
+    shard_file_name,
+    shard_paths,
+)
 from depthkit.data.stream import iter_raw_samples
 from depthkit.pseudo_label.index import (
     INDEX_NAME,
@@ -166,11 +173,6 @@ class Plan:
     out_dir: Path
 
 
-def shard_name(url: str) -> str:
-    """The output file name of an input shard: its own file name (the student's pairing rule)."""
-    return url.rstrip("/").rsplit("/", 1)[-1]
-
-
 def make_plan(config: PseudoLabelConfig) -> Plan:
     """Resolve the input shards and check the output folder.
 
@@ -181,7 +183,7 @@ def make_plan(config: PseudoLabelConfig) -> Plan:
     """
     config.validate()
     urls = shard_paths(list(config.inputs))
-    names = [shard_name(url) for url in urls]
+    names = [shard_file_name(url) for url in urls]
     seen: dict[str, str] = {}
     for url, name in zip(urls, names, strict=True):
         if name in seen:

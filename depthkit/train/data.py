@@ -10,7 +10,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 
-from depthkit.data.shards import shard_paths
+from depthkit.data.shards import label_shard_url, shard_paths
 from depthkit.data.stream import ShardStream, StreamState, make_loader
 from depthkit.data.transforms import SampleTransform, TransformConfig
 
@@ -74,7 +74,7 @@ class DepthDataModule(L.LightningDataModule):
                     raise FileNotFoundError(f"data.{name}: {err}") from None
         if pseudo_labels:
             for url in shard_paths(unlabeled):
-                label = pseudo_labels.rstrip("/") + "/" + url.rsplit("/", 1)[-1]
+                label = label_shard_url(pseudo_labels, url)
                 if "://" not in label and not label.startswith("pipe:"):
                     try:
                         shard_paths(label)
