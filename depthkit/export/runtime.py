@@ -6,8 +6,8 @@
     depth_BHW = model(image_BCHW)                       # raw graph call on a normalized float32 batch
 
 `infer` is `DepthModel.infer` in numpy: keep the aspect ratio, short side to `input_size` with both sides rounded to
-multiples of the patch size (`official_resize_hw`, a copy of `depthkit.models.preprocess`'s rule, checked equal by a
-test), bicubic resize (a = -0.75, half-pixel centres, no antialiasing, no clamping: torch's `bicubic` and OpenCV's
+multiples of the patch size (`official_resize_hw` from the torch-free `depthkit.models.sizing`, shared with the torch
+path), bicubic resize (a = -0.75, half-pixel centres, no antialiasing, no clamping: torch's `bicubic` and OpenCV's
 INTER_CUBIC), normalization with the graph's `mean` / `std`, batches of same-size images, and the prediction resized
 back to the original size (bilinear, align_corners=True). Everything is float32, so it matches the torch path to
 float rounding (the tolerance is in docs/export.md).
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from depthkit.export.metadata import INPUT_NAME, GraphMeta, from_props
+from depthkit.models.sizing import official_resize_hw
 
 BICUBIC_A = -0.75  # torch's bicubic and OpenCV's INTER_CUBIC
 
@@ -46,33 +47,6 @@ class Prediction:
 
 
 # --------------------------------------------------------------------------------------------- preprocessing
-
-
-def _constrain_to_multiple(x: float, multiple: int, min_val: int) -> int:
-    y = int(np.round(x / multiple) * multiple)
-    if y < min_val:
-        y = int(np.ceil(x / multiple) * multiple)
-    return y
-
-
-def official_resize_hw(height: int, width: int, input_size: int = 518, multiple: int = 14) -> tuple[int, int]:
-    """Network input size: keep aspect, short side to about `input_size`, multiples of `multiple`.
-
-    The same rule as `depthkit.models.preprocess.official_resize_hw` (copied: that module imports torch).
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if input_size <= 0:
-        raise ValueError(f"input_size must be positive, got {input_size}")
-    scale_height = input_size / height
-    scale_width = input_size / width
-    if scale_width > scale_height:  # "lower_bound": the side that needs the larger scale decides
-        scale_height = scale_width
-    else:
-        scale_width = scale_height
-    new_height = _constrain_to_multiple(scale_height * height, multiple, input_size)
-    new_width = _constrain_to_multiple(scale_width * width, multiple, input_size)
-    return new_height, new_width
 
 
 def to_float_hwc(image) -> np.ndarray:

@@ -15,39 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def _constrain_to_multiple(x: float, multiple: int, min_val: int) -> int:
-    y = int(np.round(x / multiple) * multiple)
-    if y < min_val:
-        y = int(np.ceil(x / multiple) * multiple)
-    return y
-
-
-def official_resize_hw(height: int, width: int, input_size: int = 518, multiple: int = 14) -> tuple[int, int]:
-    """Network input size for an image: keep aspect, short side to about `input_size`, multiples of `multiple`.
-
-    Args:
-        height: Original height.
-        width: Original width.
-        input_size: Target of the short side (the official `--input-size`, 518 by default).
-        multiple: Patch size.
-
-    Returns:
-        (h, w), both multiples of `multiple` and at least `input_size` (rounded up to a multiple).
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if input_size <= 0:
-        raise ValueError(f"input_size must be positive, got {input_size}")
-    scale_height = input_size / height
-    scale_width = input_size / width
-    if scale_width > scale_height:  # "lower_bound": the side that needs the larger scale decides
-        scale_height = scale_width
-    else:
-        scale_width = scale_height
-    new_height = _constrain_to_multiple(scale_height * height, multiple, input_size)
-    new_width = _constrain_to_multiple(scale_width * width, multiple, input_size)
-    return new_height, new_width
+from depthkit.models.sizing import official_resize_hw  # noqa: F401 (re-exported)
 
 
 def to_float_chw(image) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""The official Depth Anything network-input size rule, in plain Python (no torch).
+
+Shared by the torch preprocessing (`depthkit.models.preprocess`) and the torch-free ONNX Runtime path
+(`depthkit.export.runtime`), so both resize every image to the same size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _constrain_to_multiple(x: float, multiple: int, min_val: int) -> int:
+    y = int(np.round(x / multiple) * multiple)
+    if y < min_val:
+        y = int(np.ceil(x / multiple) * multiple)
+    return y
+
+
+def official_resize_hw(height: int, width: int, input_size: int = 518, multiple: int = 14) -> tuple[int, int]:
+    """Network input size for an image: keep aspect, short side to about `input_size`, multiples of `multiple`.
+
+    The official `Resize(keep_aspect_ratio=True, ensure_multiple_of=14, resize_method="lower_bound")`, including
+    numpy's round-half-to-even.
+
+    Args:
+        height: Original height.
+        width: Original width.
+        input_size: Target of the short side (the official `--input-size`, 518 by default).
+        multiple: Patch size.
+
+    Returns:
+        (h, w), both multiples of `multiple` and at least `input_size` (rounded up to a multiple).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if input_size <= 0:
+        raise ValueError(f"input_size must be positive, got {input_size}")
+    scale_height = input_size / height
+    scale_width = input_size / width
+    if scale_width > scale_height:  # "lower_bound": the side that needs the larger scale decides
+        scale_height = scale_width
+    else:
+        scale_width = scale_height
+    new_height = _constrain_to_multiple(scale_height * height, multiple, input_size)
+    new_width = _constrain_to_multiple(scale_width * width, multiple, input_size)
+    return new_height, new_width
