@@ -15,8 +15,9 @@ does not import torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from depthkit._lazy import lazy_exports
 
 _EXPORTS = {
     "export_onnx": "exporter",
@@ -51,13 +52,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from depthkit.export.verification import TOLERANCES, VerificationError, VerifyReport, verify_onnx
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"depthkit.export.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'depthkit.export' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -13,8 +13,9 @@ for importing torch and timm.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from depthkit._lazy import lazy_exports
 
 _EXPORTS = {
     "create_model": "registry",
@@ -67,13 +68,4 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"depthkit.models.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'depthkit.models' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

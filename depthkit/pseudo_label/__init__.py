@@ -15,8 +15,9 @@ torch. This package never imports lightning or `depthkit.train`.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from depthkit._lazy import lazy_exports
 
 _EXPORTS = {
     "PseudoLabelConfig": "job",
@@ -55,13 +56,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from depthkit.pseudo_label.teacher import Teacher, label_batch, load_teacher
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"depthkit.pseudo_label.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'depthkit.pseudo_label' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
