@@ -4,7 +4,8 @@ Two things, both from the official code's definitions (Depth-Anything-V2 `depth_
 `dinov2.py`, `dinov2_layers/*`, `util/blocks.py`; V1 `depth_anything/dpt.py`; the metric `dpt.py`), not from any
 downloaded file and not from depthkit:
 
-- `official_shapes(...)`: the `state_dict` key -> shape table that `DepthAnythingV2(...)` would have.
+- `official_shapes(...)`: the `state_dict` key -> shape table that `DepthAnythingV2(...)` would have
+  (`official_shapes_for(config)` reads the arguments from a depthkit model config).
 - `official_forward(state_dict, image, ...)`: the official forward, functional, reading that `state_dict`:
   DINOv2 (`prepare_tokens_with_masks`, `interpolate_pos_encoding` with offset 0.1, pre-norm blocks with layer
   scale, `get_intermediate_layers(norm=True, return_class_token=True)`) and `DPTHead.forward`.
@@ -139,6 +140,23 @@ def official_shapes(
         f"{head}scratch.output_conv2.2.bias": (1,),
     }
     return table
+
+
+def official_shapes_for(config) -> dict[str, tuple[int, ...]]:
+    """`official_shapes` for a depthkit `DepthModelConfig` (read by attribute, so this file imports no depthkit)."""
+    enc, head = config.encoder, config.head
+    return official_shapes(
+        enc.embed_dim,
+        enc.depth,
+        "swiglufused" if enc.ffn == "swiglu" else "mlp",
+        head.features,
+        list(head.out_channels),
+        img_size=enc.img_size,
+        num_register_tokens=enc.num_register_tokens,
+        use_bn=head.use_bn,
+        use_clstoken=head.use_clstoken,
+        head_hidden=head.head_hidden,
+    )
 
 
 def official_parameter_count(size: str) -> int:

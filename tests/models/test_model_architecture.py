@@ -14,6 +14,7 @@ from official_da_reference import (
     OFFICIAL_V2_TAPS,
     official_parameter_count,
     official_shapes,
+    official_shapes_for,
 )
 
 from depthkit.models import DepthModel, ModelMeta, create_model, list_models, model_config
@@ -94,19 +95,7 @@ def test_parameter_counts_equal_official(size, millions):
 )
 def test_tiny_state_dict_matches_official_layout(overrides):
     model = create_model("test_dav2", **overrides)
-    enc, head = model.config.encoder, model.config.head
-    expected = official_shapes(
-        enc.embed_dim,
-        enc.depth,
-        "swiglufused" if enc.ffn == "swiglu" else "mlp",
-        head.features,
-        list(head.out_channels),
-        img_size=enc.img_size,
-        num_register_tokens=enc.num_register_tokens,
-        use_bn=head.use_bn,
-        use_clstoken=head.use_clstoken,
-        head_hidden=head.head_hidden,
-    )
+    expected = official_shapes_for(model.config)
     assert _official_layout(model) == expected
 
 

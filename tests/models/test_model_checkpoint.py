@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from official_da_reference import official_shapes, random_state_dict
+from official_da_reference import official_shapes_for, random_state_dict
 
 from depthkit.models import create_encoder, create_model, load_checkpoint, save_checkpoint
 from depthkit.models import registry as registry_module
@@ -121,16 +121,7 @@ def test_strict_loading_names_the_keys(layout):
 
 def test_official_state_dict_from_the_reference_table_loads():
     model = create_model("test_dav2")
-    enc, head = model.config.encoder, model.config.head
-    table = official_shapes(
-        enc.embed_dim,
-        enc.depth,
-        "mlp",
-        head.features,
-        list(head.out_channels),
-        img_size=enc.img_size,
-        head_hidden=head.head_hidden,
-    )
+    table = official_shapes_for(model.config)
     official = random_state_dict(table)
     load_state_dict(model, official)
     _assert_same(to_official(model.state_dict(), model.config), official)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from official_da_reference import official_forward, official_shapes, random_state_dict
+from official_da_reference import official_forward, official_shapes_for, random_state_dict
 
 from depthkit.models import create_encoder, create_model, save_checkpoint
 from depthkit.models.checkpoint import load_state_dict
@@ -25,19 +25,7 @@ SIZES = [(28, 42), (70, 70), (56, 98)]  # non-square; the native 5x5 grid (no re
 
 
 def _official_sd(model, seed: int = 0) -> dict[str, torch.Tensor]:
-    enc, head = model.config.encoder, model.config.head
-    table = official_shapes(
-        enc.embed_dim,
-        enc.depth,
-        "swiglufused" if enc.ffn == "swiglu" else "mlp",
-        head.features,
-        list(head.out_channels),
-        img_size=enc.img_size,
-        num_register_tokens=enc.num_register_tokens,
-        use_bn=head.use_bn,
-        use_clstoken=head.use_clstoken,
-        head_hidden=head.head_hidden,
-    )
+    table = official_shapes_for(model.config)
     return random_state_dict(table, seed)
 
 
