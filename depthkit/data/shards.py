@@ -22,7 +22,6 @@ npz; see `encode_target`. Writers write `NAME.tar.tmp` and rename, so a crash ne
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -165,7 +164,14 @@ def group_members(members: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
     return groups
 
 
-def decode_sample(raw: dict, *, kind: str | None = None, decode_image: bool = True, with_target: bool = True) -> dict:
+def decode_sample(
+    raw: dict,
+    *,
+    kind: str | None = None,
+    decode_image: bool = True,
+    with_target: bool = True,
+    target_steps: bool = False,
+) -> dict:
     """Decode one WebDataset sample (`__key__`, `__url__`, extension -> bytes) to a sample dict.
 
     Args:
@@ -173,10 +179,14 @@ def decode_sample(raw: dict, *, kind: str | None = None, decode_image: bool = Tr
         kind: Expected kind; None takes it from the metadata.
         decode_image: False leaves the image out (key-only passes).
         with_target: False leaves the target out (a labeled shard read as images only).
+        target_steps: True keeps a png16 target (without a valid.png mask) as its stored uint16 steps, for a
+            transform that resizes and crops first and then calls `png16_target`: nearest-neighbour geometry
+            commutes with the per-pixel conversion, so the result is the same, computed on fewer pixels.
 
     Returns:
         `{"__key__", "__url__", "meta", "image"?, "target"?, "valid"?}`; `target` is float32 with 0 at invalid
-        pixels, `valid` bool.
+        pixels, `valid` bool. With `target_steps`, a png16 target comes as `target_steps` (uint16, 0 invalid)
+        instead of `target` and `valid`; its scale is `meta["target_scale"]`.
 
     Raises:
         ShardFormatError: naming the shard and key, for missing or undecodable members and bad metadata.
@@ -210,15 +220,21 @@ def decode_sample(raw: dict, *, kind: str | None = None, decode_image: bool = Tr
     if actual_kind not in KINDS:
         raise ShardFormatError(f"{where}: metadata kind {actual_kind!r}; expected one of {KINDS}")
     if with_target and actual_kind in ("labeled", "pseudo"):
-        target_HW, valid_HW = _decode_target(raw, meta, where)
+        fields = _decode_target(raw, meta, where, keep_steps=target_steps)
+        target_HW = fields["target"] if "target" in fields else fields["target_steps"]
         if "image" in sample and target_HW.shape != sample["image"].shape[:2]:
             h, w = sample["image"].shape[:2]
             raise ShardFormatError(f"{where}: target is {target_HW.shape[1]}x{target_HW.shape[0]} but image is {w}x{h}")
-        sample["target"], sample["valid"] = target_HW, valid_HW
+        sample.update(fields)
     return sample
 
 
-def _decode_target(raw: dict, meta: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+def png16_target(steps_HW: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """`(target, valid)` of png16 steps: float32(step * scale), the product in float64 as encoded; 0 invalid."""
+    return (steps_HW * float(scale)).astype(np.float32), steps_HW > 0
+
+
+def _decode_target(raw: dict, meta: dict, where: str, *, keep_steps: bool) -> dict[str, np.ndarray]:
     try:
         check_space(meta.get("output_space", ""), what="meta output_space")
     except ValueError as err:
@@ -232,8 +248,9 @@ def _decode_target(raw: dict, meta: dict, where: str) -> tuple[np.ndarray, np.nd
                 value = np.asarray(img)
             if value.ndim != 2 or value.dtype.kind not in "ui":
                 raise ShardFormatError(f"{where}: KEY.target.png must be a 16-bit single-channel PNG")
-            valid_HW = value > 0
-            target_HW = _png16_table(float(scale))[value]  # float32(value * scale) in float64, as encoded
+            if keep_steps and "valid.png" not in raw:
+                return {"target_steps": value}
+            target_HW, valid_HW = png16_target(value, scale)
         elif "target.npz" in raw:
             with np.load(io.BytesIO(raw["target.npz"])) as npz:
                 if "target" not in npz.files:
@@ -260,13 +277,7 @@ def _decode_target(raw: dict, meta: dict, where: str) -> tuple[np.ndarray, np.nd
         if mask_HW.shape != target_HW.shape:
             raise ShardFormatError(f"{where}: valid mask {mask_HW.shape} differs from target {target_HW.shape}")
         valid_HW = mask_HW & np.isfinite(target_HW)
-    return np.ascontiguousarray(target_HW), np.ascontiguousarray(valid_HW)
-
-
-@functools.lru_cache(maxsize=16)
-def _png16_table(scale: float) -> np.ndarray:
-    """float32(k * scale) for every uint16 k, the product taken in float64 (a gather beats the multiply)."""
-    return (np.arange(65536, dtype=np.float64) * scale).astype(np.float32)
+    return {"target": np.ascontiguousarray(target_HW), "valid": np.ascontiguousarray(valid_HW)}
 
 
 def _exts(raw: dict) -> str:

@@ -273,7 +273,8 @@ class ShardStream(IterableDataset):
         if raw.get("__corrupt__"):
             raise ShardFormatError(f"shard {raw['__url__']}: corrupt tar")
         if self.kind == "labeled":
-            return decode_sample(raw, kind="labeled")
+            steps = getattr(self.transform, "takes_target_steps", False)  # the transform converts after cropping
+            return decode_sample(raw, kind="labeled", target_steps=steps)
         # Images only: unlabeled shards, or labeled shards whose targets this stream does not use.
         label_raw = raw.pop("__label__", None)
         sample = decode_sample(raw, with_target=False)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from depthkit.data.shards import png16_target
+
 cv2.setNumThreads(1)  # workers are the parallelism; OpenCV's own threads would oversubscribe the cores
 
 
@@ -103,8 +105,11 @@ class SampleTransform:
     """Resize, crop, flip (and strong augmentation) of one decoded sample.
 
     Input and output are sample dicts (see `depthkit.data.shards.decode_sample`); `image` stays uint8 `H×W×3`,
-    `target` float32 and `valid` bool `H×W`. `image_strong` is added when the config asks for it.
+    `target` float32 and `valid` bool `H×W`. `image_strong` is added when the config asks for it. An input with
+    `target_steps` (png16 steps) is converted to `target` and `valid` after the crop, on the crop's pixels only.
     """
+
+    takes_target_steps = True  # so ShardStream decodes png16 targets with `target_steps=True`
 
     def __init__(self, config: TransformConfig, *, seed: int = 0):
         self.config, self.seed, self.epoch = config, seed, 0
@@ -123,15 +128,19 @@ class SampleTransform:
         flip = cfg.hflip and bool(rng.random() < 0.5)
         window = (slice(top, top + crop_h), slice(left, left + crop_w, None))
 
-        def geometry(map_HW, resize):
-            out = resize(map_HW, h, w)[window]
-            return out[:, ::-1] if flip else out  # a view: collate's np.stack makes the one copy
+        def geometry(map_HW):
+            out = resize_nearest(map_HW, h, w)[window]
+            return out[:, ::-1] if flip else out  # a view: collate's np.stack (or png16_target) makes the one copy
 
         out = dict(sample)
-        out["image"] = geometry(image_HW3, resize_image)
-        for name in ("target", "valid"):
+        crop_HW3 = resize_image(image_HW3, h, w)[window]
+        # cv2.flip copies whole pixels; np.stack on a flipped H×W×3 view would copy byte by byte, ~20x slower
+        out["image"] = cv2.flip(crop_HW3, 1) if flip else crop_HW3
+        for name in ("target", "valid", "target_steps"):
             if name in sample:
-                out[name] = geometry(sample[name], resize_nearest)
+                out[name] = geometry(sample[name])
+        if "target_steps" in out:
+            out["target"], out["valid"] = png16_target(out.pop("target_steps"), sample["meta"]["target_scale"])
         if self._strong is not None:
             out["image_strong"] = self._strong(out["image"], rng)
         return out

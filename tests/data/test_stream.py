@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from depthkit.data.cutmix import cutmix_boxes, mix_like
-from depthkit.data.shards import ShardFormatError, ShardWriter, encode_sample, shard_paths
+from depthkit.data.shards import (
+    ShardFormatError,
+    ShardWriter,
+    decode_sample,
+    encode_sample,
+    iter_tar_samples,
+    shard_paths,
+)
 from depthkit.data.stream import ShardStream, StreamState, make_loader, ratio_batch_sizes
 from depthkit.data.transforms import SampleTransform, TransformConfig
 
@@ -71,6 +78,21 @@ def test_transform_crops_to_multiples_of_14_without_blending_invalid(rgbd_shards
     assert torch.all(batch["target"][~batch["valid"]] == 0)
     # nearest-neighbour resizing: every valid target value existed in the source map
     assert torch.all(batch["target"][batch["valid"]] > 0)
+
+
+def test_transform_of_png16_steps_is_exactly_the_transform_of_the_decoded_target(rgbd_shards):
+    """ShardStream hands png16 targets over as steps; cropping before converting must not change a bit."""
+    transform = SampleTransform(TransformConfig(crop_size=(98, 126), patch_size=14))
+    num_steps = 0
+    for raw in (r for path in shard_paths(rgbd_shards) for r in iter_tar_samples(path)):
+        as_steps = decode_sample(raw, target_steps=True)
+        num_steps += "target_steps" in as_steps
+        a, b = transform(decode_sample(raw)), transform(as_steps)
+        assert b["target"].dtype == np.float32 and b["valid"].dtype == bool and "target_steps" not in b
+        for name in ("image", "target", "valid"):
+            np.testing.assert_array_equal(a[name], b[name])
+        np.testing.assert_array_equal(a["target"].view(np.uint32), b["target"].view(np.uint32))
+    assert num_steps > 0
 
 
 def test_strong_augmentation_and_cutmix(synth_shards):
