@@ -116,12 +116,9 @@ def _synth_shard(job: tuple) -> tuple[str, int]:
     with ShardWriter(out_dir, prefix="synth", shard_size=count + 1, start_index=shard_index) as writer:
         for index in range(first, first + count):
             sample = render_scene(seed, index, *size)
-            if not labeled:
-                sample = {
-                    "__key__": sample["__key__"],
-                    "image": sample["image"],
-                    "meta": {**sample["meta"], "kind": "unlabeled"},
-                }
+            if not labeled:  # no target, so no output space: pseudo-labels bring their own
+                meta = {k: v for k, v in sample["meta"].items() if k != "output_space"}
+                sample = {"__key__": sample["__key__"], "image": sample["image"], "meta": {**meta, "kind": "unlabeled"}}
             writer.write(encode_sample(sample, image_format=image_format, target_scale=DEPTH_STEP_M))
     ((path, n),) = writer.written
     return path.name, n

@@ -32,7 +32,9 @@ def targets_in_space(batch: dict, output_space: str) -> tuple[torch.Tensor, torc
     disparity pass through. Metric models need metric depth targets.
     """
     target_BHW, valid_BHW = batch["target"], batch["valid"]
-    spaces = {m.get("output_space", m.get("pseudo", {}).get("output_space")) for m in batch["meta"]}
+    # A pseudo-labeled sample's target is the teacher's: its space is in meta["pseudo"], whatever the image's
+    # own metadata says (an unlabeled image converted from an RGB-D source may still name that source's space).
+    spaces = {m["pseudo"]["output_space"] if "pseudo" in m else m.get("output_space") for m in batch["meta"]}
     if output_space == METRIC_DEPTH:
         if spaces != {METRIC_DEPTH}:
             raise ValueError(f"a metric model needs metric_depth targets, the batch has {sorted(map(str, spaces))}")

@@ -42,6 +42,7 @@ def test_refuses_to_mix_into_existing_output(tmp_path, capsys):
     assert main(["synth", "--out", out, "--num", "4", "--size", "28", "28", "--overwrite", "--unlabeled"]) == 0
     samples = [decode_sample(r) for r in iter_tar_samples(shard_paths(out)[0])]
     assert len(samples) == 4 and "target" not in samples[0]
+    assert samples[0]["meta"]["kind"] == "unlabeled" and "output_space" not in samples[0]["meta"]  # no target
 
 
 def test_synth_in_parallel_equals_serial(tmp_path):
