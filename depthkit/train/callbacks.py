@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import signal
 import threading
 import time
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 log = logging.getLogger("depthkit.train")
+
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 class ThroughputMonitor(L.Callback):
@@ -101,17 +104,30 @@ class ImagePanels(L.Callback):
         (folder / f"step_{panel['step']:08d}.png").write_bytes(buf.getvalue())
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers ignore the preemption signals, which SLURM sends to every process of the
+    job. A worker killed by one fails the main process mid-step, before `Preemption` can save; the main process
+    shuts its workers down when it exits."""
+    for name in PREEMPTION_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class Preemption(L.Callback):
-    """On SIGTERM or SIGUSR1 (cluster preemption), save `preempted.ckpt` after the current step and stop.
+    """On SIGTERM or SIGUSR1 (cluster preemption), save `preempted.ckpt` after the current optimizer step and exit.
 
     The checkpoint holds model, optimizer, scheduler, step and data position; resume with
-    `depthkit fit ... --ckpt_path <dir>/preempted.ckpt`. Handlers chain to any previous ones (e.g. Lightning's
-    SLURM requeue handler).
+    `depthkit fit ... --ckpt_path <dir>/preempted.ckpt`. It is written beside its final name and renamed into place:
+    Lightning stages checkpoints in $TMPDIR, often another filesystem, where its final move is a non-atomic copy.
+
+    A signal is only recorded when it arrives. The previous handlers (Lightning's SIGTERM handler, SLURM requeue)
+    run after the checkpoint is saved, on every rank: Lightning's would otherwise stop the loop at the end of the
+    step, before this callback can save. The process then exits with status 128 + the signal number, as a shell
+    reports a process killed by it, so launchers see an unfinished run, not a success.
     """
 
-    def __init__(self, dirpath: str | None = None, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+    def __init__(self, dirpath: str | None = None, signals: tuple[str, ...] = PREEMPTION_SIGNALS):
         self.dirpath, self.signal_names = dirpath, signals
-        self._received: str | None = None
+        self._received = 0
         self._previous: dict = {}
 
     def on_train_start(self, trainer, pl_module):
@@ -125,21 +141,29 @@ class Preemption(L.Callback):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        self._received = signal.Signals(signum).name
-        previous = self._previous.get(signum)
-        if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
-            previous(signum, frame)
+        self._received = signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        received = torch.tensor(1 if self._received else 0, device=pl_module.device)
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: the gradients gathered so far would be in no checkpoint
+        received = torch.tensor(int(self._received), device=pl_module.device)
         if trainer.world_size > 1:
             received = trainer.strategy.reduce(received, reduce_op="max")
-        if int(received):
-            folder = Path(self.dirpath or trainer.default_root_dir)
-            path = folder / "preempted.ckpt"
-            trainer.save_checkpoint(path)
-            log.warning("received %s: saved %s at step %d, stopping", self._received, path, trainer.global_step)
-            trainer.should_stop = True
+        signum = int(received)
+        if not signum:
+            return
+        path = Path(self.dirpath or trainer.default_root_dir) / "preempted.ckpt"
+        partial = path.with_name(path.name + ".partial")
+        trainer.save_checkpoint(partial, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(partial, path)
+        trainer.strategy.barrier("preempted-checkpoint")
+        name = signal.Signals(signum).name
+        log.warning("received %s: saved %s at step %d, exiting", name, path, trainer.global_step)
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
+        raise SystemExit(128 + signum)
 
     def on_train_end(self, trainer, pl_module):
         for signum, previous in self._previous.items():

@@ -13,6 +13,12 @@ from lightning.pytorch.utilities import CombinedLoader
 from depthkit.data.shards import label_shard_url, shard_paths
 from depthkit.data.stream import ShardStream, StreamState, make_loader
 from depthkit.data.transforms import SampleTransform, TransformConfig
+from depthkit.train.callbacks import ignore_preemption_signals
+
+
+def _loader(stream: ShardStream, num_workers: int):
+    """A loader whose workers leave the preemption signals to the main process (`Preemption` saves, then exits)."""
+    return make_loader(stream, num_workers=num_workers, worker_init_fn=ignore_preemption_signals)
 
 
 class DepthDataModule(L.LightningDataModule):
@@ -120,7 +126,7 @@ class DepthDataModule(L.LightningDataModule):
             transform=self.transform,
             resampled=hp.resampled,
         )
-        loaders = {"labeled": make_loader(labeled, num_workers=hp.num_workers)}
+        loaders = {"labeled": _loader(labeled, hp.num_workers)}
         if hp.unlabeled is None:
             return loaders["labeled"]
         strong = TransformConfig(crop_size=hp.crop_size, strong=True)
@@ -134,7 +140,7 @@ class DepthDataModule(L.LightningDataModule):
             resampled=hp.resampled,
             cutmix_p=hp.cutmix_p,
         )
-        loaders["unlabeled"] = make_loader(unlabeled, num_workers=hp.num_workers)
+        loaders["unlabeled"] = _loader(unlabeled, hp.num_workers)
         return CombinedLoader(loaders, mode="min_size")
 
     def val_dataloader(self):
@@ -154,7 +160,7 @@ class DepthDataModule(L.LightningDataModule):
             transform=SampleTransform(transform, seed=hp.seed),
             on_error=hp.on_error,
         )
-        return make_loader(stream, num_workers=min(hp.num_workers, 1))
+        return _loader(stream, min(hp.num_workers, 1))
 
     # -- position --------------------------------------------------------------------------------------------
 

@@ -118,7 +118,9 @@ class DepthModule(L.LightningModule):
         self.panel: dict | None = None  # the latest sample for `ImagePanels`
 
     def configure_model(self) -> None:
-        if self.compile_model and not isinstance(self.model.forward, torch._dynamo.eval_frame.OptimizedModule):
+        # Lightning calls this before every fit / validate / test: compile once. Replacing `forward` on the instance
+        # keeps the state_dict keys (no `_orig_mod.` prefix), so checkpoints load into uncompiled models.
+        if self.compile_model and "forward" not in vars(self.model):
             self.model.forward = torch.compile(self.model.forward)
 
     # -- forward ---------------------------------------------------------------------------------------------

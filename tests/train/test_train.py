@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +215,98 @@ def test_resume_gives_the_same_losses(tiny_data, tmp_path):
         assert a[step] == pytest.approx(b[step], rel=1e-5), (step, a[step], b[step])
 
 
+def _last_checkpoint(run: Path) -> dict:
+    (path,) = run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("recipe", ["tiny_teacher", "tiny_student"])
+def test_bf16_mixed_precision_runs_in_autocast_with_fp32_weights(recipe, tiny_data, tmp_path, monkeypatch):
+    """`--trainer.precision bf16-mixed` on CPU: predictions come out of bf16 autocast, the losses are finite, the
+    weights and AdamW moments stay fp32."""
+    dtypes = set()
+    predict = DepthModule.predict_uint8
+
+    def spy(self, image_B3HW, **kwargs):
+        out = predict(self, image_B3HW, **kwargs)
+        dtypes.add((out[0] if isinstance(out, tuple) else out).dtype)
+        return out
+
+    monkeypatch.setattr(DepthModule, "predict_uint8", spy)
+    run = _fit(tmp_path, tiny_data, recipe, "--trainer.precision", "bf16-mixed", steps=2)
+    assert dtypes == {torch.bfloat16}
+    losses = torch.tensor([float(r["train/loss"]) for r in _metrics(run) if r.get("train/loss")])
+    assert len(losses) == 2 and torch.isfinite(losses).all()
+    state = _last_checkpoint(run)
+    assert {v.dtype for v in state["state_dict"].values() if v.is_floating_point()} == {torch.float32}
+    moments = [v for s in state["optimizer_states"][0]["state"].values() for k, v in s.items() if k != "step"]
+    assert moments and {v.dtype for v in moments} == {torch.float32}
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_data, tmp_path):
+    """`accumulate_grad_batches=2`: two batches per optimizer step; `max_steps`, `global_step`, AdamW and the LR
+    schedule (warmup included) count optimizer steps, as `OptimConfig` says."""
+    from depthkit.train.config import OptimConfig
+
+    steps = 3
+    run = _fit(tmp_path, tiny_data, "tiny_teacher", "--trainer.accumulate_grad_batches", "2", steps=steps)
+    state = _last_checkpoint(run)
+    batch_size = state["datamodule_hyper_parameters"]["batch_size"]
+    assert state["DepthDataModule"]["labeled"]["consumed"] == {"0": 2 * steps * batch_size}
+    assert state["global_step"] == steps and state["lr_schedulers"][0]["last_epoch"] == steps
+    assert {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()} == {steps}
+    optim = OptimConfig(**state["hyper_parameters"]["optim"])
+    lrs = {int(r["step"]): float(r["lr-AdamW/encoder"]) for r in _metrics(run) if r.get("lr-AdamW/encoder")}
+    assert lrs == pytest.approx({k: optim.encoder_lr * optim.lr_factor(k, steps) for k in range(steps)})
+
+
+def test_preemption_waits_for_the_end_of_a_gradient_accumulation(tiny_data, tmp_path, monkeypatch):
+    """A signal at the first of two accumulated batches saves after the second, at the optimizer step: the gradients
+    of a half-done accumulation would be in no checkpoint."""
+    training_step = DepthModule.training_step
+
+    def signalled(self, batch, batch_idx):
+        if batch_idx == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DepthModule, "training_step", signalled)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # never the default action (exit) in the test process
+    try:
+        with pytest.raises(SystemExit) as stop:
+            _fit(tmp_path, tiny_data, "tiny_teacher", "--trainer.accumulate_grad_batches", "2", steps=5)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert stop.value.code == 128 + signal.SIGUSR1
+    state = torch.load(tmp_path / "preempted.ckpt", map_location="cpu", weights_only=False)
+    batch_size = state["datamodule_hyper_parameters"]["batch_size"]
+    assert state["global_step"] == 2 and state["DepthDataModule"]["labeled"]["consumed"] == {"0": 4 * batch_size}
+
+
+def test_compile_wraps_the_forward_once():
+    """Lightning calls `configure_model` before every fit, validate and test; the forward is compiled only once."""
+    module = DepthModule("test_dav2", compile=True)
+    module.configure_model()
+    compiled = module.model.forward
+    module.configure_model()
+    assert module.model.forward is compiled
+
+
+@pytest.mark.slow
+def test_compiled_model_takes_the_same_steps(tiny_data, tmp_path):
+    """`compile: true` through TorchInductor (C++ on CPU): about 3 min cold on a shared 2-core CPU, seconds once
+    Inductor's cache holds the kernels. Same losses as eager."""
+    from torch._dynamo.utils import counters
+
+    no_val = ("--data.val", "null")
+    eager = _fit(tmp_path / "eager", tiny_data, "tiny_teacher", *no_val, steps=2)
+    counters.clear()
+    compiled = _fit(tmp_path / "compiled", tiny_data, "tiny_teacher", *no_val, "--model.compile", "true", steps=2)
+    assert counters["stats"]["unique_graphs"] >= 1
+    loss = lambda run: [float(r["train/loss"]) for r in _metrics(run) if r.get("train/loss")]  # noqa: E731
+    assert loss(compiled) == pytest.approx(loss(eager), rel=1e-4)
+
+
 def test_checkpoint_rebuilds_its_model_without_the_yaml(tiny_data, tmp_path):
     run = _fit(tmp_path, tiny_data, "tiny_teacher", steps=1)
     (ckpt,) = run.glob("lightning_logs/version_*/checkpoints/*.ckpt")
@@ -279,6 +373,56 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path, caps
     torch.save({"encoder.blocks.99.attn.qkv.weight": torch.zeros(1)}, other)
     assert main(_teacher_args(tiny_data, tmp_path, "--model.init_args.checkpoint_path", str(other))) == 1
     assert "blocks.99" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_saves_a_checkpoint_that_resumes_the_run(name, tiny_data, tmp_path):
+    """`depthkit fit` in a subprocess, signalled mid-run as SLURM does (every process, DataLoader workers too): it
+    saves `<default_root_dir>/preempted.ckpt` and exits with 128 + the signal; `--ckpt_path` then finishes the run."""
+    signum, max_steps, batch_size = getattr(signal, name), 40, 2
+    small = ["--data.val", "null", "--data.crop_size", "28", "--data.batch_size", str(batch_size)]
+    small += ["--trainer.max_steps", str(max_steps), "--trainer.enable_progress_bar", "false"]
+    run, resumed, log = tmp_path / "run", tmp_path / "resumed", tmp_path / "log.txt"
+    run.mkdir()
+    ckpt = run / "preempted.ckpt"
+    ckpt.write_bytes(b"an earlier preemption")
+    stale = ckpt.stat().st_ino
+    # Lightning stages checkpoints in $TMPDIR; from another filesystem its final move rewrites the old file in place.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": "/dev/shm" if Path("/dev/shm").is_dir() else str(tmp_path)}
+
+    def fit(root: Path, *extra: str) -> subprocess.Popen:
+        args = _teacher_args(tiny_data, root, *small, *extra)
+        with open(log, "a") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "depthkit.cli", *args], stdout=out, stderr=out, env=env, start_new_session=True
+            )
+
+    proc = fit(run, "--model.panel_every_n_steps", "5")
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "lightning_logs/version_0/panels/step_00000010.png").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signum)
+        assert proc.wait(timeout=20) == 128 + signum, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert ckpt.stat().st_ino != stale, "the checkpoint was rewritten in place, not renamed into place"
+    assert [p.name for p in run.iterdir() if p.is_file()] == ["preempted.ckpt"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    step = state["global_step"]
+    assert 10 <= step < max_steps
+    assert state["optimizer_states"] and state["lr_schedulers"][0]["last_epoch"] == step
+    assert state["DepthDataModule"]["labeled"]["consumed"] == {"0": step * batch_size}
+
+    assert fit(resumed, "--ckpt_path", str(ckpt)).wait(timeout=120) == 0, log.read_text()[-3000:]
+    steps = [int(r["step"]) for r in _metrics(resumed) if r.get("train/loss")]
+    assert steps == list(range(step, max_steps))
+    (last,) = resumed.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["global_step"] == max_steps and final["lr_schedulers"][0]["last_epoch"] == max_steps
+    assert final["DepthDataModule"]["labeled"]["consumed"] == {"0": max_steps * batch_size}
 
 
 def test_two_processes_read_disjoint_shards_and_stay_in_sync(tiny_data, tmp_path):
