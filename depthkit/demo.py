@@ -84,7 +84,7 @@ def fit(out: Path, recipe: str, name: str, steps: int, extra: list[str]) -> Path
             "--trainer.enable_progress_bar",
             "true",
             "--trainer.log_every_n_steps",
-            "10",  # per-step logging of a tiny model costs the demo most of a minute
+            str(min(10, steps)),  # per-step logging of a tiny model costs the demo most of a minute
             "--model.init_args.panel_every_n_steps",
             "300",
             "--trainer.callbacks.every_n_train_steps",
