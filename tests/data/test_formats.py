@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -104,6 +106,28 @@ def test_float_formats_decode(tmp_path):
     tifffile.imwrite(tmp_path / "d.tif", depth * 1000)
     target, valid, _ = decode_depth(tmp_path / "d.tif", parse_codec("tiff_float32", "0.001", "", where="t"))
     np.testing.assert_allclose(target, [[1.5, 0.0], [0.0, 2.25]], rtol=1e-6)
+
+
+def test_exr_reads_through_opencv_or_names_the_file(tmp_path):
+    """EXR goes through OpenCV's OpenEXR codec. Wheels built without it give an error naming the file."""
+    os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
+    import cv2
+
+    depth = np.array([[1.5, 0.0], [3.0, 2.25]], np.float32)
+    path = tmp_path / "d.exr"
+    try:
+        written = cv2.imwrite(str(path), depth)
+    except cv2.error:
+        written = False
+    codec = parse_codec("exr_float32", "1", "0", where="t")
+    if written:
+        target, valid, _ = decode_depth(path, codec)
+        np.testing.assert_array_equal(target, depth)
+        np.testing.assert_array_equal(valid, depth > 0)
+    else:
+        path.write_bytes(b"v/1\x01 not a real EXR")
+        with pytest.raises(ValueError, match=r"d\.exr: OpenCV could not read this EXR"):
+            decode_depth(path, codec)
 
 
 def test_pfm_disparity_with_and_without_calibration(tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import shutil
+import threading
 from collections import Counter
 
 import numpy as np
@@ -216,3 +219,50 @@ def test_ratio_batch_sizes():
     assert ratio_batch_sizes(3) == (1, 2)
     with pytest.raises(ValueError, match="must be positive"):
         ratio_batch_sizes(12, (1, 0))
+
+
+@pytest.fixture
+def http_root(synth_shards):
+    """Serve the synthetic shards over http from a local server thread (no outside network)."""
+    handler = functools.partial(_QuietHandler, directory=str(synth_shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+def _local_names(folder) -> list[str]:
+    return [p.rsplit("/", 1)[-1] for p in shard_paths(folder)]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset opens http(s) URLs with curl, not on PATH")
+def test_http_brace_and_pipe_urls_stream_like_local_files(synth_shards, http_root):
+    names = _local_names(synth_shards)
+    assert names[0].endswith("000000.tar") and len(names) == 8
+    stem = names[0][: -len("000000.tar")]
+    url = f"{http_root}/{stem}{{000000..000007}}.tar"
+    assert len(shard_paths(url)) == 8
+    local = ShardStream(synth_shards, batch_size=4, drop_last=False)
+    remote = ShardStream(url, batch_size=4, drop_last=False, rank=1, world_size=2)
+    remote_other = ShardStream(url, batch_size=4, drop_last=False, rank=0, world_size=2)
+    local_batches = list(local)
+    remote_keys = _keys(remote) + _keys(remote_other)
+    assert sorted(remote_keys) == sorted(_keys(local_batches)) and len(remote_keys) == 48
+    piped = ShardStream(f"pipe:cat {synth_shards}/{names[0]}", batch_size=6, drop_last=False)
+    (batch,) = list(piped)
+    first = next(b for b in local_batches if batch["key"][0] in b["key"])
+    i = first["key"].index(batch["key"][0])
+    torch.testing.assert_close(batch["target"][0], first["target"][i])
+
+
+def test_missing_http_shard_names_the_url(synth_shards, http_root):
+    url = f"{http_root}/no-such-shard-000000.tar"
+    with pytest.raises(ShardFormatError, match="no-such-shard-000000.tar"):
+        list(ShardStream(url, batch_size=2, drop_last=False))
