@@ -11,6 +11,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests never reach a model hub: transformers (a dev dependency, for the layout round trips) stays offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CAN_RUN_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
