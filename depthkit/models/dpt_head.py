@@ -3,7 +3,7 @@
 Forward, as in Depth Anything V1/V2: per tapped block, tokens -> (class-token readout) -> grid -> 1x1 project ->
 resize (4x up, 2x up, same, 2x down) -> 3x3 `layerK_rn`; fuse refinenet4 -> refinenet1 (each upsamples to the next
 map, the last by 2x); `output_conv1`; bilinear upsample to the input size; `output_conv2` (conv, ReLU, 1x1 conv,
-ReLU or Sigmoid).
+ReLU or Sigmoid). Under autocast the last 1x1 conv and activation run in fp32, so the prediction is fp32.
 
 `scratch.refinenet4.resConfUnit1` exists in the official layout but the deepest fusion block never gets a skip
 input, so it is unused: its parameters are created frozen (requires_grad=False), which keeps the checkpoint layout
@@ -134,4 +134,12 @@ class DPTHead(nn.Module):
         out_BCHW = s.output_conv1(path1_BCHW)
         out_size = (grid_h * self.patch_size, grid_w * self.patch_size)
         out_BCHW = F.interpolate(out_BCHW, size=out_size, mode="bilinear", align_corners=True)
-        return s.output_conv2(out_BCHW)
+        conv_hidden, act_hidden, conv_out, act_out = s.output_conv2
+        hidden_BCHW = act_hidden(conv_hidden(out_BCHW))
+        device_type = hidden_BCHW.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The prediction itself is computed in fp32 under mixed precision: bf16 keeps 8 significant bits, so a
+            # map near 1 would move in steps of 0.4%, as large as the signal the scale-invariant losses train on.
+            with torch.autocast(device_type, enabled=False):
+                return act_out(conv_out(hidden_BCHW.float()))
+        return act_out(conv_out(hidden_BCHW))

@@ -212,6 +212,7 @@ def test_pretrained_encoder_looks_for_the_dinov2_file(tmp_path, monkeypatch):
 def test_transformers_loads_the_export(tmp_path, name, overrides):
     """transformers reads the export and writes it back (a dev dependency: depthkit itself never imports it)."""
     import transformers
+
     model = _random_model(name, **overrides).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -222,19 +222,19 @@ def _last_checkpoint(run: Path) -> dict:
 
 @pytest.mark.parametrize("recipe", ["tiny_teacher", "tiny_student"])
 def test_bf16_mixed_precision_runs_in_autocast_with_fp32_weights(recipe, tiny_data, tmp_path, monkeypatch):
-    """`--trainer.precision bf16-mixed` on CPU: predictions come out of bf16 autocast, the losses are finite, the
-    weights and AdamW moments stay fp32."""
-    dtypes = set()
+    """`--trainer.precision bf16-mixed` on CPU: the model runs under bf16 autocast, its prediction comes out fp32 (the
+    head's last conv), the losses are finite, the weights and AdamW moments stay fp32."""
+    seen = set()
     predict = DepthModule.predict_uint8
 
     def spy(self, image_B3HW, **kwargs):
         out = predict(self, image_B3HW, **kwargs)
-        dtypes.add((out[0] if isinstance(out, tuple) else out).dtype)
+        seen.add((torch.is_autocast_enabled("cpu"), (out[0] if isinstance(out, tuple) else out).dtype))
         return out
 
     monkeypatch.setattr(DepthModule, "predict_uint8", spy)
     run = _fit(tmp_path, tiny_data, recipe, "--trainer.precision", "bf16-mixed", steps=2)
-    assert dtypes == {torch.bfloat16}
+    assert seen == {(True, torch.float32)}
     losses = torch.tensor([float(r["train/loss"]) for r in _metrics(run) if r.get("train/loss")])
     assert len(losses) == 2 and torch.isfinite(losses).all()
     state = _last_checkpoint(run)
