@@ -181,14 +181,8 @@ def graph_meta(model: nn.Module, *, precision: str, dynamic: Sequence[str], size
     """The metadata an export of `model` records."""
     import depthkit
 
-    meta = model.meta
-    return GraphMeta(
-        name=meta.name,
-        output_space=meta.output_space,
-        patch_size=meta.patch_size,
-        mean=meta.mean,
-        std=meta.std,
-        max_depth=meta.max_depth,
+    return GraphMeta.from_model_meta(
+        model.meta,
         precision=precision,
         dynamic_axes=tuple(dynamic),
         input_size_hw=tuple(size_hw),
@@ -221,8 +215,14 @@ def load_model(
     if checkpoint is not None and weights is not None:
         raise ValueError("--weights goes with --model; a --checkpoint holds its own weights")
     if model is not None:
-        net = create_model(model, checkpoint_path=weights) if weights else create_model(model, pretrained=True)
-        return net.eval()
+        if weights is not None:
+            if not Path(weights).expanduser().exists():
+                raise FileNotFoundError(f"--weights not found: {Path(weights).expanduser()}")
+            return create_model(model, checkpoint_path=weights).eval()
+        try:
+            return create_model(model, pretrained=True).eval()
+        except FileNotFoundError as err:  # the registry's hint names the Python API and `predict`'s flags
+            raise FileNotFoundError(f"{err}. To export your own weights: --model {model} --weights PATH") from None
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

@@ -1,7 +1,9 @@
 """What a depthkit ONNX graph says about itself: the `metadata_props` schema, written by `exporter`, read by `runtime`.
 
-Standard library only, so the torch-free runtime can import it. Every value is a string (ONNX stores strings):
-text fields as they are, numbers and lists as JSON.
+Standard library and the torch-free `depthkit.models.meta` only, so the torch-free runtime can import it. `GraphMeta`
+is the exported model's `ModelMeta` plus the facts of the export. Every value is a string (ONNX stores strings): text
+fields as they are, numbers and lists as JSON. The keys and encodings are fixed by format 1: graphs exported by any
+earlier depthkit load unchanged (`tests/export/test_export.py` holds a format-1 graph's props byte for byte).
 
 | key | value |
 | --- | --- |
@@ -26,30 +28,29 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from depthkit.models.meta import ModelMeta
+
 FORMAT_VERSION = "1"
 INPUT_NAME = "image"
 AXES = ("batch", "height", "width")
 PRECISIONS = ("fp32", "fp16")
 NON_MULTIPLE_POLICY = "pad"
 _REQUIRED = ("depthkit_onnx_format", "model_name", "output_space", "patch_size", "mean", "std", "max_depth")
+RECORDED_MODEL_FIELDS = ("name", "output_space", "patch_size", "mean", "std", "max_depth")
+"""The `ModelMeta` fields a graph records (`name` as `model_name`); it does not record `embed_dim`."""
 
 
 @dataclass(frozen=True)
-class GraphMeta:
-    """The metadata of an exported graph (the `model.meta` of the model it came from, plus export facts)."""
+class GraphMeta(ModelMeta):
+    """The metadata of an exported graph: the exported model's `ModelMeta` plus the facts of the export.
 
-    name: str
-    """Registry name of the exported model."""
-    output_space: str
-    """A `depthkit.spaces` name; the graph's output is named after it."""
-    patch_size: int
-    """H and W that are multiples of this run unpadded."""
-    mean: tuple[float, float, float]
-    """Normalization mean for RGB images in [0, 1]."""
-    std: tuple[float, float, float]
-    """Normalization std."""
-    max_depth: float | None
-    """Metric models: the output range (0, max_depth) metres; None for relative models."""
+    A `GraphMeta` is a `ModelMeta`, so `OnnxDepthModel.meta` reads like `DepthModel.meta`: `name`, `output_space`,
+    `patch_size`, `mean`, `std` and `max_depth` are the model's (`RECORDED_MODEL_FIELDS`). The graph does not record
+    `embed_dim` (it has no token output), so it is None here. Build one with `from_model_meta`.
+    """
+
+    embed_dim: int | None = None
+    """Not recorded in the graph (it outputs no tokens): None."""
     precision: str = "fp32"
     """"fp32" or "fp16" inside the graph; its inputs and outputs are float32 either way."""
     dynamic_axes: tuple[str, ...] = AXES
@@ -60,6 +61,13 @@ class GraphMeta:
     """The depthkit that exported it."""
     non_multiple_policy: str = NON_MULTIPLE_POLICY
     """What the graph does with H, W that are not multiples of `patch_size` ("pad")."""
+
+    @classmethod
+    def from_model_meta(cls, model: ModelMeta, **export) -> GraphMeta:
+        """What a graph of a model whose `meta` is `model` records: its `RECORDED_MODEL_FIELDS`, and the export
+        fields given as keywords (`precision`, `dynamic_axes`, `input_size_hw`, `depthkit_version`,
+        `non_multiple_policy`; the defaults above for the others)."""
+        return cls(**{name: getattr(model, name) for name in RECORDED_MODEL_FIELDS}, **export)
 
 
 def to_props(meta: GraphMeta) -> dict[str, str]:

@@ -5,7 +5,8 @@
     pred = model.infer(image_uint8_HWC)                  # Prediction(values=H x W float32, output_space=...)
 
 See `registry` for the model names, `checkpoint` for the official / transformers layouts, `depth_model` for the
-`DepthModel` interface (`forward`, `normalize`, `forward_with_features`, `infer`, `meta`).
+`DepthModel` interface (`forward`, `normalize`, `forward_with_features`, `infer`, `meta`), `meta` for `ModelMeta`
+(standard library only: the torch-free ONNX runtime uses it).
 
 The names below are imported lazily (PEP 562), so `depthkit.models.commands` (and `depthkit --help`) does not pay
 for importing torch and timm.
@@ -25,7 +26,7 @@ _EXPORTS = {
     "register_model": "registry",
     "checkpoint_filename": "registry",
     "DepthModel": "depth_model",
-    "ModelMeta": "depth_model",
+    "ModelMeta": "meta",
     "Prediction": "depth_model",
     "DinoV2Encoder": "dinov2",
     "DepthModelConfig": "config",
@@ -56,8 +57,9 @@ assert sorted(__all__) == sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from depthkit.models.checkpoint import load_checkpoint, save_checkpoint
     from depthkit.models.config import DepthModelConfig, DPTHeadConfig, EncoderConfig
-    from depthkit.models.depth_model import DepthModel, ModelMeta, Prediction
+    from depthkit.models.depth_model import DepthModel, Prediction
     from depthkit.models.dinov2 import DinoV2Encoder
+    from depthkit.models.meta import ModelMeta
     from depthkit.models.registry import (
         checkpoint_filename,
         create_encoder,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -12,8 +14,8 @@ from export_helpers import EXPORT_SIZE, VERIFY_SIZES, tiny_model
 from depthkit.cli import main
 from depthkit.export import TOLERANCES, OnnxDepthModel, VerificationError, export_onnx, load_model
 from depthkit.export.exporter import PaddedDepthModel, graph_meta, parse_dynamic, parse_size, traceable_pos_embed
-from depthkit.export.metadata import from_props, to_props
-from depthkit.models import create_model
+from depthkit.export.metadata import RECORDED_MODEL_FIELDS, GraphMeta, from_props, to_props
+from depthkit.models import ModelMeta, create_model
 
 
 def _torch(model, image_BCHW: np.ndarray) -> np.ndarray:
@@ -95,6 +97,49 @@ def test_metadata_round_trip(exported, model):
         from_props({**to_props(metric), "depthkit_onnx_format": "9"})
 
 
+# `metadata_props` of graphs exported before `GraphMeta` extended `ModelMeta` (depthkit 0.1.0, format 1), in file order
+FORMAT_1_PROPS = [
+    ("depthkit_onnx_format", "1"),
+    ("depthkit_version", "0.1.0"),
+    ("model_name", "test_dav2_metric"),
+    ("output_space", "metric_depth"),
+    ("patch_size", "14"),
+    ("mean", "[0.485, 0.456, 0.406]"),
+    ("std", "[0.229, 0.224, 0.225]"),
+    ("max_depth", "20.0"),
+    ("precision", "fp16"),
+    ("dynamic_axes", '["batch"]'),
+    ("input_size_hw", "[70, 70]"),
+    ("non_multiple_policy", "pad"),
+]
+
+
+def test_format_1_metadata_still_loads_and_is_written_byte_for_byte():
+    meta = from_props(dict(FORMAT_1_PROPS))
+    assert list(to_props(meta).items()) == FORMAT_1_PROPS  # same keys, order and encodings
+    assert (meta.name, meta.max_depth, meta.precision, meta.input_size_hw) == (
+        "test_dav2_metric",
+        20.0,
+        "fp16",
+        (70, 70),
+    )
+    assert meta.dynamic_axes == ("batch",) and meta.embed_dim is None
+    exported = graph_meta(create_model("test_dav2_metric"), precision="fp16", dynamic=("batch",), size_hw=(70, 70))
+    expected = dict(FORMAT_1_PROPS, depthkit_version=exported.depthkit_version)  # same order, this version
+    assert list(to_props(exported).items()) == list(expected.items())
+
+
+def test_graph_meta_is_the_model_meta_plus_export_facts():
+    model_meta = create_model("test_dav2_metric").meta
+    meta = GraphMeta.from_model_meta(model_meta, precision="fp16", input_size_hw=(70, 70))
+    assert isinstance(meta, ModelMeta)  # `OnnxDepthModel.meta` reads like `DepthModel.meta`
+    assert all(getattr(meta, name) == getattr(model_meta, name) for name in RECORDED_MODEL_FIELDS)
+    assert meta.embed_dim is None and meta.dynamic_axes == ("batch", "height", "width")
+    # every `ModelMeta` field is recorded in the graph, except the token width (a graph outputs no tokens): a new
+    # field has to be added to `to_props` / `from_props` (a new key) or to this list
+    assert {f.name for f in dataclasses.fields(ModelMeta)} == {*RECORDED_MODEL_FIELDS, "embed_dim"}
+
+
 def test_fp16_export_verifies_within_its_tolerance(model, export_dir, photos):
     result = export_onnx(
         model,
@@ -173,11 +218,28 @@ def test_command_errors_are_clean(checkpoint, tmp_path, capsys):
         ([*base, "--out", out, "--size", "50x56"], "not a multiple of the patch size 14"),
         ([*base, "--out", str(tmp_path / "x.onx")], "must end in .onnx"),
         (["export", "onnx", "--model", "test_dav2", "--out", out], "has no official weights"),
+        (["export", "onnx", "--model", "test_dav2", "--out", out], "--model test_dav2 --weights PATH"),
+        (
+            ["export", "onnx", "--model", "test_dav2", "--weights", str(tmp_path / "w.pth"), "--out", out],
+            "--weights not",
+        ),
     ]
     for args, message in cases:
         assert main(args) == 1, args
         assert message in capsys.readouterr().err, args
     assert list(tmp_path.iterdir()) == []
+
+
+def test_default_verify_sizes_cover_three_aspect_ratios_and_a_non_multiple():
+    from depthkit.export.verification import default_verify_sizes
+
+    for size_hw in [(518, 518), (518, 686), (70, 70), (42, 42)]:
+        sizes = default_verify_sizes(size_hw, 14, ("batch", "height", "width"))
+        assert sizes[0] == size_hw and len(sizes) == 4
+        multiples = [(h, w) for h, w in sizes if h % 14 == 0 and w % 14 == 0]
+        assert len(multiples) == 3 and len({h / w for h, w in multiples}) == 3  # export size, landscape, portrait
+        assert any(h < w for h, w in multiples) and any(h > w for h, w in multiples)
+    assert default_verify_sizes((518, 518), 14, ("batch",)) == [(518, 518)]  # a static H, W: its size only
 
 
 def test_option_parsers():
