@@ -1,4 +1,5 @@
-"""Shared plumbing for the Triton ops: the dispatch rule, input checks and kernel resolution.
+"""Shared plumbing for the Triton ops: the dispatch rule, input checks, kernel resolution and the device helpers
+the kernels share.
 
 Dispatch (house rule 3): every op takes `impl="auto" | "triton" | "torch"`.
 - "torch": the plain-torch reference (`depthkit_kernels.reference`), which is the op's spec.
@@ -9,7 +10,9 @@ Dispatch (house rule 3): every op takes `impl="auto" | "triton" | "torch"`.
 Kernel resolution: `triton.jit` decides at *decoration* time whether a kernel is compiled or interpreted, from
 `TRITON_INTERPRET`. So that the answer does not depend on who imported `depthkit_kernels` first, launchers call
 `resolve(kernel)`, which re-wraps the kernel's Python function for the mode the environment asks for *now*.
-For this to work, the kernels in this package never call other `@triton.jit` functions (helpers are inlined).
+`resolve` cannot re-wrap what a kernel calls, so the device functions the kernels share are decorated with
+`jit_helper`, not `@triton.jit`: they run in the mode of the kernel calling them. Triton's own library functions
+(`tl.sum`, `tl.max`, ...) keep the mode `triton.language` was imported in: set `TRITON_INTERPRET` before that.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -67,6 +71,52 @@ def resolve(kernel):
     if interpreter_enabled():
         return kernel if isinstance(kernel, InterpretedFunction) else _as_interpreted(kernel)
     return _as_compiled(kernel) if isinstance(kernel, InterpretedFunction) else kernel
+
+
+class _JitHelper(JITFunction):
+    """A device function that runs in the mode of the kernel calling it (see `jit_helper`)."""
+
+    def __call__(self, *args, **kwargs):
+        # Only an interpreted kernel calls a device function as Python; a compiled kernel inlines the JITFunction.
+        return _as_interpreted(self)(*args, **kwargs)
+
+
+def jit_helper(fn) -> JITFunction:
+    """`@triton.jit` for device functions that kernels call, without fixing their mode at import.
+
+    A plain `@triton.jit` helper keeps its import-time mode while `resolve` re-wraps its callers: an interpreted
+    kernel calling a compiled helper fails with "Cannot call @triton.jit'd outside of the scope of a kernel", a
+    compiled one calling an interpreted helper with "Unsupported function referenced". This one is a JITFunction,
+    which the compiler inlines into the kernel, and runs itself in the interpreter when an interpreted kernel calls it.
+    """
+    return _JitHelper(fn)
+
+
+@jit_helper
+def chunk(HW, BLOCK: tl.constexpr):
+    """Grid (images, chunks): this program's image b, chunk c, its offsets in the image, their bounds mask, and
+    the image's start in the B x HW maps."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < HW
+    base = b.to(tl.int64) * HW
+    return b, c, offs, inb, base
+
+
+@jit_helper
+def load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb):
+    """The valid mask of a chunk and its pred / target in fp32, 0 where invalid (inf/NaN there reach no sum)."""
+    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    return v, p, d
+
+
+@jit_helper
+def sign(x):
+    """The sign of x as -1.0, 0.0 or 1.0 (0.0 at 0 and at NaN)."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 
 
 def check_maps(op: str, pred_BHW: torch.Tensor, target_BHW: torch.Tensor, valid_BHW: torch.Tensor) -> None:

@@ -20,9 +20,25 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import FLOAT_DTYPES, resolve, use_triton
+from ._common import FLOAT_DTYPES, jit_helper, resolve, use_triton
 
 BLOCK_ROWS = 16  # x 128 channels per step, 8 warps: no register spills on sm_90 (32 rows spill; ptxas -v)
+
+
+@jit_helper
+def _load_tile(student_ptr, target_ptr, base, row_ok, d0, D, BLOCK_D: tl.constexpr):
+    """Channels d0 .. d0 + BLOCK_D of the rows at `base`: their columns, mask, and student / target in fp32."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    m = row_ok[:, None] & (cols < D)[None, :]
+    s = tl.load(student_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    t = tl.load(target_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    return cols, m, s, t
+
+
+@jit_helper
+def _floored_norm(sq, eps2):
+    """|x| from |x|^2, floored at eps (eps2 = eps^2), as in the reference."""
+    return tl.sqrt(tl.where(sq > eps2, sq, eps2))
 
 
 @triton.jit
@@ -36,15 +52,12 @@ def _fa_rows_kernel(
     ss = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     tt = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        m = row_ok[:, None] & (cols < D)[None, :]
-        s = tl.load(student_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        t = tl.load(target_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        cols, m, s, t = _load_tile(student_ptr, target_ptr, base, row_ok, d0, D, BLOCK_D)
         dot += tl.sum(s * t, axis=1)
         ss += tl.sum(s * s, axis=1)
         tt += tl.sum(t * t, axis=1)
-    norm_s = tl.sqrt(tl.where(ss > eps2, ss, eps2))
-    norm_t = tl.sqrt(tl.where(tt > eps2, tt, eps2))
+    norm_s = _floored_norm(ss, eps2)
+    norm_t = _floored_norm(tt, eps2)
     tl.store(cos_ptr + rows, dot / (norm_s * norm_t), mask=row_ok)
     tl.store(ss_ptr + rows, ss, mask=row_ok)
     tl.store(tt_ptr + rows, tt, mask=row_ok)
@@ -93,16 +106,13 @@ def _fa_backward_kernel(
     count = tl.load(count_ptr + img, mask=row_ok, other=1).to(tl.float32)
     grad_loss = tl.load(grad_loss_ptr + img, mask=row_ok, other=0.0)
     g = tl.where(row_ok & (cos <= tolerance), grad_loss / tl.maximum(count, 1.0), 0.0)
-    norm_s = tl.sqrt(tl.where(ss > eps2, ss, eps2))
-    norm_t = tl.sqrt(tl.where(tt > eps2, tt, eps2))
+    norm_s = _floored_norm(ss, eps2)
+    norm_t = _floored_norm(tt, eps2)
     coef_t = -g / (norm_s * norm_t)
     coef_s = tl.where(ss > eps2, g * cos / (norm_s * norm_s), 0.0)
     base = rows.to(tl.int64)[:, None] * D
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        m = row_ok[:, None] & (cols < D)[None, :]
-        s = tl.load(student_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        t = tl.load(target_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        cols, m, s, t = _load_tile(student_ptr, target_ptr, base, row_ok, d0, D, BLOCK_D)
         grad = coef_t[:, None] * t + coef_s[:, None] * s
         tl.store(grad_ptr + base + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=m)
 

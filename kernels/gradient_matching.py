@@ -28,11 +28,29 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import check_maps, flat_contiguous, resolve, use_triton, valid_bytes
+from ._common import check_maps, chunk, flat_contiguous, jit_helper, load_maps, resolve, sign, use_triton, valid_bytes
 
 BLOCK = 2048
 BLOCK_BACKWARD = 1024  # the backward keeps 4 neighbours x scales live: 2048 spilled registers on sm_90 (ptxas -v)
 MAX_SCALES = 8
+
+
+@jit_helper
+def _factor(scale_ptr, b, HAS_SCALE: tl.constexpr):
+    """The image's factor on pred or target (a or c in the module docstring), 1 when not given."""
+    s = 1.0
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + b)
+    return s
+
+
+@jit_helper
+def _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, delta, mask, a, cd):
+    """The pixels at offs + delta where `mask`: whether each is valid, and its residual a * pred - c * target."""
+    v_n = (tl.load(valid_ptr + base + offs + delta, mask=mask, other=0) != 0) & mask
+    p_n = tl.load(pred_ptr + base + offs + delta, mask=v_n, other=0.0).to(tl.float32)
+    d_n = tl.load(target_ptr + base + offs + delta, mask=v_n, other=0.0).to(tl.float32)
+    return v_n, a * p_n - cd * d_n
 
 
 @triton.jit
@@ -51,40 +69,22 @@ def _gm_forward_kernel(
     NUM_SCALES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    HW = H * W
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < HW
+    b, c, offs, inb, base = chunk(H * W, BLOCK)
     y = offs // W
     x = offs % W
-    base = b.to(tl.int64) * HW
-    a = 1.0
-    if HAS_PRED_SCALE:
-        a = tl.load(pred_scale_ptr + b)
-    cd = 1.0
-    if HAS_TARGET_SCALE:
-        cd = tl.load(target_scale_ptr + b)
-    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
-    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    a = _factor(pred_scale_ptr, b, HAS_PRED_SCALE)
+    cd = _factor(target_scale_ptr, b, HAS_TARGET_SCALE)
+    v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     r = a * p - cd * d
     out = part_ptr + (b * C + c) * (2 * NUM_SCALES)
     for k in tl.static_range(NUM_SCALES):
         step = 1 << k
         on_grid = v & ((y % step) == 0) & ((x % step) == 0)
-        # right neighbour (y, x + step)
-        m_r = on_grid & (x + step < W)
-        v_r = (tl.load(valid_ptr + base + offs + step, mask=m_r, other=0) != 0) & m_r
-        p_r = tl.load(pred_ptr + base + offs + step, mask=v_r, other=0.0).to(tl.float32)
-        d_r = tl.load(target_ptr + base + offs + step, mask=v_r, other=0.0).to(tl.float32)
-        diff_r = tl.where(v_r, tl.abs(a * p_r - cd * d_r - r), 0.0)
-        # lower neighbour (y + step, x)
-        m_d = on_grid & (y + step < H)
-        v_d = (tl.load(valid_ptr + base + offs + step * W, mask=m_d, other=0) != 0) & m_d
-        p_d = tl.load(pred_ptr + base + offs + step * W, mask=v_d, other=0.0).to(tl.float32)
-        d_d = tl.load(target_ptr + base + offs + step * W, mask=v_d, other=0.0).to(tl.float32)
-        diff_d = tl.where(v_d, tl.abs(a * p_d - cd * d_d - r), 0.0)
+        # right neighbour (y, x + step), lower neighbour (y + step, x)
+        v_r, r_r = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, step, on_grid & (x + step < W), a, cd)
+        diff_r = tl.where(v_r, tl.abs(r_r - r), 0.0)
+        v_d, r_d = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, step * W, on_grid & (y + step < H), a, cd)
+        diff_d = tl.where(v_d, tl.abs(r_d - r), 0.0)
         tl.store(out + 2 * k, tl.sum(diff_r + diff_d, axis=0))
         tl.store(out + 2 * k + 1, tl.sum(on_grid.to(tl.float32), axis=0))
 
@@ -128,24 +128,13 @@ def _gm_backward_kernel(
     NUM_SCALES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    HW = H * W
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < HW
+    b, c, offs, inb, base = chunk(H * W, BLOCK)
     y = offs // W
     x = offs % W
-    base = b.to(tl.int64) * HW
-    a = 1.0
-    if HAS_PRED_SCALE:
-        a = tl.load(pred_scale_ptr + b)
-    cd = 1.0
-    if HAS_TARGET_SCALE:
-        cd = tl.load(target_scale_ptr + b)
+    a = _factor(pred_scale_ptr, b, HAS_PRED_SCALE)
+    cd = _factor(target_scale_ptr, b, HAS_TARGET_SCALE)
     grad_loss = tl.load(grad_loss_ptr + b)
-    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
-    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     r = a * p - cd * d
     grad_r = tl.zeros([BLOCK], dtype=tl.float32)
     for k in tl.static_range(NUM_SCALES):
@@ -167,11 +156,8 @@ def _gm_backward_kernel(
             else:
                 m_n = on_grid & (y >= step)
                 delta = -step * W
-            v_n = (tl.load(valid_ptr + base + offs + delta, mask=m_n, other=0) != 0) & m_n
-            p_n = tl.load(pred_ptr + base + offs + delta, mask=v_n, other=0.0).to(tl.float32)
-            d_n = tl.load(target_ptr + base + offs + delta, mask=v_n, other=0.0).to(tl.float32)
-            diff = r - (a * p_n - cd * d_n)
-            acc += tl.where(v_n, tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)), 0.0)
+            v_n, r_n = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, delta, m_n, a, cd)
+            acc += tl.where(v_n, sign(r - r_n), 0.0)
         grad_r += weight * acc
     tl.store(grad_pred_ptr + base + offs, (a * grad_r).to(grad_pred_ptr.dtype.element_ty), mask=inb)
     if HAS_PRED_SCALE:

@@ -40,7 +40,18 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import check_maps, flat_contiguous, resolve, use_triton, valid_bytes, zeros_like_grad
+from ._common import (
+    check_maps,
+    chunk,
+    flat_contiguous,
+    jit_helper,
+    load_maps,
+    resolve,
+    sign,
+    use_triton,
+    valid_bytes,
+    zeros_like_grad,
+)
 from .select import MODE_KEEP, MODE_MEDIAN, radix_select
 
 BLOCK = 2048
@@ -57,17 +68,46 @@ def _reduce_block(C):
     return max(16, triton.next_power_of_2(C))
 
 
+@jit_helper
+def _aligned_residual(p, d, img, ALIGN: tl.constexpr):
+    """The aligned residual e and the z that Z = sum w g z weighs, from the image's fields `img` (IMG_FIELDS).
+
+    Least squares: e = scale p + shift - d, z = p - mean_p. Median/MAD: z = (p - m_p) / S_p, e = z - (d - m_d) / S_d.
+    The loss passes and the backward share it, so both see the same e.
+    """
+    if ALIGN == 0:
+        mean_p = tl.load(img + 1)
+        scale = tl.load(img + 4)
+        shift = tl.load(img + 5)
+        e = scale * p + shift - d
+        z = p - mean_p
+    else:
+        med_p = tl.load(img + 1)
+        med_d = tl.load(img + 2)
+        s_p = tl.load(img + 4)
+        s_d = tl.load(img + 5)
+        z = (p - med_p) / s_p
+        e = z - (d - med_d) / s_d
+    return e, z
+
+
+@jit_helper
+def _penalty(e, L1: tl.constexpr):
+    """The per-pixel loss phi(e) and its derivative g: |e| and sgn(e) (l1), or e^2 and 2 e (mse)."""
+    if L1:
+        loss = tl.abs(e)
+        g = sign(e)
+    else:
+        loss = e * e
+        g = 2.0 * e
+    return loss, g
+
+
 @triton.jit
 def _lsq_stats_kernel(pred_ptr, target_ptr, valid_ptr, part_ptr, HW, C, BLOCK: tl.constexpr):
     """Per chunk: count, means and centered second moments -> part[b, c, 0:5]."""
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < HW
-    base = b.to(tl.int64) * HW
-    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
-    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    b, c, offs, inb, base = chunk(HW, BLOCK)
+    v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     vf = v.to(tl.float32)
     n = tl.sum(vf, axis=0)
     n_safe = tl.maximum(n, 1.0)
@@ -122,19 +162,13 @@ def _lsq_solve_kernel(
 @triton.jit
 def _median_mad_kernel(pred_ptr, target_ptr, valid_ptr, median_ptr, part_ptr, HW, C, num_images, BLOCK: tl.constexpr):
     """Per chunk: sum |p - m_p|, sum |d - m_d|, sum sgn(p - m_p), #(p == m_p) -> part[b, c, 0:4]."""
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < HW
-    base = b.to(tl.int64) * HW
-    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
-    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    b, c, offs, inb, base = chunk(HW, BLOCK)
+    v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     med_p = tl.load(median_ptr + b)
     med_d = tl.load(median_ptr + num_images + b)
     vf = v.to(tl.float32)
     dp = p - med_p
-    sgn = tl.where(dp > 0, 1.0, tl.where(dp < 0, -1.0, 0.0))
+    sgn = sign(dp)
     out = part_ptr + (b * C + c) * 4
     tl.store(out + 0, tl.sum(tl.abs(dp) * vf, axis=0))
     tl.store(out + 1, tl.sum(tl.abs(d - med_d) * vf, axis=0))
@@ -202,34 +236,11 @@ def _ssi_pixel_kernel(
     BLOCK: tl.constexpr,
 ):
     """Aligned residual e and per-pixel loss l. Untrimmed: part[b, c] = (sum l, sum g, sum g z); else store l."""
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < HW
-    base = b.to(tl.int64) * HW
-    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
-    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    b, c, offs, inb, base = chunk(HW, BLOCK)
+    v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     img = img_ptr + b * IMG_FIELDS
-    if ALIGN == 0:
-        mean_p = tl.load(img + 1)
-        scale = tl.load(img + 4)
-        shift = tl.load(img + 5)
-        e = scale * p + shift - d
-        z = p - mean_p
-    else:
-        med_p = tl.load(img + 1)
-        med_d = tl.load(img + 2)
-        s_p = tl.load(img + 4)
-        s_d = tl.load(img + 5)
-        z = (p - med_p) / s_p
-        e = z - (d - med_d) / s_d
-    if L1:
-        loss = tl.abs(e)
-        g = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))
-    else:
-        loss = e * e
-        g = 2.0 * e
+    e, z = _aligned_residual(p, d, img, ALIGN)
+    loss, g = _penalty(e, L1)
     vf = v.to(tl.float32)
     if WRITE_MAP:
         tl.store(lossmap_ptr + base + offs, loss * vf, mask=inb)
@@ -257,34 +268,13 @@ def _ssi_trimmed_kernel(
     BLOCK: tl.constexpr,
 ):
     """Sums below / at the trim threshold -> part[b, c, 0:7] (see `_ssi_finalize_kernel`)."""
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < HW
-    base = b.to(tl.int64) * HW
-    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
-    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    b, c, offs, inb, base = chunk(HW, BLOCK)
+    v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     loss = tl.load(lossmap_ptr + base + offs, mask=inb, other=0.0)
     threshold = tl.load(threshold_ptr + b)
     img = img_ptr + b * IMG_FIELDS
-    if ALIGN == 0:
-        mean_p = tl.load(img + 1)
-        scale = tl.load(img + 4)
-        shift = tl.load(img + 5)
-        e = scale * p + shift - d
-        z = p - mean_p
-    else:
-        med_p = tl.load(img + 1)
-        med_d = tl.load(img + 2)
-        s_p = tl.load(img + 4)
-        s_d = tl.load(img + 5)
-        z = (p - med_p) / s_p
-        e = z - (d - med_d) / s_d
-    if L1:
-        g = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))
-    else:
-        g = 2.0 * e
+    e, z = _aligned_residual(p, d, img, ALIGN)
+    _, g = _penalty(e, L1)
     below = tl.where(v & (loss < threshold), 1.0, 0.0)
     tied = tl.where(v & (loss == threshold), 1.0, 0.0)
     out = part_ptr + (b * C + c) * 7
@@ -367,14 +357,8 @@ def _ssi_backward_kernel(
     BLOCK: tl.constexpr,
 ):
     """d(loss_B, alignment outputs)/d pred in one elementwise pass (formulas in the module docstring)."""
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < HW
-    base = b.to(tl.int64) * HW
-    v = (tl.load(valid_ptr + base + offs, mask=inb, other=0) != 0) & inb
-    p = tl.where(v, tl.load(pred_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-    d = tl.where(v, tl.load(target_ptr + base + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    b, c, offs, inb, base = chunk(HW, BLOCK)
+    v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     vf = v.to(tl.float32)
     img = img_ptr + b * IMG_FIELDS
     aux = aux_ptr + b * AUX_FIELDS
@@ -384,25 +368,8 @@ def _ssi_backward_kernel(
     big_g = c_loss * tl.load(aux + 1)
     big_z = c_loss * tl.load(aux + 2)
     grad_a = tl.load(grad_a_ptr + b)
-    if ALIGN == 0:
-        mean_p = tl.load(img + 1)
-        mean_d = tl.load(img + 2)
-        var_p = tl.load(img + 3)
-        scale = tl.load(img + 4)
-        shift = tl.load(img + 5)
-        solved = 1.0 - tl.load(img + 6)
-        e = scale * p + shift - d
-    else:
-        med_p = tl.load(img + 1)
-        med_d = tl.load(img + 2)
-        unfloored = tl.load(img + 3)
-        s_p = tl.load(img + 4)
-        s_d = tl.load(img + 5)
-        e = (p - med_p) / s_p - (d - med_d) / s_d
-    if L1:
-        g = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))
-    else:
-        g = 2.0 * e
+    e, z = _aligned_residual(p, d, img, ALIGN)
+    _, g = _penalty(e, L1)
     if TRIMMED:
         loss = tl.load(lossmap_ptr + base + offs, mask=inb, other=0.0)
         threshold = tl.load(threshold_ptr + b)
@@ -410,19 +377,25 @@ def _ssi_backward_kernel(
         q = c_loss * w * g
     else:
         q = c_loss * g
-    if ALIGN == 0:
+    if ALIGN == 0:  # z = p - mean_p
+        mean_p = tl.load(img + 1)
+        mean_d = tl.load(img + 2)
+        var_p = tl.load(img + 3)
+        scale = tl.load(img + 4)
+        solved = 1.0 - tl.load(img + 6)
         grad_b = tl.load(grad_b_ptr + b)
         k_scale = solved * (big_z + grad_a - mean_p * grad_b) / tl.where(solved > 0, var_p, 1.0)
         k_shift = solved * (scale / n_safe) * (big_g + grad_b)
-        grad = q * scale + ((d - mean_d) - 2.0 * scale * (p - mean_p)) * k_scale - k_shift
+        grad = q * scale + ((d - mean_d) - 2.0 * scale * z) * k_scale - k_shift
     else:
+        med_p = tl.load(img + 1)
+        unfloored = tl.load(img + 3)
+        s_p = tl.load(img + 4)
         sum_sgn = tl.load(img + 6)
         num_tied = tl.maximum(tl.load(img + 7), 1.0)
         k_s = (-big_z / s_p - grad_a / (s_p * s_p)) * unfloored
         k_m = (-big_g / s_p - k_s * sum_sgn / n_safe) / num_tied
-        dp = p - med_p
-        sgn = tl.where(dp > 0, 1.0, tl.where(dp < 0, -1.0, 0.0))
-        grad = q / s_p + k_s * sgn / n_safe + tl.where(p == med_p, k_m, 0.0)
+        grad = q / s_p + k_s * sign(p - med_p) / n_safe + tl.where(p == med_p, k_m, 0.0)
     grad = grad * vf
     tl.store(grad_pred_ptr + base + offs, grad.to(grad_pred_ptr.dtype.element_ty), mask=inb)
 

@@ -72,6 +72,22 @@ def test_kernels_follow_the_environment_at_call_time(monkeypatch):
     assert not isinstance(_common.resolve(_lsq_stats_kernel), InterpretedFunction)
 
 
+def test_kernels_resolve_for_compiling_with_their_helpers(monkeypatch):
+    """Imported interpreted (CPU test runs), each kernel still resolves for compiling with the `jit_helper`s it calls:
+    the cache key walks them, and a `@triton.jit` helper interpreted since import fails it ("Unsupported function
+    referenced")."""
+    import importlib
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    modules = [
+        importlib.import_module(f"depthkit_kernels.{m}") for m in ("ssi", "gradient_matching", "feature_alignment")
+    ]
+    kernels = [k for m in modules for name, k in vars(m).items() if name.endswith("_kernel")]
+    assert len(kernels) == 14
+    for kernel in kernels:
+        assert _common.resolve(kernel).cache_key
+
+
 @pytest.mark.parametrize(
     "bad",
     [
