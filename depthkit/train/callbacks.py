@@ -14,21 +14,25 @@ import lightning as L
 import numpy as np
 import torch
 
+from depthkit.train.module import logs_this_step
+
 log = logging.getLogger("depthkit.train")
 
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs `perf/images_per_s` (all ranks), `perf/data_wait_fraction` and `data/skipped` every step.
+    """Logs `perf/images_per_s` (all ranks), `perf/data_wait_fraction` and `data/skipped` at each logging step.
 
-    Data wait is the time from the end of one step to the start of the next (the loader's turn); the rest is
-    compute. Images count labeled + unlabeled images of the step on this rank, times the world size.
+    Both rates cover the steps since the last logging step (the first step, start-up, is left out). Data wait is the
+    time from the end of one step to the start of the next (the loader's turn); the rest is compute. Images count
+    labeled + unlabeled images on this rank, times the world size.
     """
 
     def __init__(self):
         self._step_end: float | None = None
         self._step_start = 0.0
+        self._window = [0, 0.0, 0.0]  # images, wait seconds, total seconds
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step_start = time.perf_counter()
@@ -36,21 +40,26 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
-        compute = now - self._step_start
         if self._step_end is not None:
             parts = batch.values() if "labeled" in batch else [batch]
-            images = sum(int(p["image"].shape[0]) for p in parts) * trainer.world_size
-            total = compute + self._wait
+            self._window[0] += sum(int(p["image"].shape[0]) for p in parts) * trainer.world_size
+            self._window[1] += self._wait
+            self._window[2] += now - self._step_start + self._wait
+        self._step_end = now
+        if not logs_this_step(trainer):
+            return
+        images, wait, total = self._window
+        if total > 0:
             pl_module.log_dict(
-                {"perf/images_per_s": images / max(total, 1e-9), "perf/data_wait_fraction": self._wait / total},
+                {"perf/images_per_s": images / total, "perf/data_wait_fraction": wait / total},
                 on_step=True,
                 on_epoch=False,
                 batch_size=1,
             )
+            self._window = [0, 0.0, 0.0]
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "num_skipped"):
             pl_module.log("data/skipped", float(datamodule.num_skipped), on_step=True, batch_size=1)
-        self._step_end = now
 
 
 def colorize(values_HW: np.ndarray, valid_HW: np.ndarray | None = None, cmap: str = "Spectral_r") -> np.ndarray:

@@ -453,3 +453,22 @@ def test_two_processes_read_disjoint_shards_and_stay_in_sync(tiny_data, tmp_path
     params = [torch.load(tmp_path / f"params_{r}.pt") for r in range(2)]
     for k in params[0]:
         torch.testing.assert_close(params[0][k], params[1][k], msg=k)
+
+
+def _logged(run: Path, key: str) -> dict[int, float]:
+    return {int(r["step"]): float(r[key]) for r in _metrics(run) if r.get(key)}
+
+
+@pytest.mark.parametrize("recipe", ["tiny_teacher", "tiny_student"])
+def test_sparse_logging_writes_the_same_values_at_the_logging_steps(recipe, tiny_data, tmp_path):
+    """Training steps between two logging steps skip `self.log` (it is costly): the logger still gets every term
+    at every `log_every_n_steps`-th step, with the values an every-step run logs there."""
+    every = _fit(tmp_path / "every", tiny_data, recipe, steps=4)
+    sparse = _fit(tmp_path / "sparse", tiny_data, recipe, "--trainer.log_every_n_steps", "2", steps=4)
+    keys = {k for r in _metrics(every) for k, v in r.items() if v and k.startswith(("train/", "perf/", "data/"))}
+    assert "train/loss" in keys and "perf/images_per_s" in keys
+    for key in keys:
+        dense, few = _logged(every, key), _logged(sparse, key)
+        assert sorted(few) == [1, 3], (key, few)
+        if not key.startswith("perf/"):
+            assert few == pytest.approx({step: dense[step] for step in few}, rel=1e-6), key
