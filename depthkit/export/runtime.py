@@ -35,6 +35,10 @@ from depthkit.models.sizing import official_resize_hw
 
 BICUBIC_A = -0.75  # torch's bicubic and OpenCV's INTER_CUBIC
 
+RUNTIME_REQUIREMENTS = ("onnxruntime", "numpy", "pillow", "matplotlib", "tqdm")
+"""All that `OnnxDepthModel` and `depthkit predict --onnx` import besides depthkit and the standard library (with
+their own dependencies): a deployment installs `pip install --no-deps depthkit` and these. A test checks the list."""
+
 
 @dataclass(frozen=True)
 class Prediction:

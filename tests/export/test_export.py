@@ -248,3 +248,12 @@ def test_option_parsers():
     assert parse_size("518") == (518, 518) and parse_size("392x518") == (392, 518)
     with pytest.raises(ValueError):
         parse_size("0x14")
+
+
+@pytest.mark.parametrize("opset", [14, 16, 20])
+def test_every_supported_opset_exports_and_verifies(model, tmp_path, opset):
+    """The ends and the middle of the documented opset range (17, the default, and 18 are tested above)."""
+    result = export_onnx(model, tmp_path / f"opset{opset}.onnx", opset=opset, size_hw=EXPORT_SIZE, log=None)
+    assert result.verification.passed and result.verification.max_rel < 1e-5
+    imports = {i.domain: i.version for i in onnx.load(str(result.path)).opset_import}
+    assert imports[""] == opset

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
 
@@ -12,7 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from depthkit.cli import main
-from depthkit.export.runtime import OnnxDepthModel, official_resize_hw, resize_bicubic, resize_bilinear, to_float_hwc
+from depthkit.export.runtime import (
+    RUNTIME_REQUIREMENTS,
+    OnnxDepthModel,
+    official_resize_hw,
+    resize_bicubic,
+    resize_bilinear,
+    to_float_hwc,
+)
 from depthkit.models import preprocess
 
 PREDICT_TOLERANCE = 1e-4  # predict --onnx vs predict (torch), relative to each image's prediction range
@@ -60,15 +69,21 @@ def test_images_are_converted_like_the_torch_path():
         to_float_hwc(np.zeros((4, 4, 3), np.int32))
 
 
-def test_predict_onnx_matches_predict_torch(exported, checkpoint, photos, tmp_path):
+def test_predict_onnx_matches_predict_torch(exported, checkpoint, shared_data, tmp_path):
+    """Every photo of ../shared/data/unlabeled (the folder, as a user passes it) through both paths."""
+    from depthkit.models.predict import IMAGE_SUFFIXES
+
     common = ["--save", "npy", "--input-size", "42", "--batch-size", "4", "--no-progress"]
-    inputs = [str(p) for p in photos]
+    folder = shared_data / "unlabeled"
+    inputs = [str(folder)]
+    photos = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+    assert len(photos) >= 40
     torch_args = ["--model", "test_dav2", "--checkpoint", str(checkpoint)]
     assert main(["predict", *inputs, "--out", str(tmp_path / "torch"), *torch_args, *common]) == 0
     assert main(["predict", *inputs, "--out", str(tmp_path / "onnx"), "--onnx", str(exported.path), *common]) == 0
     compared = 0
-    for path in sorted((tmp_path / "torch").glob("*.npy")):
-        expected, got = np.load(path), np.load(tmp_path / "onnx" / path.name)
+    for path in sorted((tmp_path / "torch").rglob("*.npy")):
+        expected, got = np.load(path), np.load(tmp_path / "onnx" / path.relative_to(tmp_path / "torch"))
         assert got.shape == expected.shape and got.dtype == np.float32
         value_range = float(expected.max() - expected.min())
         assert value_range > 0.05, "the tiny model's prediction should vary over the image"
@@ -108,6 +123,7 @@ def test_foreign_onnx_graphs_are_refused(tmp_path):
 def test_runtime_and_predict_onnx_import_no_torch(exported, photos, tmp_path):
     code = (
         "import sys\n"
+        "at_start = set(sys.modules)\n"
         "import numpy as np\n"
         "from depthkit.export.runtime import OnnxDepthModel\n"
         f"model = OnnxDepthModel({str(exported.path)!r})\n"
@@ -117,7 +133,43 @@ def test_runtime_and_predict_onnx_import_no_torch(exported, photos, tmp_path):
         f"{str(exported.path)!r}, '--input-size', '28', '--no-progress']) == 0\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm', 'lightning'))\n"
         "assert not bad, bad[:5]\n"
+        "print(' '.join(m for m in sys.modules if '.' not in m and m not in at_start))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list(tmp_path.glob("*_color.png"))) == 1
+    # Every distribution it imported is one of RUNTIME_REQUIREMENTS or what they require: the documented
+    # torch-free install (`pip install --no-deps depthkit` + RUNTIME_REQUIREMENTS) is enough.
+    imported = _distributions(result.stdout.split()) - {"depthkit"}
+    assert imported <= _requirement_closure(RUNTIME_REQUIREMENTS), imported - _requirement_closure(RUNTIME_REQUIREMENTS)
+    assert {"onnxruntime", "numpy", "pillow"} <= imported
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _distributions(top_level_modules: list[str]) -> set[str]:
+    owners = importlib.metadata.packages_distributions()
+    return {
+        _canonical(dist)
+        for module in top_level_modules
+        if module not in sys.stdlib_module_names
+        for dist in owners.get(module, [])
+    }
+
+
+def _requirement_closure(names) -> set[str]:
+    """The distributions `names` need, transitively (installed metadata; optional extras left out)."""
+    seen, todo = set(), [_canonical(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [_canonical(re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0]) for r in requires if "extra ==" not in r]
+    return seen
