@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# GPU checks for depthkit, as ONE command on a lent GPU machine (one H200, python3 = 3.12, no network).
+#
+# Prepare here (this machine, any python3 with pip; the wheels target CPython 3.12 / manylinux x86-64):
+#     bash tools/gpu_checks.sh --download      # (re)fills .whl/ (git-ignored) with the pinned wheels below, ~16 MiB
+# Run there, with the device tool's `run`:
+#     carry:     [".whl"]
+#     command:   bash tools/gpu_checks.sh
+#     timeout_s: 570        (the script stops itself after GPU_CHECKS_BUDGET_S=510 s, plus <= 10 s to kill a step)
+#   A rerun of some steps only, on the still-warm machine: `bash tools/gpu_checks.sh losses_compile` (names below).
+#   `bash tools/gpu_checks.sh --dry-run` prints the steps and their limits without running anything.
+# Back here: the files land under the run's files_at; copy the CSVs into benchmarks/results/ if they are kept.
+#
+# Steps, in priority order (each under `timeout`; a failure does not stop the next; summary at the end):
+#   setup           install .whl into /tmp/site, link depthkit + depthkit_kernels there, print versions/GPU, smoke imports
+#   tests           pytest -m gpu tests/kernels (full-size Triton kernel parity on CUDA)        needs no carried wheel
+#   losses          benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager  needs no carried wheel
+#   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 512 images 480x640    needs braceexpand
+#   train_step      benchmarks/train_step.py --device cuda --model dav2_vits --crop 518        needs braceexpand
+#   losses_compile  benchmarks/losses.py, the full run (triton, eager AND torch.compile), with whatever time is
+#                   left: ~22 inductor compiles, the slowest and least certain step, so it goes last. Its rows are
+#                   printed as they finish, so a timeout still leaves them in the log.
+# Files under $OUT (at most 8 come back): gpu_checks.log (everything), summary.tsv, pytest_kernels_gpu.xml,
+#   losses_<GPU>-triton_eager.csv, losses_<GPU>.csv (full), pseudo_label-<GPU>.csv, train_step-gpu.csv.
+#
+# Carried wheels: the closure of depthkit's dependencies minus what the GPU image already has, WITHOUT wandb:
+# wandb 0.31.0 and its own tree (cwevals, distro, sniffio, platformdirs, googleapis-common-protos, 8 opentelemetry
+# packages) add ~21 MiB, and nothing here imports it (depthkit imports wandb lazily, for `eval --wandb` and the
+# demo's WandbLogger; timm's `try: import wandb` tolerates its absence). typing-extensions 4.16.0 (pydantic 2.14
+# needs >= 4.16) travels in .whl/cond/ and is installed only when the machine's own is older.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+WHL_DIR=.whl
+
+# One version of each (two of one name stop the whole install). Versions as in the tested dev venv.
+WHEELS=(
+    albucore==0.0.24
+    albumentations==2.0.8
+    annotated-types==0.8.0
+    braceexpand==0.1.7
+    docstring-parser==0.18.0
+    jsonargparse==4.53.0
+    kornia==0.9.0
+    kornia-rs==0.2.0
+    pydantic==2.14.4
+    pydantic-core==2.50.5
+    simsimd==6.5.16
+    stringzilla==5.3.2
+    typeshed-client==2.15.0
+    typing-inspection==0.4.5
+    webdataset==1.0.2
+)
+COND_WHEELS=(typing-extensions==4.16.0)  # installed there only if the image's is older than this
+PIP_TARGET_ARGS=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+
+download() {
+    local py=${GPU_CHECKS_DOWNLOAD_PYTHON:-python3} tmp
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks_whl.XXXXXX") || return 1
+    echo "downloading ${#WHEELS[@]} + ${#COND_WHEELS[@]} wheels for CPython 3.12 manylinux x86-64 into $tmp"
+    "$py" -m pip download -q "${PIP_TARGET_ARGS[@]}" -d "$tmp" "${WHEELS[@]}" || { rm -rf "$tmp"; return 1; }
+    "$py" -m pip download -q "${PIP_TARGET_ARGS[@]}" -d "$tmp/cond" "${COND_WHEELS[@]}" || { rm -rf "$tmp"; return 1; }
+    local n
+    n=$(find "$tmp" -maxdepth 1 -name '*.whl' | wc -l)
+    if [ "$n" -ne "${#WHEELS[@]}" ]; then
+        echo "expected ${#WHEELS[@]} wheels, got $n" >&2
+        rm -rf "$tmp"
+        return 1
+    fi
+    rm -rf "$WHL_DIR" && mv "$tmp" "$WHL_DIR" && chmod 755 "$WHL_DIR" || return 1
+    ls -l "$WHL_DIR" "$WHL_DIR/cond"
+    du -sh "$WHL_DIR"
+}
+
+DRY_RUN=0
+SELECTED=()
+for arg in "$@"; do
+    case "$arg" in
+        --download) download; exit $? ;;
+        --dry-run) DRY_RUN=1 ;;
+        -h | --help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        tests | losses | pseudo_label | train_step | losses_compile) SELECTED+=("$arg") ;;
+        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
+    esac
+done
+[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests losses pseudo_label train_step losses_compile)
+
+# Overridable, for a local dry run of the control flow (GPU_CHECKS_PYTHON=.venv/bin/python GPU_CHECKS_NO_INSTALL=1
+# GPU_CHECKS_ALLOW_CPU=1): none of these is needed on the GPU machine.
+PY=${GPU_CHECKS_PYTHON:-python3}
+BUDGET_S=${GPU_CHECKS_BUDGET_S:-510}
+SITE=${GPU_CHECKS_SITE:-/tmp/site}
+OUT=${OUT:-/tmp/gpu_checks_out}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks.XXXXXX")
+mkdir -p "$OUT"
+LOG="$OUT/gpu_checks.log"
+: >"$LOG"
+SUMMARY=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+# run_step NAME CAP MIN CMD...: runs CMD under `timeout min(CAP, time left)`, output appended to the log;
+# skipped when less than MIN seconds are left. CAP 0: all the time left.
+run_step() {
+    local name=$1 cap=$2 min=$3
+    shift 3
+    local left=$((BUDGET_S - SECONDS)) limit rc start
+    limit=$cap
+    if [ "$cap" -eq 0 ] || [ "$left" -lt "$cap" ]; then limit=$left; fi
+    log ""
+    log "=== [$name] $(date -u +%H:%M:%S) limit ${limit}s (cap $cap, $left s of the budget left): $*"
+    if [ "$DRY_RUN" -eq 1 ]; then
+        SUMMARY+=("$name	dry-run	0	limit ${limit}s")
+        return 0
+    fi
+    if [ "$limit" -lt "$min" ]; then
+        log "=== [$name] SKIPPED: ${limit}s left, needs at least ${min}s"
+        SUMMARY+=("$name	SKIPPED	0	out of budget")
+        return 0
+    fi
+    start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    local status=ok
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status=TIMEOUT; elif [ "$rc" -ne 0 ]; then status=FAILED; fi
+    log "=== [$name] rc=$rc ($status) in $((SECONDS - start)) s"
+    SUMMARY+=("$name	$rc	$((SECONDS - start))	$status")
+    return "$rc"
+}
+
+selected() {
+    local s
+    for s in "${SELECTED[@]}"; do [ "$s" = "$1" ] && return 0; done
+    return 1
+}
+
+# ---------------------------------------------------------------- setup
+setup_start=$SECONDS
+setup_rc=0
+log "=== [setup] $(date -u +%FT%TZ) $(hostname) repo $PWD budget ${BUDGET_S}s steps: ${SELECTED[*]}"
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+if [ "$DRY_RUN" -eq 0 ] && [ -n "${GPU_CHECKS_NO_INSTALL:-}" ]; then
+    log "GPU_CHECKS_NO_INSTALL set: not installing $WHL_DIR"
+elif [ "$DRY_RUN" -eq 0 ]; then
+    if ! compgen -G "$WHL_DIR/*.whl" >/dev/null; then
+        log "no wheels in $WHL_DIR: prepare them with 'bash tools/gpu_checks.sh --download' and carry [\".whl\"]"
+        setup_rc=1
+    elif ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$WHL_DIR"/*.whl 2>&1 | tee -a "$LOG"; then
+        log "pip install of $WHL_DIR/*.whl FAILED (steps needing braceexpand will fail)"
+        setup_rc=1
+    fi
+    # pydantic 2.14 needs typing-extensions >= 4.16: add the carried one only if the image's is older.
+    if ! "$PY" -c 'import importlib.metadata as m, sys; from packaging.version import Version as V
+sys.exit(V(m.version("typing_extensions")) < V("4.16.0"))' 2>/dev/null; then
+        log "typing-extensions older than 4.16.0 here: installing the carried one"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            "$WHL_DIR"/cond/*.whl 2>&1 | tee -a "$LOG" || setup_rc=1
+    fi
+fi
+if [ "$DRY_RUN" -eq 0 ]; then
+    # depthkit is not pip-installed there: link its two import packages (`kernels/` is `depthkit_kernels`).
+    mkdir -p "$SITE"
+    ln -sfn "$PWD/depthkit" "$SITE/depthkit"
+    ln -sfn "$PWD/kernels" "$SITE/depthkit_kernels"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    "$PY" -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' \
+        2>&1 | tee -a "$LOG"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
+    "$PY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|torchvision|triton|numpy|scipy|timm|lightning|pytorch-lightning|typing.extensions|opencv-python-headless|pyyaml|protobuf|setuptools|pydantic|pydantic.core|braceexpand|webdataset|albumentations|kornia|jsonargparse)==' |
+        tr '\n' ' ' | tee -a "$LOG"
+    log ""
+    # Smoke imports: what each step needs first, then the rest of depthkit's dependencies (informative only).
+    "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import importlib, time
+for name in ["depthkit_kernels", "depthkit.losses", "braceexpand", "depthkit.data.shards", "depthkit.pseudo_label.job",
+             "depthkit.train", "webdataset", "albumentations", "kornia", "jsonargparse", "lightning.pytorch.cli",
+             "pydantic", "wandb"]:
+    start = time.perf_counter()
+    try:
+        module = importlib.import_module(name)
+        where = module.__file__ if name in ("depthkit_kernels", "depthkit.losses") else ""
+        print(f"import {name}: ok {getattr(module, '__version__', '')} ({time.perf_counter() - start:.1f} s) {where}")
+    except Exception as exc:
+        note = " (not carried: expected, no step needs it)" if name == "wandb" else ""
+        print(f"import {name}: FAILED{note} {exc!r}"[:300])
+try:
+    from lightning.pytorch.cli import _JSONARGPARSE_SIGNATURES_AVAILABLE as ok
+    print("lightning sees jsonargparse[signatures]:", bool(ok))
+except Exception as exc:
+    print(f"lightning.pytorch.cli: {exc!r}"[:300])
+EOF
+    if ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+        log "no CUDA device visible"
+        [ -z "${GPU_CHECKS_ALLOW_CPU:-}" ] && { log "stopping (set GPU_CHECKS_ALLOW_CPU=1 to go on anyway)"; exit 2; }
+    fi
+fi
+GPU_TAG=$("$PY" -c 'import re, torch; print(re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_"))' \
+    2>/dev/null) || GPU_TAG=nogpu
+[ -n "$GPU_TAG" ] || GPU_TAG=nogpu
+SUMMARY+=("setup	$setup_rc	$((SECONDS - setup_start))	$([ "$setup_rc" -eq 0 ] && echo ok || echo FAILED)")
+log "=== [setup] rc=$setup_rc in $((SECONDS - setup_start)) s, GPU tag $GPU_TAG"
+
+# ---------------------------------------------------------------- steps
+# a. The gpu-marked kernel tests: full-size parity of the Triton kernels against the torch references.
+if selected tests; then
+    run_step tests 180 30 "$PY" -m pytest -q -m gpu tests/kernels -p no:cacheprovider --durations=8 \
+        --junitxml="$OUT/pytest_kernels_gpu.xml"
+fi
+
+# b. Loss kernels vs eager at full size (batch 32, 518x518, fp32 and bf16): no torch.compile, so it is quick.
+if selected losses; then
+    run_step losses 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 --impls triton,eager \
+        --out-dir "$WORK/losses_te"
+    for f in "$WORK"/losses_te/losses_*.csv; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" .csv)-triton_eager.csv"; done
+fi
+
+# c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 512 instead of 1024
+#    images, the one-at-a-time loop on 128 of them (the script scales it to --num), best of 2 instead of 3.
+if selected pseudo_label; then
+    run_step pseudo_label 150 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 512 \
+        --size 480 640 --batch-size 32 --single-num 128 --repeat 2 --out "$OUT/pseudo_label-$GPU_TAG.csv"
+fi
+
+# d. Lightning overhead of a training step on the GPU: 60 timed steps (after 10 warm-up) per loop, 3 pairs.
+if selected train_step; then
+    rm -f "$OUT/train_step-gpu.csv"  # the script appends
+    run_step train_step 120 45 "$PY" benchmarks/train_step.py --device cuda --model dav2_vits --crop 518 \
+        --batch-size 8 --steps 60 --warmup 10 --repeats 3 --log-every 20 --out "$OUT/train_step-gpu.csv"
+fi
+
+# e. The full losses benchmark (adds torch.compile of each reference): all the time left, at least 90 s.
+if selected losses_compile; then
+    run_step losses_compile 0 90 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 \
+        --out-dir "$OUT"
+fi
+
+# ---------------------------------------------------------------- summary
+{
+    printf 'step\trc\tseconds\tstatus\n'
+    printf '%s\n' "${SUMMARY[@]}"
+} >"$OUT/summary.tsv"
+log ""
+log "=== summary (total $SECONDS s of a ${BUDGET_S} s budget; files in $OUT)"
+column -t -s $'\t' "$OUT/summary.tsv" 2>/dev/null | tee -a "$LOG" || tee -a "$LOG" <"$OUT/summary.tsv"
+# shellcheck disable=SC2012
+ls -l "$OUT" | tee -a "$LOG"
+rm -rf "$WORK"
+# Exit non-zero when any step failed (skips and dry runs are not failures).
+! grep -qE $'\t(FAILED|TIMEOUT)$' "$OUT/summary.tsv"
