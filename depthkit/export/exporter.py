@@ -221,8 +221,8 @@ def load_model(
             return create_model(model, checkpoint_path=weights).eval()
         try:
             return create_model(model, pretrained=True).eval()
-        except FileNotFoundError as err:  # the registry's hint names the Python API and `predict`'s flags
-            raise FileNotFoundError(f"{err}. To export your own weights: --model {model} --weights PATH") from None
+        except FileNotFoundError as err:  # the registry's hint names the Python API; name this command's flag
+            raise FileNotFoundError(f"{err}; here: --model {model} --weights PATH") from None
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

@@ -73,7 +73,10 @@ def _build_predictor(args: argparse.Namespace):
     elif args.checkpoint:
         model = create_model(args.model, checkpoint_path=args.checkpoint)
     else:
-        model = create_model(args.model, pretrained=True)
+        try:
+            model = create_model(args.model, pretrained=True)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; here: --checkpoint PATH, or --random-weights to try the command") from None
     model = model.to(device).eval()
 
     def predict(images):

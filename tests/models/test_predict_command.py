@@ -128,7 +128,8 @@ def test_user_errors_are_clean(tmp_path, capsys, monkeypatch):
     assert "--save 'color,exr'" in capsys.readouterr().err
     monkeypatch.setenv("DEPTHKIT_HOME", str(tmp_path / "home"))
     assert main(["predict", str(image), "--out", out, "--model", "dav2_vits"]) == 1
-    assert "depth_anything_v2_vits.pth" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "depth_anything_v2_vits.pth" in err and "--checkpoint PATH" in err
     assert main(["predict", str(tmp_path / "*.tif"), "--out", out, *TINY]) == 1
     assert "no files match" in capsys.readouterr().err
 
