@@ -124,7 +124,7 @@ def _inverse(values_HW: np.ndarray) -> np.ndarray:
 
 
 def clamp_depth(depth_HW: np.ndarray, min_depth: float, cap: float) -> np.ndarray:
-    """Clamp to `[min_depth, cap]`; NaN becomes `min_depth`, +inf `cap`, as BTS's `eval_with_pngs.py` does."""
+    """Clamp to `[min_depth, cap]`; NaN becomes `min_depth`, +inf `cap`, as ZoeDepth's `compute_metrics` does."""
     depth = np.nan_to_num(depth_HW.astype(np.float64), nan=min_depth, posinf=cap, neginf=min_depth)
     return np.clip(depth, min_depth, cap)
 

@@ -77,16 +77,17 @@ PROTOCOLS: dict[str, Protocol] = {
             source="BTS eval_with_pngs.py; ZoeDepth; Marigold (NYUv2 test, Eigen crop, 1e-3..10 m)",
         ),
         # Eigen test split (697 images; 652 have annotated ground truth), data_depth_annotated, 1e-3..80 m,
-        # Garg crop: BTS README (--garg_crop), DPT EVALUATION.md, ZoeDepth. Marigold uses the Eigen crop
-        # (--crop eigen_kitti to match it).
+        # Garg crop inside the KITTI-benchmark crop (kb_garg): ZoeDepth's evaluation (do_kb_crop, then garg_crop),
+        # which Depth Anything V1's metric KITTI numbers come from. BTS eval_with_pngs.py and DPT apply Garg to the
+        # full frame (--crop garg); Marigold applies Eigen inside the KB crop (--crop kb_eigen).
         Protocol(
             name="kitti",
             reader="kitti",
             min_depth=1e-3,
             max_depth=80.0,
-            crop="garg",
+            crop="kb_garg",
             num_expected=652,
-            source="BTS README/eval_with_pngs.py; DPT EVALUATION.md; ZoeDepth (Eigen test, Garg crop, 1e-3..80 m)",
+            source="ZoeDepth / Depth Anything V1 metric eval (Eigen test, KB crop + Garg crop, 1e-3..80 m)",
         ),
         # DIODE validation split (325 indoor + 446 outdoor), sensor mask, 0.6..350 m: Marigold diode_dataset.py
         # and data_split/diode_depth lists.

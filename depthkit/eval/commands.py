@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+CROP_CHOICES = ("none", "eigen_nyu", "garg", "eigen_kitti", "kb_garg", "kb_eigen")  # metrics.CROPS (a test checks)
+
 DATASET_HELP = (
     "benchmark name (nyu, kitti, diode, diode_indoors, diode_outdoor, eth3d, sintel, sintel_clean, da2k) "
     "or a data-layer manifest .csv"
@@ -51,7 +53,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--min-depth", type=float, help="override the benchmark's minimum depth (m)")
     parser.add_argument("--max-depth", type=float, help="override the benchmark's maximum depth (m)")
-    parser.add_argument("--crop", choices=("none", "eigen_nyu", "garg", "eigen_kitti"), help="override the crop")
+    parser.add_argument("--crop", choices=CROP_CHOICES, help="override the crop")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N samples only")
     parser.add_argument(
         "--out", default="results.json", metavar="PATH", help="result JSON (CSVs are written beside it)"

@@ -56,18 +56,21 @@ def make_nyu(root: Path, *, layout: str = "bts", with_split: bool = False) -> tu
     return root, truth
 
 
+KITTI_HW = (375, 1242)  # a real frame size: the KITTI protocol's crop starts with the 352x1216 benchmark crop
+
+
 def make_kitti(root: Path) -> tuple[Path, dict]:
     """Three Eigen-split lines: two with annotated GT (one under val/, one under train/), one 'None'."""
     truth, lines = {}, []
     drive = "2011_09_26_drive_0002_sync"
     for i, (frame, subset) in enumerate((("0000000069", "val"), ("0000000054", "train"), ("0000000075", None))):
         rgb_rel = f"2011_09_26/{drive}/image_02/data/{frame}.png"
-        _rgb(root / "raw" / rgb_rel, 30, 100, i)
+        _rgb(root / "raw" / rgb_rel, *KITTI_HW, i)
         if subset is None:
             lines.append(f"{rgb_rel} None 721.5377")
             continue
         depth_rel = f"{drive}/proj_depth/groundtruth/image_02/{frame}.png"
-        depth_HW, valid_HW = _depth(30, 100, i, 2.0, 85.0, invalid_fraction=0.8)
+        depth_HW, valid_HW = _depth(*KITTI_HW, i, 2.0, 85.0, invalid_fraction=0.8)
         raw_HW = np.where(valid_HW, np.round(depth_HW * 256), 0)
         _png16(root / "data_depth_annotated" / subset / depth_rel, raw_HW)
         lines.append(f"{rgb_rel} {depth_rel} 721.5377")

@@ -32,7 +32,8 @@ def test_protocol_table_is_consistent():
         assert protocol.source, f"{name} must cite where its protocol comes from"
         assert 0 <= protocol.min_depth < protocol.max_depth
     assert (PROTOCOLS["nyu"].crop, PROTOCOLS["nyu"].max_depth, PROTOCOLS["nyu"].num_expected) == ("eigen_nyu", 10, 654)
-    assert (PROTOCOLS["kitti"].crop, PROTOCOLS["kitti"].max_depth, PROTOCOLS["kitti"].num_expected) == ("garg", 80, 652)
+    kitti = PROTOCOLS["kitti"]
+    assert (kitti.crop, kitti.max_depth, kitti.num_expected) == ("kb_garg", 80, 652)
 
 
 @pytest.mark.parametrize("layout", ["bts", "marigold"])

@@ -41,9 +41,9 @@ def test_eval_end_to_end_with_predictions(kitti_with_predictions, tmp_path, caps
     argv = ["--predictions", str(preds), "--output-space", "affine_disparity", "--dataset", "kitti"]
     assert _run([*argv, "--data-root", str(root), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "lsq_disparity: benchmark protocol for affine_disparity" in printed and "crop garg" in printed
+    assert "lsq_disparity: benchmark protocol for affine_disparity" in printed and "crop kb_garg" in printed
     result = json.loads(out.read_text())
-    assert result["alignment"]["name"] == "lsq_disparity" and result["protocol"]["crop"] == "garg"
+    assert result["alignment"]["name"] == "lsq_disparity" and result["protocol"]["crop"] == "kb_garg"
     assert result["predictions"]["output_space"] == "affine_disparity" and result["num_scored"] == 2
     assert result["summary"]["abs_rel"] == pytest.approx(0.0, abs=1e-5)
     assert result["summary"]["delta1"] == 1.0

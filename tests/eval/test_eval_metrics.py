@@ -82,6 +82,23 @@ def test_kitti_crops_are_fractions_of_the_ground_truth():
     assert crop_mask((375, 1242), "garg").sum() == (371 - 153) * (1197 - 44)
     # Eigen crop: rows int(0.3324324*375)=124 .. int(0.91351351*375)=342.
     assert crop_mask((375, 1242), "eigen_kitti").sum() == (342 - 124) * (1197 - 44)
+    # KB crop first (bottom 352 rows, centred 1216 columns), then the fraction crop of that box (ZoeDepth, Marigold):
+    # at 375x1242 the box starts at row 23, column 13; garg of 352x1216 is rows 143:349, columns 43:1172.
+    kb_garg = crop_mask((375, 1242), "kb_garg")
+    rows, cols = np.nonzero(kb_garg)
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (23 + 143, 23 + 349, 13 + 43, 13 + 1172)
+    assert kb_garg.sum() == (349 - 143) * (1172 - 43)
+    np.testing.assert_array_equal(crop_mask((352, 1216), "kb_garg"), crop_mask((352, 1216), "garg"))
+    np.testing.assert_array_equal(crop_mask((352, 1216), "kb_eigen"), crop_mask((352, 1216), "eigen_kitti"))
+    with pytest.raises(ValueError, match="at least 1216x352"):
+        crop_mask((300, 1000), "kb_garg")
+
+
+def test_crop_choices_of_the_command_are_the_metrics_crops():
+    from depthkit.eval.commands import CROP_CHOICES
+    from depthkit.eval.metrics import CROPS
+
+    assert CROP_CHOICES == CROPS
     assert crop_mask((3, 4), "none").all()
     with pytest.raises(ValueError, match="crop="):
         crop_mask((3, 4), "bogus")
