@@ -32,7 +32,7 @@ def logs_this_step(trainer) -> bool:
     (profiled on CPU: a metadata dataclass is deep-copied per call). A tiny model's step logs about eight values, so
     calling it every step cost ~10% of the step; the steps in between skip it and lose nothing.
     """
-    connector = getattr(trainer, "_logger_connector", None)
+    connector = getattr(trainer, "_logger_connector", None)  # None outside a Trainer: `self.log` then warns as usual
     return connector is None or bool(trainer.fast_dev_run) or connector.should_update_logs
 
 
@@ -168,7 +168,7 @@ class DepthModule(L.LightningModule):
 
     def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
         """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""
-        if stage == "train" and not logs_this_step(self.trainer):
+        if stage == "train" and not logs_this_step(self._trainer):
             return
         for key, value in out.items():
             if value.dim() != 0 or key == "num_valid":
@@ -334,7 +334,7 @@ class StudentModule(DepthModule):
             total = total / (w.labeled + w.unlabeled + (w.feature if "feature" in logs else 0.0))
         n = labeled["image"].shape[0] + image_B3HW.shape[0]
         self.keep_panel(labeled, pred_l_BHW)
-        if not logs_this_step(self.trainer):
+        if not logs_this_step(self._trainer):
             return total
         self.log_terms("train", out_l, batch_size=labeled["image"].shape[0], prefix="labeled/")
         self.log_terms("train", out_u, batch_size=image_B3HW.shape[0], prefix="unlabeled/")
