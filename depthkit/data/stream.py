@@ -128,12 +128,6 @@ class BatchMeta:
     def __repr__(self) -> str:
         return f"BatchMeta({list(self._items)!r})"
 
-    def __getstate__(self):
-        return self._items
-
-    def __setstate__(self, items) -> None:
-        self._items = items
-
 
 def collate(samples: list[dict]) -> dict:
     """Stack samples into a batch: `image` uint8 `B×3×H×W`, `target` float32 and `valid` bool `B×H×W`."""
