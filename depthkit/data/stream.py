@@ -222,8 +222,6 @@ class ShardStream(IterableDataset):
         skip = self._resume_skip(global_worker, total_workers)
         consumed = skipped = 0
         batch: list[dict] = []
-        cutmix_seed = np.random.SeedSequence([self.seed, self.epoch, global_worker, 0xC07]).generate_state(1)[0]
-        cutmix_gen = torch.Generator().manual_seed(int(cutmix_seed))
         for raw in self._shuffled(self._raw_samples(global_worker, total_workers), global_worker):
             consumed += 1
             if consumed <= skip:
@@ -239,10 +237,10 @@ class ShardStream(IterableDataset):
                 continue
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield self._finish(batch, (global_worker, num_workers, total_workers), consumed, skipped, cutmix_gen)
+                yield self._finish(batch, (global_worker, num_workers, total_workers), consumed, skipped)
                 batch = []
         if batch and not self.drop_last:
-            yield self._finish(batch, (global_worker, num_workers, total_workers), consumed, skipped, cutmix_gen)
+            yield self._finish(batch, (global_worker, num_workers, total_workers), consumed, skipped)
         if skipped:
             # Batches carry the running count; this reports skips after the last batch too.
             log.warning("global worker %d skipped %d bad sample(s) of %d this epoch", global_worker, skipped, consumed)
@@ -324,11 +322,15 @@ class ShardStream(IterableDataset):
         sample["meta"] = {**sample["meta"], "pseudo": label["meta"]}
         return sample
 
-    def _finish(self, samples, workers, consumed, skipped, cutmix_gen) -> dict:
+    def _finish(self, samples, workers, consumed, skipped) -> dict:
         batch = collate(samples)
         if "image_strong" in batch and self.cutmix_p > 0:
             b, _, h, w = batch["image_strong"].shape
-            mask_BHW, index_B = cutmix_boxes(b, h, w, p=self.cutmix_p, generator=cutmix_gen)
+            # Seeded by the batch's position (worker, samples consumed), like the per-sample augmentation: a resumed
+            # stream draws the boxes the uninterrupted one would have.
+            seed = np.random.SeedSequence([self.seed, self.epoch, workers[0], consumed, 0xC07]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+            mask_BHW, index_B = cutmix_boxes(b, h, w, p=self.cutmix_p, generator=generator)
             strong = batch["image_strong"]
             batch["image_strong"] = torch.where(mask_BHW[:, None], strong[index_B], strong)
             batch["cutmix_mask"], batch["cutmix_index"] = mask_BHW, index_B
@@ -392,6 +394,29 @@ class StreamState:
         self.total_workers = state.get("total_workers")
         self.next_worker = state.get("next_worker", 0)
         self.consumed, self.skipped = dict(state.get("consumed", {})), dict(state.get("skipped", {}))
+
+
+def merge_stream_states(states: list[dict]) -> dict:
+    """One stream's position from each rank's `StreamState.state_dict()`: what a checkpoint must hold.
+
+    A rank only sees its own global workers, and rank 0 alone writes the checkpoint; so the ranks' `consumed` and
+    `skipped` (keyed by global worker, disjoint) are joined. Ranks step in lockstep, so epoch and the next worker
+    agree; a rank in another epoch than rank 0 (unequal finite streams) would replay its epoch, and is logged.
+    """
+    first = states[0]
+    merged = {**first, "consumed": {}, "skipped": {}}
+    for rank, state in enumerate(states):
+        if state.get("epoch", 0) != first.get("epoch", 0):
+            log.warning(
+                "rank %d is in epoch %s, rank 0 in %s: its position is not saved",
+                rank,
+                state["epoch"],
+                first.get("epoch", 0),
+            )
+            continue
+        merged["consumed"].update(state.get("consumed", {}))
+        merged["skipped"].update(state.get("skipped", {}))
+    return merged
 
 
 def make_loader(stream: ShardStream, *, num_workers: int = 0, pin_memory: bool = False, **kwargs) -> DataLoader:

@@ -374,6 +374,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
+        if (path / ".metadata").is_file():  # torch.distributed.checkpoint: FSDP2's `save_distributed_checkpoint`
+            raise ValueError(
+                f"{path} is a sharded (distributed) checkpoint; make one file first: python -m "
+                f"torch.distributed.checkpoint.format_utils dcp_to_torch {path} {path.with_suffix('.pt')}"
+            )
         weights = path / HF_WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{path} is a folder without {HF_WEIGHTS_NAME} (a transformers export)")

@@ -7,10 +7,12 @@ from depthkit.train.callbacks import ImagePanels, Preemption, ThroughputMonitor
 from depthkit.train.config import LossWeights, OptimConfig
 from depthkit.train.data import DepthDataModule
 from depthkit.train.module import DepthModule, StudentModule
+from depthkit.train.parallel import FSDP2Strategy
 
 __all__ = [
     "DepthDataModule",
     "DepthModule",
+    "FSDP2Strategy",
     "ImagePanels",
     "LossWeights",
     "OptimConfig",

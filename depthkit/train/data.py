@@ -8,10 +8,11 @@ where it stopped (see `docs/data.md`, "Resume").
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import CombinedLoader
 
 from depthkit.data.shards import label_shard_url, shard_paths
-from depthkit.data.stream import ShardStream, StreamState, make_loader
+from depthkit.data.stream import ShardStream, StreamState, make_loader, merge_stream_states
 from depthkit.data.transforms import SampleTransform, TransformConfig
 from depthkit.train.callbacks import ignore_preemption_signals
 
@@ -177,7 +178,14 @@ class DepthDataModule(L.LightningDataModule):
         return sum(state.num_skipped for state in self.states.values())
 
     def state_dict(self) -> dict:
-        return {name: state.state_dict() for name, state in self.states.items()}
+        """The streams' positions, joined over ranks (called on every rank when a checkpoint is saved)."""
+        own = {name: state.state_dict() for name, state in self.states.items()}
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return own
+        everyone: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(everyone, own)
+        return {name: merge_stream_states([ranks[name] for ranks in everyone]) for name in own}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = {name: dict(s) for name, s in state_dict.items() if s.get("consumed")}

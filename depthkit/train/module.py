@@ -278,6 +278,11 @@ class StudentModule(DepthModule):
                 raise ValueError(f"teacher {teacher!r} is metric; pseudo-labels are affine-invariant disparity")
         elif teacher_checkpoint:
             raise ValueError("teacher_checkpoint needs teacher= (the teacher's registry name)")
+        # The frozen networks are rebuilt from their own weights: they stay out of the state dict (so checkpoints
+        # hold the student alone) and their keys are not expected back. Hooks, not on_save/on_load_checkpoint, so
+        # that every path agrees, FSDP2's gathered state dicts and strict loads included.
+        self.register_state_dict_post_hook(_drop_frozen_keys)
+        self.register_load_state_dict_post_hook(_allow_missing_frozen_keys)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -285,16 +290,6 @@ class StudentModule(DepthModule):
         if self.teacher is not None:
             self.teacher.eval()
         return self
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        drop = ("frozen_encoder.", "teacher.")
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(drop)}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        own = self.state_dict()
-        for key in own:
-            if key.startswith(("frozen_encoder.", "teacher.")):
-                checkpoint["state_dict"].setdefault(key, own[key])
 
     def unlabeled_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo-labels of the clean images: from the shards, or from the online teacher."""
@@ -341,6 +336,20 @@ class StudentModule(DepthModule):
         self.log_dict({f"train/term/{k}": v.detach() for k, v in logs.items()}, batch_size=n)
         self.log("train/loss", total.detach(), batch_size=n, prog_bar=True)
         return total
+
+
+FROZEN_NETWORKS = ("frozen_encoder", "teacher")
+
+
+def _drop_frozen_keys(module, state_dict, prefix, local_metadata) -> None:
+    frozen = tuple(f"{prefix}{name}." for name in FROZEN_NETWORKS)
+    for key in [k for k in state_dict if k.startswith(frozen)]:
+        del state_dict[key]
+
+
+def _allow_missing_frozen_keys(module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if k.split(".", 1)[0] not in FROZEN_NETWORKS]  # the root module's keys
 
 
 def aligned_metrics(pred_BHW: torch.Tensor, batch: dict, output_space: str) -> dict[str, float]:

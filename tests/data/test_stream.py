@@ -21,7 +21,7 @@ from depthkit.data.shards import (
     iter_tar_samples,
     shard_paths,
 )
-from depthkit.data.stream import ShardStream, StreamState, make_loader, ratio_batch_sizes
+from depthkit.data.stream import ShardStream, StreamState, make_loader, merge_stream_states, ratio_batch_sizes
 from depthkit.data.transforms import SampleTransform, TransformConfig
 
 
@@ -48,22 +48,42 @@ def test_epochs_reshuffle_and_resampled_mode_runs_on(synth_shards):
     assert len(batches) == 20
 
 
+def _assert_same_batches(resumed: list[dict], full: list[dict]) -> None:
+    assert [b["key"] for b in resumed] == [b["key"] for b in full]
+    for a, b in zip(resumed, full, strict=True):
+        # Augmentation is seeded per sample and CutMix per batch position: same crops, jitter and boxes.
+        for name in ("image", "target", "image_strong", "cutmix_mask", "cutmix_index"):
+            torch.testing.assert_close(a[name], b[name], msg=name)
+
+
+def _strong_stream(shards, **kw) -> ShardStream:
+    transform = SampleTransform(TransformConfig(crop_size=28, patch_size=14, strong=True))
+    return ShardStream(shards, batch_size=3, transform=transform, shuffle_buffer=5, seed=7, cutmix_p=0.5, **kw)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_exactly(synth_shards, num_workers):
-    transform = SampleTransform(TransformConfig(crop_size=28, patch_size=14))
-
-    def stream(resume=None):
-        return ShardStream(synth_shards, batch_size=3, transform=transform, shuffle_buffer=5, seed=7, resume=resume)
-
-    full = list(make_loader(stream(), num_workers=num_workers))
+    full = list(make_loader(_strong_stream(synth_shards), num_workers=num_workers))
+    assert any(b["cutmix_mask"].any() for b in full[5:])
     state = StreamState()
     for batch in full[:5]:
         state.update(batch)
-    resumed = list(make_loader(stream(resume=state.state_dict()), num_workers=num_workers))
-    assert [b["key"] for b in resumed] == [b["key"] for b in full[5:]]
-    for a, b in zip(resumed, full[5:], strict=True):
-        torch.testing.assert_close(a["image"], b["image"])  # augmentation is seeded per sample: same crops
-        torch.testing.assert_close(a["target"], b["target"])
+    resumed = list(make_loader(_strong_stream(synth_shards, resume=state.state_dict()), num_workers=num_workers))
+    _assert_same_batches(resumed, full[5:])
+
+
+def test_resume_of_two_ranks_from_their_joined_state(synth_shards):
+    """A checkpoint is written by rank 0 alone: it holds the positions of every rank's workers, joined."""
+    full = [list(make_loader(_strong_stream(synth_shards, rank=r, world_size=2), num_workers=2)) for r in range(2)]
+    states = [StreamState() for _ in range(2)]
+    for rank in range(2):
+        for batch in full[rank][:3]:
+            states[rank].update(batch)
+    joined = merge_stream_states([state.state_dict() for state in states])
+    assert sorted(joined["consumed"]) == ["0", "1", "2", "3"]  # global workers of both ranks
+    for rank in range(2):
+        stream = _strong_stream(synth_shards, rank=rank, world_size=2, resume=joined)
+        _assert_same_batches(list(make_loader(stream, num_workers=2)), full[rank][3:])
 
 
 def test_resume_with_another_topology_is_refused(synth_shards):

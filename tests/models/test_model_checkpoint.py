@@ -176,6 +176,21 @@ def test_bad_files(tmp_path):
         create_model("test_dav2", checkpoint_path=tmp_path / "list.pth")
 
 
+def test_sharded_checkpoint_folder_names_the_conversion(tmp_path):
+    """FSDP2 with `save_distributed_checkpoint: true` writes a torch.distributed.checkpoint folder: the error gives
+    torch's one-file conversion, and the converted file loads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    model = _random_model("test_dav2")
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint_id=folder)
+    with pytest.raises(ValueError, match="sharded .*format_utils dcp_to_torch"):
+        create_model("test_dav2", checkpoint_path=folder)
+    dcp_to_torch_save(folder, tmp_path / "last.pt")
+    _assert_same(create_model("test_dav2", checkpoint_path=tmp_path / "last.pt").state_dict(), model.state_dict())
+
+
 def test_pretrained_looks_only_in_the_local_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("DEPTHKIT_HOME", str(tmp_path / "home"))
     assert checkpoint_dir() == tmp_path / "home" / "checkpoints"

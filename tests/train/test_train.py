@@ -425,34 +425,96 @@ def test_preemption_saves_a_checkpoint_that_resumes_the_run(name, tiny_data, tmp
     assert final["DepthDataModule"]["labeled"]["consumed"] == {"0": max_steps * batch_size}
 
 
-def test_two_processes_read_disjoint_shards_and_stay_in_sync(tiny_data, tmp_path):
-    """torchrun, 2 CPU processes, gloo: disjoint data per rank, identical parameters after the steps."""
-    script = Path(__file__).with_name("ddp_probe.py")
+def _torchrun(*args: str, port: int) -> None:
+    """Run `python -m torch.distributed.run` with 2 CPU processes (gloo); fail with the tail of its stderr."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            str(script),
-            str(tiny_data / "labeled"),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    keys = [set((tmp_path / f"keys_{r}.txt").read_text().split()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """The student, 3 steps on 2 processes, once with DDP and once with FSDP2 (`parallel_probe.py`)."""
+    runs = {}
+    for port, strategy in enumerate(("ddp", "fsdp2"), start=29517):
+        runs[strategy] = tmp_path_factory.mktemp(strategy)
+        probe = str(Path(__file__).with_name("parallel_probe.py"))
+        _torchrun(probe, str(tiny_data), str(runs[strategy]), strategy, "student", port=port)
+    return runs
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_read_disjoint_shards_and_stay_in_sync(strategy, two_process_runs):
+    run = two_process_runs[strategy]
+    keys = [set((run / f"keys_{r}.txt").read_text().split()) for r in range(2)]
     assert keys[0] and keys[1] and not (keys[0] & keys[1])
-    params = [torch.load(tmp_path / f"params_{r}.pt") for r in range(2)]
+    params = [torch.load(run / f"params_{r}.pt") for r in range(2)]
     for k in params[0]:
         torch.testing.assert_close(params[0][k], params[1][k], msg=k)
+
+
+def test_fsdp2_shards_every_network_and_trains_as_ddp_does(two_process_runs):
+    """Each rank holds about half of every parameter (student, frozen encoder), and the steps equal DDP's."""
+    local = {s: [torch.load(run / f"local_{r}.pt") for r in range(2)] for s, run in two_process_runs.items()}
+    assert all(f == 1.0 for f in local["ddp"][0].values())
+    for name, fraction in local["fsdp2"][0].items():
+        total = fraction + local["fsdp2"][1][name]
+        assert total == pytest.approx(1.0), name  # the two shards together hold the whole parameter
+    big = [n for n, f in local["fsdp2"][0].items() if "blocks" in n and n.endswith("weight")]
+    assert big and all(local["fsdp2"][0][n] == 0.5 for n in big)
+    assert any(n.startswith("frozen_encoder.blocks") for n in big)
+    ddp, fsdp = (torch.load(two_process_runs[s] / "params_0.pt") for s in ("ddp", "fsdp2"))
+    assert ddp.keys() == fsdp.keys()
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_fsdp2_run_resumes_with_the_same_losses(tiny_data, tmp_path):
+    """`depthkit fit --trainer.strategy fsdp2` on 2 processes: the student resumed from a mid-run checkpoint logs
+    the losses of the uninterrupted run (model, optimizer and both ranks' data positions restored)."""
+    args = [
+        "-m",
+        "depthkit.cli",
+        "fit",
+        "--trainer",
+        str(REPO / "configs/trainer/cpu.yaml"),
+        "--config",
+        str(REPO / "recipes/tiny_student.yaml"),
+        "--trainer.strategy",
+        "fsdp2",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath",
+        str(tmp_path / "ckpts"),
+        "--trainer.callbacks.every_n_train_steps",
+        "2",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+        "--data.num_workers",
+        "0",
+        *("--data.labeled", str(tiny_data / "labeled"), "--data.val", str(tiny_data / "val")),
+        *("--data.unlabeled", str(tiny_data / "unlabeled")),
+        *("--data.pseudo_labels", str(tiny_data / "pseudo")),
+    ]
+    _torchrun(*args, "--trainer.default_root_dir", str(tmp_path / "full"), port=29519)
+    (mid,) = (tmp_path / "ckpts").glob("*step=2.ckpt")
+    checkpoint = torch.load(mid, map_location="cpu", weights_only=False)
+    assert not any(k.startswith("frozen_encoder.") for k in checkpoint["state_dict"])  # one file, the student only
+    assert sorted(checkpoint["DepthDataModule"]["unlabeled"]["consumed"]) == ["0", "1"]  # both ranks' positions
+    _torchrun(*args, "--trainer.default_root_dir", str(tmp_path / "resumed"), "--ckpt_path", str(mid), port=29520)
+    loss = lambda run: {r["step"]: float(r["train/loss"]) for r in _metrics(run) if r.get("train/loss")}  # noqa: E731
+    full, resumed = loss(tmp_path / "full"), loss(tmp_path / "resumed")
+    assert sorted(resumed) == ["2", "3"]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), (step, full[step], resumed[step])
 
 
 def _logged(run: Path, key: str) -> dict[int, float]:

@@ -1,0 +1,143 @@
+"""Fully sharded data parallel (FSDP2) for depthkit runs: `strategy: depthkit.train.FSDP2Strategy`.
+
+Every process holds a 1/world-size shard of each parameter, gradient and optimizer state (a DTensor, sharded on
+dim 0) and gathers a unit's full weights only while that unit runs. Units: each transformer block, the DPT head,
+then each network of the module (the model, the student's frozen encoder, an online teacher) as a root for what
+is left (embeddings, final norm). Gradients are averaged over all processes, as with DDP.
+
+Why torch's `fully_shard` (through Lightning's `ModelParallelStrategy`) and not Lightning's `FSDPStrategy`:
+- `FSDPStrategy` wraps torch's FSDP1, whose flat parameters mix frozen and trainable weights badly (the student
+  holds both) and which needs a CUDA device, so it cannot be tested on CPU. `fully_shard` keeps every parameter as
+  it is (same names, so checkpoints keep their keys), shards frozen networks too, and runs on CPU with gloo: the
+  tests train with it.
+- `ModelParallelStrategy` alone splits nodes from GPUs (data-parallel over nodes, tensor-parallel within one).
+  depthkit has no tensor parallelism: this strategy shards over every process.
+
+In a trainer config: `strategy: fsdp2` (registered by importing `depthkit.train`), or with options
+`strategy: {class_path: depthkit.train.FSDP2Strategy, init_args: {reshard_after_forward: false}}`.
+
+Precision: `precision: bf16-mixed` autocasts as with DDP; the sharded weights stay fp32 (gathered in fp32), so
+the head's fp32 output layer (see `depthkit.models.dpt_head`) keeps working.
+
+Checkpoints: by default one file with the full state, gathered on rank 0 (what `predict`, `export`, `eval` and
+resuming read). `save_distributed_checkpoint: true` writes a folder of per-rank shards instead (no gather on
+rank 0); it resumes a run, and `python -m torch.distributed.checkpoint.format_utils dcp_to_torch DIR out.pt` makes
+the one file the other commands read.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from torch import nn
+from torch.distributed.constants import default_pg_timeout
+
+# Methods called instead of `forward` on a sharded network: FSDP2 must gather its weights for them too.
+FORWARD_METHODS = ("forward_with_features", "forward_patch_tokens")
+
+
+def shard_units() -> tuple[type[nn.Module], ...]:
+    """The module types that become their own sharding unit: transformer blocks and the DPT head."""
+    from timm.models.vision_transformer import Block
+
+    from depthkit.models.dpt_head import DPTHead
+
+    return (Block, DPTHead)
+
+
+def shard_networks(module: nn.Module, mesh, *, reshard_after_forward: bool = True) -> list[str]:
+    """Apply `fully_shard` to every network held by `module` (a LightningModule); returns their attribute names.
+
+    A network is a direct child with parameters. Its blocks and head become units first, then the network itself.
+    Networks already sharded are left alone (Lightning sets a module up again for each `fit` / `validate`).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    own = [name for name, _ in module.named_parameters(recurse=False)]
+    if own:
+        raise ValueError(f"FSDP2Strategy shards child networks; {type(module).__name__} holds parameters {own}")
+    units = shard_units()
+    sharded = []
+    for name, child in module.named_children():
+        if isinstance(child, FSDPModule) or next(child.parameters(), None) is None:
+            continue
+        for sub in child.modules():
+            if isinstance(sub, units):
+                fully_shard(sub, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(child, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        for method in FORWARD_METHODS:
+            if callable(getattr(child, method, None)):
+                register_fsdp_forward_method(child, method)
+        sharded.append(name)
+    return sharded
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over all processes of all nodes (see the module docstring).
+
+    Args:
+        reshard_after_forward: Free each unit's gathered weights after its forward and gather them again for the
+            backward (least memory, ZeRO-3). False keeps them until the backward (ZeRO-2: less communication).
+        save_distributed_checkpoint: Write per-rank shards (a folder) instead of one full checkpoint file.
+        process_group_backend: "nccl" on CUDA, "gloo" on CPU by default.
+        timeout: Collective timeout.
+    """
+
+    strategy_name = "fsdp2"
+
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # the world: every process holds a shard
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        shard_networks(
+            self.lightning_module,
+            self.device_mesh["data_parallel"],
+            reshard_after_forward=self.reshard_after_forward,
+        )
+        super().setup(trainer)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Resume; strict about the keys of the module's state dict rather than its parameter list.
+
+        Lightning's full-file path checks every parameter, so it would demand the networks a module keeps out of
+        its state dict (the student's frozen encoder and teacher, rebuilt from their own weights). The sharded
+        path already goes through `state_dict()` / `load_state_dict()`, which know about them.
+        """
+        module = self.lightning_module
+        path = Path(self.broadcast(checkpoint_path))
+        if not module.strict_loading or not path.is_file():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        saved = set(torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)["state_dict"])
+        expected = set(module.state_dict())
+        missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+        if missing or unexpected:
+            raise KeyError(f"{path}: keys missing {missing[:5]}, unexpected {unexpected[:5]} (of {len(saved)})")
+        module.strict_loading = False  # checked above; the frozen networks keep the weights they were built with
+        try:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        finally:
+            module.strict_loading = True
+
+
+# `strategy: fsdp2` in YAML or `--trainer.strategy fsdp2`; depthkit's meaning wins should Lightning add the name.
+StrategyRegistry.register("fsdp2", FSDP2Strategy, description=FSDP2Strategy.__doc__.splitlines()[0], override=True)

@@ -1,0 +1,73 @@
+"""Run by test_train.py under torchrun: a few steps on 2 CPU processes (gloo) with DDP or FSDP2.
+
+Usage: parallel_probe.py DATA_ROOT OUT STRATEGY KIND, with STRATEGY `ddp` | `fsdp2` and KIND `teacher` | `student`.
+Each rank writes the keys it saw (`keys_<rank>.txt`), the full parameters of the model after the steps
+(`params_<rank>.pt`, gathered from the shards under FSDP2) and, per parameter, the fraction of it held locally
+(`local_<rank>.pt`: 1.0 everywhere under DDP, about 1 / world size under FSDP2).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from depthkit.train import (
+    DepthDataModule,
+    DepthModule,
+    FSDP2Strategy,
+    ImagePanels,
+    Preemption,
+    StudentModule,
+    ThroughputMonitor,
+)
+
+
+class Probe(L.Callback):
+    def __init__(self, out: Path):
+        self.out, self.keys = out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys += batch["labeled"]["key"] if "labeled" in batch else batch["key"]
+
+    def on_train_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        (self.out / f"keys_{rank}.txt").write_text("\n".join(self.keys))
+        full = get_model_state_dict(pl_module.model, options=StateDictOptions(full_state_dict=True))
+        torch.save({k: v.detach().clone() for k, v in full.items()}, self.out / f"params_{rank}.pt")
+        local = {
+            name: (p.to_local().numel() if hasattr(p, "to_local") else p.numel()) / p.numel()
+            for name, p in pl_module.named_parameters()
+        }
+        torch.save(local, self.out / f"local_{rank}.pt")
+
+
+if __name__ == "__main__":
+    root, out, strategy, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+    L.seed_everything(0)
+    if kind == "student":
+        module = StudentModule("test_dav2", panel_every_n_steps=1)
+        extra = {"unlabeled": str(root / "unlabeled"), "pseudo_labels": str(root / "pseudo")}
+    else:
+        module, extra = DepthModule("test_dav2", panel_every_n_steps=1), {}
+    data = DepthDataModule(
+        str(root / "labeled"), batch_size=2, crop_size=42, num_workers=0, resampled=False, shuffle_buffer=0, **extra
+    )
+    # The callbacks of configs/trainer/*.yaml ride along: rank-0-only code in them must never block the others.
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=FSDP2Strategy() if strategy == "fsdp2" else strategy,
+        max_steps=3,
+        logger=CSVLogger(out),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[Probe(out), ThroughputMonitor(), ImagePanels(), Preemption()],
+    )
+    trainer.fit(module, data)
