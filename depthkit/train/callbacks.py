@@ -138,8 +138,13 @@ class Preemption(L.Callback):
         self.dirpath, self.signal_names = dirpath, signals
         self._received = 0
         self._previous: dict = {}
+        self._group = None
 
     def on_train_start(self, trainer, pl_module):
+        if trainer.world_size > 1 and self._group is None:
+            # Ranks agree on a signal after every optimizer step. A CPU (gloo) all-reduce keeps that off the GPU:
+            # on the NCCL group it would be a device tensor read back each step, a full GPU sync.
+            self._group = torch.distributed.new_group(backend="gloo")
         if threading.current_thread() is not threading.main_thread():
             return
         for name in self.signal_names:
@@ -155,10 +160,11 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # mid-accumulation: the gradients gathered so far would be in no checkpoint
-        received = torch.tensor(int(self._received), device=pl_module.device)
+        signum = int(self._received)
         if trainer.world_size > 1:
-            received = trainer.strategy.reduce(received, reduce_op="max")
-        signum = int(received)
+            received = torch.tensor([signum], dtype=torch.int64)
+            torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX, group=self._group)
+            signum = int(received)
         if not signum:
             return
         path = Path(self.dirpath or trainer.default_root_dir) / "preempted.ckpt"

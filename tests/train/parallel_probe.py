@@ -1,6 +1,8 @@
 """Run by test_train.py under torchrun: a few steps on 2 CPU processes (gloo) with DDP or FSDP2.
 
-Usage: parallel_probe.py DATA_ROOT OUT STRATEGY KIND, with STRATEGY `ddp` | `fsdp2` and KIND `teacher` | `student`.
+Usage: parallel_probe.py DATA_ROOT OUT STRATEGY KIND [PREEMPT], with STRATEGY `ddp` | `fsdp2` and KIND `teacher` |
+`student`. With PREEMPT (`preempt`), rank 1 alone sends itself SIGUSR1 during the second step: both ranks must save
+`OUT/preempted.ckpt` and exit with 138.
 Each rank writes the keys it saw (`keys_<rank>.txt`), the full parameters of the model after the steps
 (`params_<rank>.pt`, gathered from the shards under FSDP2) and, per parameter, the fraction of it held locally
 (`local_<rank>.pt`: 1.0 everywhere under DDP, about 1 / world size under FSDP2).
@@ -8,6 +10,8 @@ Each rank writes the keys it saw (`keys_<rank>.txt`), the full parameters of the
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,11 +32,13 @@ from depthkit.train import (
 
 
 class Probe(L.Callback):
-    def __init__(self, out: Path):
-        self.out, self.keys = out, []
+    def __init__(self, out: Path, preempt: bool):
+        self.out, self.keys, self.preempt = out, [], preempt
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.keys += batch["labeled"]["key"] if "labeled" in batch else batch["key"]
+        if self.preempt and batch_idx == 1 and trainer.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     def on_train_end(self, trainer, pl_module):
         rank = trainer.global_rank
@@ -48,6 +54,7 @@ class Probe(L.Callback):
 
 if __name__ == "__main__":
     root, out, strategy, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+    preempt = sys.argv[5:] == ["preempt"]
     L.seed_everything(0)
     if kind == "student":
         module = StudentModule("test_dav2", panel_every_n_steps=1)
@@ -68,6 +75,6 @@ if __name__ == "__main__":
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
-        callbacks=[Probe(out), ThroughputMonitor(), ImagePanels(), Preemption()],
+        callbacks=[Probe(out, preempt), ThroughputMonitor(), ImagePanels(), Preemption(dirpath=str(out))],
     )
     trainer.fit(module, data)

@@ -470,6 +470,16 @@ def test_fsdp2_shards_every_network_and_trains_as_ddp_does(two_process_runs):
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+def test_preemption_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tiny_data, tmp_path):
+    """SIGUSR1 reaches rank 1 only (FSDP2, 2 processes): the ranks agree, both take part in the save, both exit."""
+    probe = str(Path(__file__).with_name("parallel_probe.py"))
+    with pytest.raises(AssertionError, match="exitcode *: 138"):
+        _torchrun(probe, str(tiny_data), str(tmp_path), "fsdp2", "teacher", "preempt", port=29521)
+    state = torch.load(tmp_path / "preempted.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2 and state["optimizer_states"]
+    assert not (tmp_path / "params_0.pt").exists()  # the run stopped: training never ended
+
+
 def test_fsdp2_run_resumes_with_the_same_losses(tiny_data, tmp_path):
     """`depthkit fit --trainer.strategy fsdp2` on 2 processes: the student resumed from a mid-run checkpoint logs
     the losses of the uninterrupted run (model, optimizer and both ranks' data positions restored)."""
