@@ -17,6 +17,7 @@
 #   losses          benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager  needs no carried wheel
 #   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 512 images 480x640    needs braceexpand
 #   train_step      benchmarks/train_step.py --device cuda --model dav2_vits --crop 518        needs braceexpand
+#   fsdp2           depthkit fit with configs/trainer/gpu_fsdp.yaml (FSDP2, bf16), tiny teacher, 30 steps
 #   losses_compile  benchmarks/losses.py, the full run (triton, eager AND torch.compile), with whatever time is
 #                   left: ~22 inductor compiles, the slowest and least certain step, so it goes last. Its rows are
 #                   printed as they finish, so a timeout still leaves them in the log.
@@ -81,11 +82,11 @@ for arg in "$@"; do
         --download) download; exit $? ;;
         --dry-run) DRY_RUN=1 ;;
         -h | --help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        tests | losses | pseudo_label | train_step | losses_compile) SELECTED+=("$arg") ;;
+        tests | losses | pseudo_label | train_step | fsdp2 | losses_compile) SELECTED+=("$arg") ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
-[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests losses pseudo_label train_step losses_compile)
+[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests losses pseudo_label train_step fsdp2 losses_compile)
 
 # Overridable, for a local dry run of the control flow (GPU_CHECKS_PYTHON=.venv/bin/python GPU_CHECKS_NO_INSTALL=1
 # GPU_CHECKS_ALLOW_CPU=1): none of these is needed on the GPU machine.
@@ -231,7 +232,38 @@ if selected train_step; then
         --batch-size 8 --steps 60 --warmup 10 --repeats 3 --log-every 20 --out "$OUT/train_step-gpu.csv"
 fi
 
-# e. The full losses benchmark (adds torch.compile of each reference): all the time left, at least 90 s.
+# e. FSDP2 on the GPU (NCCL, bf16-mixed, DTensor weights) through the user's path: `depthkit fit` with
+#    configs/trainer/gpu_fsdp.yaml on synthetic shards, 30 steps of the tiny teacher on the one GPU, then the
+#    losses it logged (finite, lower at the end) and the full checkpoint it saved (loads with create_model).
+fsdp2_check() {
+    local d="$WORK/fsdp2"
+    "$PY" -m depthkit.cli synth --out "$d/labeled" --num 64 --size 96 128 --workers 2 || return 1
+    "$PY" -m depthkit.cli fit --trainer configs/trainer/gpu_fsdp.yaml --config recipes/tiny_teacher.yaml \
+        --data.labeled "$d/labeled" --data.val null --data.num_workers 2 --model.panel_every_n_steps 0 \
+        --trainer.max_steps 30 --trainer.log_every_n_steps 5 --trainer.enable_progress_bar false \
+        --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.save_dir "$d/run" \
+        --trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint --trainer.callbacks.dirpath "$d/ckpt" \
+        --trainer.callbacks.every_n_train_steps 30 --trainer.default_root_dir "$d/run" || return 1
+    "$PY" - "$d" <<'PYEOF'
+import csv, glob, math, sys
+import torch
+from depthkit.models import create_model
+d = sys.argv[1]
+(metrics,) = glob.glob(f"{d}/run/lightning_logs/version_*/metrics.csv")
+losses = [float(r["train/loss"]) for r in csv.DictReader(open(metrics)) if r.get("train/loss")]
+print("fsdp2 train/loss every 5 steps:", [round(x, 4) for x in losses])
+assert losses and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+(path,) = glob.glob(f"{d}/ckpt/*step=30.ckpt")
+state = torch.load(path, map_location="cpu", weights_only=False)
+model = create_model(state["hyper_parameters"]["model"], checkpoint_path=path)
+print("fsdp2 checkpoint:", path, "step", state["global_step"], "->", model.meta.name, "OK")
+PYEOF
+}
+if selected fsdp2; then
+    run_step fsdp2 90 40 fsdp2_check
+fi
+
+# f. The full losses benchmark (adds torch.compile of each reference): all the time left, at least 90 s.
 if selected losses_compile; then
     run_step losses_compile 0 90 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 \
         --out-dir "$OUT"
