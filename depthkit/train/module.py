@@ -92,6 +92,8 @@ class DepthModule(L.LightningModule):
         loss: The loss on labeled images (`depthkit.losses.DepthLossConfig`; presets in `configs/loss/`).
         optim: Optimizer and schedule.
         compile: Wrap the model in `torch.compile`.
+        grad_checkpointing: Recompute each encoder block in the backward instead of keeping its activations
+            (timm's `set_grad_checkpointing`): less memory for large models and crops, about a third more compute.
         panel_every_n_steps: Keep a sample for the image-panel callback every N steps (0: never).
     """
 
@@ -106,6 +108,7 @@ class DepthModule(L.LightningModule):
         loss: DepthLossConfig = preset("dav2"),
         optim: OptimConfig = OptimConfig(),
         compile: bool = False,
+        grad_checkpointing: bool = False,
         panel_every_n_steps: int = 200,
     ):
         super().__init__()
@@ -116,6 +119,7 @@ class DepthModule(L.LightningModule):
         )
         if encoder_checkpoint:
             load_encoder_weights(self.model, encoder_checkpoint)
+        self.model.encoder.set_grad_checkpointing(grad_checkpointing)
         space = self.model.meta.output_space
         if not pretrained and checkpoint_path is None and space != METRIC_DEPTH:
             start_output_positive(self.model)
@@ -250,6 +254,7 @@ class StudentModule(DepthModule):
         loss_weights: LossWeights = LossWeights(),
         optim: OptimConfig = OptimConfig(),
         compile: bool = False,
+        grad_checkpointing: bool = False,
         panel_every_n_steps: int = 200,
     ):
         super().__init__(
@@ -261,6 +266,7 @@ class StudentModule(DepthModule):
             loss=loss,
             optim=optim,
             compile=compile,
+            grad_checkpointing=grad_checkpointing,
             panel_every_n_steps=panel_every_n_steps,
         )
         self.save_hyperparameters()
@@ -271,6 +277,7 @@ class StudentModule(DepthModule):
         # The frozen DINOv2 target is the encoder the student starts from (`encoder_checkpoint`): a copy, kept out
         # of checkpoints (it is rebuilt from the same weights) and always in eval mode.
         self.frozen_encoder = copy.deepcopy(self.model.encoder).requires_grad_(False).eval()
+        self.frozen_encoder.set_grad_checkpointing(False)  # no backward through it: nothing to recompute
         self.teacher = None
         if teacher is not None:
             self.teacher = create_model(teacher, checkpoint_path=teacher_checkpoint).requires_grad_(False).eval()

@@ -307,6 +307,22 @@ def test_compiled_model_takes_the_same_steps(tiny_data, tmp_path):
     assert loss(compiled) == pytest.approx(loss(eager), rel=1e-4)
 
 
+def test_grad_checkpointing_recomputes_the_blocks_and_keeps_the_gradients():
+    image = torch.randint(0, 256, (2, 3, 28, 42), dtype=torch.uint8)
+    grads, calls = [], []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        module = DepthModule("test_dav2", grad_checkpointing=enabled)
+        calls.append(0)
+        module.model.encoder.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
+        module(image).square().mean().backward()
+        grads.append({n: p.grad for n, p in module.model.named_parameters() if p.grad is not None})
+    assert calls == [1, 2]  # checkpointed: the block runs again in the backward
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
 def test_checkpoint_rebuilds_its_model_without_the_yaml(tiny_data, tmp_path):
     run = _fit(tmp_path, tiny_data, "tiny_teacher", steps=1)
     (ckpt,) = run.glob("lightning_logs/version_*/checkpoints/*.ckpt")
