@@ -22,7 +22,8 @@ def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
         DepthDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
-        args=argv,
+        # From the command line, LightningCLI reads sys.argv itself (given both, it warns on every run).
+        args=None if argv == sys.argv[1:] else argv,
         run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "depthkit"},

@@ -168,7 +168,9 @@ class DepthModule(L.LightningModule):
         self.log_terms("val", out, batch_size=batch["image"].shape[0])
         metrics = aligned_metrics(pred_BHW, batch, self.model.meta.output_space)
         if metrics:
-            self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch["image"].shape[0])
+            self.log_dict(
+                {f"val/{k}": v for k, v in metrics.items()}, batch_size=batch["image"].shape[0], sync_dist=True
+            )
 
     def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
         """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""
@@ -177,9 +179,14 @@ class DepthModule(L.LightningModule):
         for key, value in out.items():
             if value.dim() != 0 or key == "num_valid":
                 continue
-            # Every rank sees the same validation data (see DepthDataModule.val_dataloader): no sync needed.
+            # Every rank sees the same validation data (see DepthDataModule.val_dataloader), so the epoch-end sync
+            # of validation values changes nothing; it makes checkpoint monitors provably agree across ranks.
             self.log(
-                f"{stage}/{prefix}{key}", value.detach(), batch_size=batch_size, prog_bar=not prefix and key == "loss"
+                f"{stage}/{prefix}{key}",
+                value.detach(),
+                batch_size=batch_size,
+                prog_bar=not prefix and key == "loss",
+                sync_dist=stage != "train",
             )
 
     def keep_panel(self, batch: dict, pred_BHW: torch.Tensor) -> None:

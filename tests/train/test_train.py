@@ -496,6 +496,47 @@ def test_preemption_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tiny_d
     assert not (tmp_path / "params_0.pt").exists()  # the run stopped: training never ended
 
 
+@pytest.mark.parametrize("launcher", ["fabric", "srun"])
+def test_launchers_start_two_ranks_without_code_changes(launcher, tiny_data, tmp_path):
+    """`fabric run` (Lightning's launcher) and SLURM's `srun` start `depthkit fit` (FSDP2) on 2 CPU processes.
+
+    `srun` is emulated as it works: it starts every task itself, each with SLURM_PROCID / SLURM_LOCALID /
+    SLURM_NTASKS..., and Lightning's SLURM environment takes ranks and the main address from them.
+    """
+    fit = [
+        "fit",
+        "--trainer",
+        str(REPO / "configs/trainer/cpu.yaml"),
+        "--config",
+        str(REPO / "recipes/tiny_teacher.yaml"),
+    ]
+    fit += ["--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.max_steps", "3"]
+    fit += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    fit += ["--data.labeled", str(tiny_data / "labeled"), "--data.val", "null", "--data.num_workers", "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if launcher == "fabric":
+        fabric = [str(Path(sys.executable).with_name("fabric")), "run", "--accelerator", "cpu", "--devices", "2"]
+        commands = [([*fabric, "--main-port", "29522", str(REPO / "depthkit/cli.py"), *fit], env)]
+    else:
+        slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "depthkit", "SLURM_NTASKS": "2", "SLURM_NNODES": "1"}
+        slurm |= {"SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}
+        slurm |= {"MASTER_PORT": "29523"}
+        commands = [
+            ([sys.executable, "-m", "depthkit.cli", *fit], {**env, **slurm, "SLURM_PROCID": r, "SLURM_LOCALID": r})
+            for r in ("0", "1")
+        ]
+    procs = [
+        subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c, e in commands
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    members = sorted(line.split("MEMBER: ")[1] for o in outputs for line in o.splitlines() if "MEMBER: " in line)
+    assert members == ["1/2", "2/2"]
+    state = _last_checkpoint(tmp_path)
+    assert state["global_step"] == 3
+    assert sorted(state["DepthDataModule"]["labeled"]["consumed"]) == ["0", "1"]  # both ranks trained, in one group
+
+
 def test_fsdp2_run_resumes_with_the_same_losses(tiny_data, tmp_path):
     """`depthkit fit --trainer.strategy fsdp2` on 2 processes: the student resumed from a mid-run checkpoint logs
     the losses of the uninterrupted run (model, optimizer and both ranks' data positions restored)."""
