@@ -1,7 +1,8 @@
 """Fully sharded data parallel (FSDP2) for depthkit runs: `strategy: depthkit.train.FSDP2Strategy`.
 
 Every process holds a 1/world-size shard of each parameter, gradient and optimizer state (a DTensor, sharded on
-dim 0) and gathers a unit's full weights only while that unit runs. Units: each transformer block, the DPT head,
+dim 0) and gathers a unit's full weights only while that unit runs (`hybrid_shard: true`: 1/GPUs-per-node, the
+shards replicated across nodes). Units: each transformer block, the DPT head,
 then each network of the module (the model, the student's frozen encoder, an online teacher) as a root for what
 is left (embeddings, final norm). Gradients are averaged over all processes, as with DDP.
 
@@ -81,6 +82,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         reshard_after_forward: Free each unit's gathered weights after its forward and gather them again for the
             backward (least memory, ZeRO-3). False keeps them until the backward (ZeRO-2: less communication).
+        hybrid_shard: Shard within each node and replicate across nodes (HSDP): the per-block gathers stay on the
+            node's fast links and only the gradient all-reduce crosses nodes; memory per GPU is that of one node's
+            sharding. Off: shard over every process of every node.
         save_distributed_checkpoint: Write per-rank shards (a folder) instead of one full checkpoint file.
         process_group_backend: "nccl" on CUDA, "gloo" on CPU by default.
         timeout: Collective timeout.
@@ -91,6 +95,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def __init__(
         self,
         reshard_after_forward: bool = True,
+        hybrid_shard: bool = False,
         save_distributed_checkpoint: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -102,18 +107,21 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        self.reshard_after_forward = reshard_after_forward
+        self.reshard_after_forward, self.hybrid_shard = reshard_after_forward, hybrid_shard
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # the world: every process holds a shard
         super().setup_environment()
 
     def setup(self, trainer) -> None:
-        shard_networks(
-            self.lightning_module,
-            self.device_mesh["data_parallel"],
-            reshard_after_forward=self.reshard_after_forward,
-        )
+        mesh = self.device_mesh["data_parallel"]
+        if self.hybrid_shard and self.num_nodes > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            # Global rank = node * processes + local rank: a mesh row is a node. A 2-D mesh makes fully_shard HSDP.
+            shape, names = (self.num_nodes, self.num_processes), ("replicate", "shard")
+            mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=names)
+        shard_networks(self.lightning_module, mesh, reshard_after_forward=self.reshard_after_forward)
         super().setup(trainer)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:

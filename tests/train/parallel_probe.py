@@ -1,11 +1,14 @@
-"""Run by test_train.py under torchrun: a few steps on 2 CPU processes (gloo) with DDP or FSDP2.
+"""Run by test_train.py under torchrun or an emulated srun: a few steps on CPU processes (gloo), DDP or FSDP2.
 
-Usage: parallel_probe.py DATA_ROOT OUT STRATEGY KIND [PREEMPT], with STRATEGY `ddp` | `fsdp2` and KIND `teacher` |
-`student`. With PREEMPT (`preempt`), rank 1 alone sends itself SIGUSR1 during the second step: both ranks must save
-`OUT/preempted.ckpt` and exit with 138.
+Usage: parallel_probe.py DATA_ROOT OUT STRATEGY KIND [preempt], with STRATEGY `ddp` | `fsdp2` | `hsdp` (FSDP2 with
+`hybrid_shard`) and KIND `teacher` | `student`, on $PROBE_NUM_NODES nodes (1 by default) of 2 processes each.
+With `preempt`, rank 1 alone sends itself SIGUSR1 during the second step: every rank must save `OUT/preempted.ckpt`
+and exit with 138.
+
 Each rank writes the keys it saw (`keys_<rank>.txt`), the full parameters of the model after the steps
-(`params_<rank>.pt`, gathered from the shards under FSDP2) and, per parameter, the fraction of it held locally
-(`local_<rank>.pt`: 1.0 everywhere under DDP, about 1 / world size under FSDP2).
+(`params_<rank>.pt`, gathered from the shards under FSDP2), per parameter the fraction of it held locally
+(`local_<rank>.pt`: 1.0 everywhere under DDP, about 1 / world size under FSDP2) and its local shards
+(`shards_<rank>.pt`, FSDP2 only).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class Probe(L.Callback):
             for name, p in pl_module.named_parameters()
         }
         torch.save(local, self.out / f"local_{rank}.pt")
+        shards = {name: p.to_local().clone() for name, p in pl_module.named_parameters() if hasattr(p, "to_local")}
+        torch.save(shards, self.out / f"shards_{rank}.pt")
 
 
 if __name__ == "__main__":
@@ -68,7 +73,8 @@ if __name__ == "__main__":
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=FSDP2Strategy() if strategy == "fsdp2" else strategy,
+        strategy={"fsdp2": FSDP2Strategy(), "hsdp": FSDP2Strategy(hybrid_shard=True)}.get(strategy, strategy),
+        num_nodes=int(os.environ.get("PROBE_NUM_NODES", "1")),
         max_steps=3,
         logger=CSVLogger(out),
         enable_checkpointing=False,

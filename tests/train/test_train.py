@@ -496,13 +496,29 @@ def test_preemption_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tiny_d
     assert not (tmp_path / "params_0.pt").exists()  # the run stopped: training never ended
 
 
+def _srun(command: list[str], *, nodes: int, tasks_per_node: int, port: int, env: dict | None = None) -> list[str]:
+    """Start `command` as SLURM's `srun` does: one process per task, each with the SLURM_* variables srun sets, from
+    which Lightning's SLURM environment takes ranks, nodes and the main address. Returns the tasks' outputs."""
+    ntasks = nodes * tasks_per_node
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "depthkit", "SLURM_NODELIST": "127.0.0.1"}
+    slurm |= {"SLURM_NTASKS": str(ntasks), "SLURM_NNODES": str(nodes), "SLURM_NTASKS_PER_NODE": str(tasks_per_node)}
+    base = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), **slurm}
+    procs = []
+    for task in range(ntasks):
+        ids = {"SLURM_PROCID": task, "SLURM_LOCALID": task % tasks_per_node, "SLURM_NODEID": task // tasks_per_node}
+        task_env = {**base, **(env or {}), **{k: str(v) for k, v in ids.items()}}
+        procs.append(
+            subprocess.Popen(command, env=task_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    return outputs
+
+
 @pytest.mark.parametrize("launcher", ["fabric", "srun"])
 def test_launchers_start_two_ranks_without_code_changes(launcher, tiny_data, tmp_path):
-    """`fabric run` (Lightning's launcher) and SLURM's `srun` start `depthkit fit` (FSDP2) on 2 CPU processes.
-
-    `srun` is emulated as it works: it starts every task itself, each with SLURM_PROCID / SLURM_LOCALID /
-    SLURM_NTASKS..., and Lightning's SLURM environment takes ranks and the main address from them.
-    """
+    """`fabric run` (Lightning's launcher) and SLURM's `srun` (emulated) start `depthkit fit` (FSDP2) on 2 CPU
+    processes."""
     fit = [
         "fit",
         "--trainer",
@@ -513,28 +529,40 @@ def test_launchers_start_two_ranks_without_code_changes(launcher, tiny_data, tmp
     fit += ["--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.max_steps", "3"]
     fit += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
     fit += ["--data.labeled", str(tiny_data / "labeled"), "--data.val", "null", "--data.num_workers", "0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if launcher == "fabric":
         fabric = [str(Path(sys.executable).with_name("fabric")), "run", "--accelerator", "cpu", "--devices", "2"]
-        commands = [([*fabric, "--main-port", "29522", str(REPO / "depthkit/cli.py"), *fit], env)]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        command = [*fabric, "--main-port", "29522", str(REPO / "depthkit/cli.py"), *fit]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs = [result.stdout + result.stderr]
     else:
-        slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "depthkit", "SLURM_NTASKS": "2", "SLURM_NNODES": "1"}
-        slurm |= {"SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}
-        slurm |= {"MASTER_PORT": "29523"}
-        commands = [
-            ([sys.executable, "-m", "depthkit.cli", *fit], {**env, **slurm, "SLURM_PROCID": r, "SLURM_LOCALID": r})
-            for r in ("0", "1")
-        ]
-    procs = [
-        subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c, e in commands
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+        outputs = _srun([sys.executable, "-m", "depthkit.cli", *fit], nodes=1, tasks_per_node=2, port=29523)
     members = sorted(line.split("MEMBER: ")[1] for o in outputs for line in o.splitlines() if "MEMBER: " in line)
     assert members == ["1/2", "2/2"]
     state = _last_checkpoint(tmp_path)
     assert state["global_step"] == 3
     assert sorted(state["DepthDataModule"]["labeled"]["consumed"]) == ["0", "1"]  # both ranks trained, in one group
+
+
+def test_hybrid_shard_shards_within_a_node_and_replicates_across_nodes(tiny_data, tmp_path):
+    """FSDP2 with `hybrid_shard` on 2 nodes x 2 processes (srun, emulated): each process holds half of a block's
+    weights, and after the steps the two nodes hold the same shards though they read different data."""
+    probe = [sys.executable, str(Path(__file__).with_name("parallel_probe.py")), str(tiny_data), str(tmp_path)]
+    _srun([*probe, "hsdp", "teacher"], nodes=2, tasks_per_node=2, port=29524, env={"PROBE_NUM_NODES": "2"})
+    keys = [set((tmp_path / f"keys_{r}.txt").read_text().split()) for r in range(4)]
+    assert all(keys) and sum(map(len, keys)) == len(set().union(*keys))  # 4 ranks, disjoint data
+    local = torch.load(tmp_path / "local_0.pt")
+    blocks = [n for n in local if ".blocks." in n and n.endswith("weight")]
+    assert blocks and all(local[n] == 0.5 for n in blocks)
+    shards = [torch.load(tmp_path / f"shards_{r}.pt") for r in range(4)]
+    for name in blocks:
+        torch.testing.assert_close(shards[2][name], shards[0][name], rtol=0, atol=0, msg=name)  # node 1 = node 0
+        torch.testing.assert_close(shards[3][name], shards[1][name], rtol=0, atol=0, msg=name)
+        assert not torch.equal(shards[0][name], shards[1][name])  # two different halves
+    params = [torch.load(tmp_path / f"params_{r}.pt") for r in range(4)]
+    for k in params[0]:
+        torch.testing.assert_close(params[3][k], params[0][k], rtol=0, atol=0, msg=k)
 
 
 def test_fsdp2_run_resumes_with_the_same_losses(tiny_data, tmp_path):
