@@ -24,6 +24,11 @@ from depthkit.models import create_encoder, create_model
 from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, METRIC_DEPTH
 from depthkit.train.config import LossWeights, OptimConfig
 
+# Checkpoints keep these typed configs in their hyperparameters. They are plain frozen dataclasses: allowlisted, so
+# that `torch.load(weights_only=True)` (torch's default, and how Lightning reads checkpoints unless told otherwise)
+# opens depthkit checkpoints.
+torch.serialization.add_safe_globals([DepthLossConfig, OptimConfig, LossWeights])
+
 
 def logs_this_step(trainer) -> bool:
     """Whether this training step's on-step scalars reach the logger (every `log_every_n_steps`, Lightning's rule).

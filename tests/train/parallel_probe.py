@@ -1,9 +1,10 @@
 """Run by test_train.py under torchrun or an emulated srun: a few steps on CPU processes (gloo), DDP or FSDP2.
 
-Usage: parallel_probe.py DATA_ROOT OUT STRATEGY KIND [preempt], with STRATEGY `ddp` | `fsdp2` | `hsdp` (FSDP2 with
-`hybrid_shard`) and KIND `teacher` | `student`, on $PROBE_NUM_NODES nodes (1 by default) of 2 processes each.
+Usage: parallel_probe.py DATA_ROOT OUT STRATEGY KIND [preempt | resume=CKPT], with STRATEGY `ddp` | `fsdp2` |
+`hsdp` (FSDP2 with `hybrid_shard`) and KIND `teacher` | `student`, on $PROBE_NUM_NODES nodes (1 by default) of 2
+processes each.
 With `preempt`, rank 1 alone sends itself SIGUSR1 during the second step: every rank must save `OUT/preempted.ckpt`
-and exit with 138.
+and exit with 138. With `resume=CKPT`, the run continues from that checkpoint.
 
 Each rank writes the keys it saw (`keys_<rank>.txt`), the full parameters of the model after the steps
 (`params_<rank>.pt`, gathered from the shards under FSDP2), per parameter the fraction of it held locally
@@ -60,6 +61,7 @@ class Probe(L.Callback):
 if __name__ == "__main__":
     root, out, strategy, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
     preempt = sys.argv[5:] == ["preempt"]
+    resume = sys.argv[5].removeprefix("resume=") if sys.argv[5:6] and sys.argv[5].startswith("resume=") else None
     L.seed_everything(0)
     if kind == "student":
         module = StudentModule("test_dav2", panel_every_n_steps=1)
@@ -83,4 +85,4 @@ if __name__ == "__main__":
         log_every_n_steps=1,
         callbacks=[Probe(out, preempt), ThroughputMonitor(), ImagePanels(), Preemption(dirpath=str(out))],
     )
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=resume)

@@ -15,7 +15,8 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from depthkit.cli import main
-from depthkit.train import DepthDataModule, DepthModule
+from depthkit.losses import preset
+from depthkit.train import DepthDataModule, DepthModule, OptimConfig
 from depthkit.train.cli import build_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -323,6 +324,20 @@ def test_grad_checkpointing_recomputes_the_blocks_and_keeps_the_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
+def test_checkpoint_of_a_module_built_in_python_opens_with_weights_only(tiny_data, tmp_path):
+    """Hyperparameters then hold config dataclasses: they are allowlisted for torch's safe (weights-only) loading."""
+    import lightning as L
+
+    module = DepthModule("test_dav2", loss=preset("dav2"), optim=OptimConfig(encoder_lr=1e-4))
+    data = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=0)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    state = torch.load(tmp_path / "run.ckpt", weights_only=True)
+    assert state["hyper_parameters"]["optim"] == OptimConfig(encoder_lr=1e-4)
+    assert DepthModule.load_from_checkpoint(tmp_path / "run.ckpt").optim_config.encoder_lr == 1e-4
+
+
 def test_checkpoint_rebuilds_its_model_without_the_yaml(tiny_data, tmp_path):
     run = _fit(tmp_path, tiny_data, "tiny_teacher", steps=1)
     (ckpt,) = run.glob("lightning_logs/version_*/checkpoints/*.ckpt")
@@ -486,14 +501,24 @@ def test_fsdp2_shards_every_network_and_trains_as_ddp_does(two_process_runs):
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-def test_preemption_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tiny_data, tmp_path):
-    """SIGUSR1 reaches rank 1 only (FSDP2, 2 processes): the ranks agree, both take part in the save, both exit."""
-    probe = str(Path(__file__).with_name("parallel_probe.py"))
+def test_fsdp2_preempted_on_one_rank_resumes_as_the_uninterrupted_run(two_process_runs, tiny_data, tmp_path):
+    """The FSDP2 student of `two_process_runs`, again: SIGUSR1 reaches rank 1 only during step 2; the ranks agree,
+    both take part in the save and exit. Resumed from that checkpoint, the run logs the uninterrupted run's last
+    loss and ends with its parameters (model, optimizer and both ranks' data positions restored)."""
+    probe = [str(Path(__file__).with_name("parallel_probe.py")), str(tiny_data)]
     with pytest.raises(AssertionError, match="exitcode *: 138"):
-        _torchrun(probe, str(tiny_data), str(tmp_path), "fsdp2", "teacher", "preempt", port=29521)
-    state = torch.load(tmp_path / "preempted.ckpt", map_location="cpu", weights_only=False)
+        _torchrun(*probe, str(tmp_path / "stopped"), "fsdp2", "student", "preempt", port=29521)
+    ckpt = tmp_path / "stopped" / "preempted.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2 and state["optimizer_states"]
-    assert not (tmp_path / "params_0.pt").exists()  # the run stopped: training never ended
+    assert not any(k.startswith("frozen_encoder.") for k in state["state_dict"])  # one file, the student only
+    assert sorted(state["DepthDataModule"]["unlabeled"]["consumed"]) == ["0", "1"]  # both ranks' positions
+    _torchrun(*probe, str(tmp_path / "resumed"), "fsdp2", "student", f"resume={ckpt}", port=29520)
+    full, resumed = (_logged(run, "train/loss") for run in (two_process_runs["fsdp2"], tmp_path / "resumed"))
+    assert sorted(resumed) == [2] and resumed[2] == pytest.approx(full[2], rel=1e-6)
+    params = [torch.load(run / "params_0.pt") for run in (two_process_runs["fsdp2"], tmp_path / "resumed")]
+    for k in params[0]:
+        torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-6, atol=1e-8, msg=k)
 
 
 def _srun(command: list[str], *, nodes: int, tasks_per_node: int, port: int, env: dict | None = None) -> list[str]:
@@ -518,7 +543,7 @@ def _srun(command: list[str], *, nodes: int, tasks_per_node: int, port: int, env
 @pytest.mark.parametrize("launcher", ["fabric", "srun"])
 def test_launchers_start_two_ranks_without_code_changes(launcher, tiny_data, tmp_path):
     """`fabric run` (Lightning's launcher) and SLURM's `srun` (emulated) start `depthkit fit` (FSDP2) on 2 CPU
-    processes."""
+    processes (torchrun: the other multi-process tests)."""
     fit = [
         "fit",
         "--trainer",
@@ -563,53 +588,6 @@ def test_hybrid_shard_shards_within_a_node_and_replicates_across_nodes(tiny_data
     params = [torch.load(tmp_path / f"params_{r}.pt") for r in range(4)]
     for k in params[0]:
         torch.testing.assert_close(params[3][k], params[0][k], rtol=0, atol=0, msg=k)
-
-
-def test_fsdp2_run_resumes_with_the_same_losses(tiny_data, tmp_path):
-    """`depthkit fit --trainer.strategy fsdp2` on 2 processes: the student resumed from a mid-run checkpoint logs
-    the losses of the uninterrupted run (model, optimizer and both ranks' data positions restored)."""
-    args = [
-        "-m",
-        "depthkit.cli",
-        "fit",
-        "--trainer",
-        str(REPO / "configs/trainer/cpu.yaml"),
-        "--config",
-        str(REPO / "recipes/tiny_student.yaml"),
-        "--trainer.strategy",
-        "fsdp2",
-        "--trainer.devices",
-        "2",
-        "--trainer.max_steps",
-        "4",
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath",
-        str(tmp_path / "ckpts"),
-        "--trainer.callbacks.every_n_train_steps",
-        "2",
-        "--trainer.callbacks.save_top_k",
-        "-1",
-        "--data.num_workers",
-        "0",
-        *("--data.labeled", str(tiny_data / "labeled"), "--data.val", str(tiny_data / "val")),
-        *("--data.unlabeled", str(tiny_data / "unlabeled")),
-        *("--data.pseudo_labels", str(tiny_data / "pseudo")),
-    ]
-    _torchrun(*args, "--trainer.default_root_dir", str(tmp_path / "full"), port=29519)
-    (mid,) = (tmp_path / "ckpts").glob("*step=2.ckpt")
-    checkpoint = torch.load(mid, map_location="cpu", weights_only=False)
-    assert not any(k.startswith("frozen_encoder.") for k in checkpoint["state_dict"])  # one file, the student only
-    assert sorted(checkpoint["DepthDataModule"]["unlabeled"]["consumed"]) == ["0", "1"]  # both ranks' positions
-    _torchrun(*args, "--trainer.default_root_dir", str(tmp_path / "resumed"), "--ckpt_path", str(mid), port=29520)
-    loss = lambda run: {r["step"]: float(r["train/loss"]) for r in _metrics(run) if r.get("train/loss")}  # noqa: E731
-    full, resumed = loss(tmp_path / "full"), loss(tmp_path / "resumed")
-    assert sorted(resumed) == ["2", "3"]
-    for step in resumed:
-        assert resumed[step] == pytest.approx(full[step], rel=1e-5), (step, full[step], resumed[step])
 
 
 def _logged(run: Path, key: str) -> dict[int, float]:
