@@ -1,10 +1,10 @@
 """Fully sharded data parallel (FSDP2) for depthkit runs: `strategy: depthkit.train.FSDP2Strategy`.
 
 Every process holds a 1/world-size shard of each parameter, gradient and optimizer state (a DTensor, sharded on
-dim 0) and gathers a unit's full weights only while that unit runs (`hybrid_shard: true`: 1/GPUs-per-node, the
-shards replicated across nodes). Units: each transformer block, the DPT head,
-then each network of the module (the model, the student's frozen encoder, an online teacher) as a root for what
-is left (embeddings, final norm). Gradients are averaged over all processes, as with DDP.
+dim 0) and gathers a unit's full weights only while that unit runs (with `hybrid_shard: true`, 1/GPUs-per-node,
+the shards replicated across nodes). Units: each transformer block, the DPT head, then each network of the module
+(the model, the student's frozen encoder, an online teacher) as a root for what is left (embeddings, final norm).
+Gradients are averaged over all processes, as with DDP.
 
 Why torch's `fully_shard` (through Lightning's `ModelParallelStrategy`) and not Lightning's `FSDPStrategy`:
 - `FSDPStrategy` wraps torch's FSDP1, whose flat parameters mix frozen and trainable weights badly (the student
