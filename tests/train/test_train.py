@@ -330,7 +330,14 @@ def test_checkpoint_of_a_module_built_in_python_opens_with_weights_only(tiny_dat
 
     module = DepthModule("test_dav2", loss=preset("dav2"), optim=OptimConfig(encoder_lr=1e-4))
     data = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=0)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     state = torch.load(tmp_path / "run.ckpt", weights_only=True)
