@@ -103,6 +103,11 @@ class DPTHead(nn.Module):
         )
         self.scratch = scratch
 
+    @property
+    def prediction_layer(self) -> nn.Conv2d:
+        """The 1x1 conv that makes the prediction: kept fp32 under mixed precision (see `forward`)."""
+        return self.scratch.output_conv2[2]
+
     def forward(self, features: list[tuple[torch.Tensor, torch.Tensor]], grid_hw: tuple[int, int]) -> torch.Tensor:
         """Fuse four tapped encoder layers into one map.
 
@@ -134,7 +139,7 @@ class DPTHead(nn.Module):
         out_BCHW = s.output_conv1(path1_BCHW)
         out_size = (grid_h * self.patch_size, grid_w * self.patch_size)
         out_BCHW = F.interpolate(out_BCHW, size=out_size, mode="bilinear", align_corners=True)
-        conv_hidden, act_hidden, conv_out, act_out = s.output_conv2
+        conv_hidden, act_hidden, conv_out, act_out = s.output_conv2  # conv_out is `prediction_layer`
         hidden_BCHW = act_hidden(conv_hidden(out_BCHW))
         device_type = hidden_BCHW.device.type
         if torch.is_autocast_enabled(device_type):

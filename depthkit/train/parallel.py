@@ -17,8 +17,10 @@ Why torch's `fully_shard` (through Lightning's `ModelParallelStrategy`) and not 
 In a trainer config: `strategy: fsdp2` (registered by importing `depthkit.train`), or with options
 `strategy: {class_path: depthkit.train.FSDP2Strategy, init_args: {reshard_after_forward: false}}`.
 
-Precision: `precision: bf16-mixed` autocasts as with DDP; the sharded weights stay fp32 (gathered in fp32), so
-the head's fp32 output layer (see `depthkit.models.dpt_head`) keeps working.
+Precision: `precision: bf16-mixed` autocasts as with DDP; the sharded weights stay fp32 and are gathered in fp32.
+`param_dtype: bf16` gathers them in bf16 instead (half the all-gather traffic, bf16 compute) and reduces gradients
+in fp32; the head's prediction layer (`DPTHead.prediction_layer`) stays an fp32 unit, so the prediction is fp32
+as under autocast. The optimizer still steps the fp32 shards.
 
 Checkpoints: by default one file with the full state, gathered on rank 0 (what `predict`, `export`, `eval` and
 resuming read). `save_distributed_checkpoint: true` writes a folder of per-rank shards instead (no gather on
@@ -49,13 +51,24 @@ def shard_units() -> tuple[type[nn.Module], ...]:
     return (Block, DPTHead)
 
 
-def shard_networks(module: nn.Module, mesh, *, reshard_after_forward: bool = True) -> list[str]:
+def shard_networks(
+    module: nn.Module, mesh, *, reshard_after_forward: bool = True, param_dtype: str = "fp32"
+) -> list[str]:
     """Apply `fully_shard` to every network held by `module` (a LightningModule); returns their attribute names.
 
     A network is a direct child with parameters. Its blocks and head become units first, then the network itself.
+    With `param_dtype="bf16"`, units gather bf16 weights, except each head's prediction layer (fp32).
     Networks already sharded are left alone (Lightning sets a module up again for each `fit` / `validate`).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from depthkit.models.dpt_head import DPTHead
+
+    # fp32: no policy (weights as stored, no casts, autocast alone decides the compute dtype, as with DDP).
+    bf16 = param_dtype == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)  # casts its input to fp32
+    kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, **({"mp_policy": policy} if bf16 else {})}
 
     own = [name for name, _ in module.named_parameters(recurse=False)]
     if own:
@@ -66,9 +79,11 @@ def shard_networks(module: nn.Module, mesh, *, reshard_after_forward: bool = Tru
         if isinstance(child, FSDPModule) or next(child.parameters(), None) is None:
             continue
         for sub in child.modules():
+            if bf16 and isinstance(sub, DPTHead):
+                fully_shard(sub.prediction_layer, **{**kw, "mp_policy": fp32})
             if isinstance(sub, units):
-                fully_shard(sub, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(child, mesh=mesh, reshard_after_forward=reshard_after_forward)
+                fully_shard(sub, **kw)
+        fully_shard(child, **kw)
         for method in FORWARD_METHODS:
             if callable(getattr(child, method, None)):
                 register_fsdp_forward_method(child, method)
@@ -85,6 +100,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         hybrid_shard: Shard within each node and replicate across nodes (HSDP): the per-block gathers stay on the
             node's fast links and only the gradient all-reduce crosses nodes; memory per GPU is that of one node's
             sharding. Off: shard over every process of every node.
+        param_dtype: "bf16" gathers weights in bf16 (see the module docstring); "fp32" (default) as stored.
         save_distributed_checkpoint: Write per-rank shards (a folder) instead of one full checkpoint file.
         process_group_backend: "nccl" on CUDA, "gloo" on CPU by default.
         timeout: Collective timeout.
@@ -96,6 +112,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self,
         reshard_after_forward: bool = True,
         hybrid_shard: bool = False,
+        param_dtype: str = "fp32",
         save_distributed_checkpoint: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -107,7 +124,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
+        if param_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"FSDP2Strategy param_dtype={param_dtype!r}; expected 'fp32' or 'bf16'")
         self.reshard_after_forward, self.hybrid_shard = reshard_after_forward, hybrid_shard
+        self.param_dtype = param_dtype
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # the world: every process holds a shard
@@ -121,7 +141,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             # Global rank = node * processes + local rank: a mesh row is a node. A 2-D mesh makes fully_shard HSDP.
             shape, names = (self.num_nodes, self.num_processes), ("replicate", "shard")
             mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=names)
-        shard_networks(self.lightning_module, mesh, reshard_after_forward=self.reshard_after_forward)
+        shard_networks(
+            self.lightning_module, mesh, reshard_after_forward=self.reshard_after_forward, param_dtype=self.param_dtype
+        )
         super().setup(trainer)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:

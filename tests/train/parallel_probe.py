@@ -1,19 +1,22 @@
 """Run by test_train.py under torchrun or an emulated srun: a few steps on CPU processes (gloo), DDP or FSDP2.
 
-Usage: parallel_probe.py DATA_ROOT OUT STRATEGY KIND [preempt | resume=CKPT], with STRATEGY `ddp` | `fsdp2` |
-`hsdp` (FSDP2 with `hybrid_shard`) and KIND `teacher` | `student`, on $PROBE_NUM_NODES nodes (1 by default) of 2
-processes each.
+Usage: parallel_probe.py DATA_ROOT OUT STRATEGY KIND [preempt | resume=CKPT]: STRATEGY `ddp` | `fsdp2` | `fsdp2_bf16`
+(FSDP2 with `param_dtype="bf16"`) | `hsdp` (FSDP2 with `hybrid_shard`), KIND `teacher` | `student`, on
+$PROBE_NUM_NODES nodes (1 by default) of 2 processes each.
 With `preempt`, rank 1 alone sends itself SIGUSR1 during the second step: every rank must save `OUT/preempted.ckpt`
 and exit with 138. With `resume=CKPT`, the run continues from that checkpoint.
 
 Each rank writes the keys it saw (`keys_<rank>.txt`), the full parameters of the model after the steps
 (`params_<rank>.pt`, gathered from the shards under FSDP2), per parameter the fraction of it held locally
 (`local_<rank>.pt`: 1.0 everywhere under DDP, about 1 / world size under FSDP2) and its local shards
-(`shards_<rank>.pt`, FSDP2 only).
+(`shards_<rank>.pt`, FSDP2 only), and the dtypes of a block's and the prediction layer's weights while they ran
+(`dtypes_<rank>.json`).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import signal
 import sys
@@ -39,6 +42,17 @@ class Probe(L.Callback):
     def __init__(self, out: Path, preempt: bool):
         self.out, self.keys, self.preempt = out, [], preempt
 
+    def on_train_start(self, trainer, pl_module):
+        # The dtypes of the weights while they run: pre-hooks run after FSDP2's own, which gathers them.
+        self.dtypes = {}
+        watch = {"block": (pl_module.model.encoder.blocks[0], "attn.qkv.weight")}
+        watch["prediction"] = (pl_module.model.head.prediction_layer, "weight")
+        for name, (mod, param) in watch.items():
+            mod.register_forward_pre_hook(functools.partial(self._record, name, param))
+
+    def _record(self, name: str, param: str, module, args) -> None:
+        self.dtypes.setdefault(name, str(module.get_parameter(param).dtype))
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.keys += batch["labeled"]["key"] if "labeled" in batch else batch["key"]
         if self.preempt and batch_idx == 1 and trainer.global_rank == 1:
@@ -54,6 +68,7 @@ class Probe(L.Callback):
             for name, p in pl_module.named_parameters()
         }
         torch.save(local, self.out / f"local_{rank}.pt")
+        (self.out / f"dtypes_{rank}.json").write_text(json.dumps(self.dtypes))
         shards = {name: p.to_local().clone() for name, p in pl_module.named_parameters() if hasattr(p, "to_local")}
         torch.save(shards, self.out / f"shards_{rank}.pt")
 
@@ -75,7 +90,11 @@ if __name__ == "__main__":
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy={"fsdp2": FSDP2Strategy(), "hsdp": FSDP2Strategy(hybrid_shard=True)}.get(strategy, strategy),
+        strategy={
+            "fsdp2": FSDP2Strategy(),
+            "fsdp2_bf16": FSDP2Strategy(param_dtype="bf16"),
+            "hsdp": FSDP2Strategy(hybrid_shard=True),
+        }.get(strategy, strategy),
         num_nodes=int(os.environ.get("PROBE_NUM_NODES", "1")),
         max_steps=3,
         logger=CSVLogger(out),

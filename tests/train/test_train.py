@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -473,9 +474,9 @@ def _torchrun(*args: str, port: int) -> None:
 
 @pytest.fixture(scope="module")
 def two_process_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
-    """The student, 3 steps on 2 processes, once with DDP and once with FSDP2 (`parallel_probe.py`)."""
+    """The student, 3 steps on 2 processes, with DDP, FSDP2 and FSDP2 gathering bf16 weights (`parallel_probe.py`)."""
     runs = {}
-    for port, strategy in enumerate(("ddp", "fsdp2"), start=29517):
+    for port, strategy in enumerate(("ddp", "fsdp2", "fsdp2_bf16"), start=29517):
         runs[strategy] = tmp_path_factory.mktemp(strategy)
         probe = str(Path(__file__).with_name("parallel_probe.py"))
         _torchrun(probe, str(tiny_data), str(runs[strategy]), strategy, "student", port=port)
@@ -506,6 +507,17 @@ def test_fsdp2_shards_every_network_and_trains_as_ddp_does(two_process_runs):
     assert ddp.keys() == fsdp.keys()
     for k in ddp:
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_fsdp2_bf16_weights_run_in_bf16_and_the_prediction_in_fp32(two_process_runs):
+    dtypes = {s: json.loads((two_process_runs[s] / "dtypes_0.json").read_text()) for s in ("fsdp2", "fsdp2_bf16")}
+    assert dtypes["fsdp2"] == {"block": "torch.float32", "prediction": "torch.float32"}
+    assert dtypes["fsdp2_bf16"] == {"block": "torch.bfloat16", "prediction": "torch.float32"}
+    fp32, bf16 = (_logged(two_process_runs[s], "train/loss") for s in ("fsdp2", "fsdp2_bf16"))
+    assert sorted(bf16) == sorted(fp32) == [0, 1, 2]
+    assert bf16[0] == pytest.approx(fp32[0], rel=5e-3)  # the same weights at step 0, computed in bf16
+    params = torch.load(two_process_runs["fsdp2_bf16"] / "params_0.pt")
+    assert all(p.dtype == torch.float32 for p in params.values())  # the optimizer steps fp32 shards
 
 
 def test_fsdp2_preempted_on_one_rank_resumes_as_the_uninterrupted_run(two_process_runs, tiny_data, tmp_path):
