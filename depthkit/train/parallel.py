@@ -42,24 +42,14 @@ from torch.distributed.constants import default_pg_timeout
 FORWARD_METHODS = ("forward_with_features", "forward_patch_tokens")
 
 
-def shard_units() -> tuple[type[nn.Module], ...]:
-    """The module types that become their own sharding unit: transformer blocks and the DPT head."""
-    from timm.models.vision_transformer import Block
+def shard_networks(module: nn.Module, mesh, *, reshard_after_forward: bool = True, param_dtype: str = "fp32") -> None:
+    """Apply `fully_shard` to every network held by `module` (a LightningModule).
 
-    from depthkit.models.dpt_head import DPTHead
-
-    return (Block, DPTHead)
-
-
-def shard_networks(
-    module: nn.Module, mesh, *, reshard_after_forward: bool = True, param_dtype: str = "fp32"
-) -> list[str]:
-    """Apply `fully_shard` to every network held by `module` (a LightningModule); returns their attribute names.
-
-    A network is a direct child with parameters. Its blocks and head become units first, then the network itself.
-    With `param_dtype="bf16"`, units gather bf16 weights, except each head's prediction layer (fp32).
+    A network is a direct child with parameters. Its transformer blocks and DPT head become units first, then the
+    network itself. With `param_dtype="bf16"`, units gather bf16 weights, except each head's prediction layer (fp32).
     Networks already sharded are left alone (Lightning sets a module up again for each `fit` / `validate`).
     """
+    from timm.models.vision_transformer import Block
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     from depthkit.models.dpt_head import DPTHead
@@ -73,22 +63,18 @@ def shard_networks(
     own = [name for name, _ in module.named_parameters(recurse=False)]
     if own:
         raise ValueError(f"FSDP2Strategy shards child networks; {type(module).__name__} holds parameters {own}")
-    units = shard_units()
-    sharded = []
-    for name, child in module.named_children():
+    for child in module.children():
         if isinstance(child, FSDPModule) or next(child.parameters(), None) is None:
             continue
         for sub in child.modules():
             if bf16 and isinstance(sub, DPTHead):
                 fully_shard(sub.prediction_layer, **{**kw, "mp_policy": fp32})
-            if isinstance(sub, units):
+            if isinstance(sub, (Block, DPTHead)):
                 fully_shard(sub, **kw)
         fully_shard(child, **kw)
         for method in FORWARD_METHODS:
             if callable(getattr(child, method, None)):
                 register_fsdp_forward_method(child, method)
-        sharded.append(name)
-    return sharded
 
 
 class FSDP2Strategy(ModelParallelStrategy):
