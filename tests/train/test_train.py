@@ -464,12 +464,22 @@ def test_preemption_saves_a_checkpoint_that_resumes_the_run(name, tiny_data, tmp
     assert final["DepthDataModule"]["labeled"]["consumed"] == {"0": max_steps * batch_size}
 
 
-def _torchrun(*args: str, port: int) -> None:
-    """Run `python -m torch.distributed.run` with 2 CPU processes (gloo); fail with the tail of its stderr."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=300)
+# Subprocesses import this checkout and use one thread each (2 cores run up to 4 of them).
+PROCESS_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _launch(*command: str) -> str:
+    """Run a launcher (torchrun, `fabric run`) to its end; fail with the tail of its stderr; return its output."""
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **PROCESS_ENV}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _torchrun(*args: str, port: int) -> str:
+    """Run `python -m torch.distributed.run` with 2 CPU processes (gloo)."""
+    return _launch(
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args
+    )
 
 
 @pytest.fixture(scope="module")
@@ -546,7 +556,7 @@ def _srun(command: list[str], *, nodes: int, tasks_per_node: int, port: int, env
     ntasks = nodes * tasks_per_node
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "depthkit", "SLURM_NODELIST": "127.0.0.1"}
     slurm |= {"SLURM_NTASKS": str(ntasks), "SLURM_NNODES": str(nodes), "SLURM_NTASKS_PER_NODE": str(tasks_per_node)}
-    base = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), **slurm}
+    base = {**os.environ, **PROCESS_ENV, "MASTER_PORT": str(port), **slurm}
     procs = []
     for task in range(ntasks):
         ids = {"SLURM_PROCID": task, "SLURM_LOCALID": task % tasks_per_node, "SLURM_NODEID": task // tasks_per_node}
@@ -575,11 +585,7 @@ def test_launchers_start_two_ranks_without_code_changes(launcher, tiny_data, tmp
     fit += ["--data.labeled", str(tiny_data / "labeled"), "--data.val", "null", "--data.num_workers", "0"]
     if launcher == "fabric":
         fabric = [str(Path(sys.executable).with_name("fabric")), "run", "--accelerator", "cpu", "--devices", "2"]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        command = [*fabric, "--main-port", "29522", str(REPO / "depthkit/cli.py"), *fit]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs = [result.stdout + result.stderr]
+        outputs = [_launch(*fabric, "--main-port", "29522", str(REPO / "depthkit/cli.py"), *fit)]
     else:
         outputs = _srun([sys.executable, "-m", "depthkit.cli", *fit], nodes=1, tasks_per_node=2, port=29523)
     members = sorted(line.split("MEMBER: ")[1] for o in outputs for line in o.splitlines() if "MEMBER: " in line)
