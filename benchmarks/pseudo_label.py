@@ -8,11 +8,13 @@
    from pre-decoded uint8 images on the device (adds the official resize in and the resize back out), which
    separates the cost of preprocessing from how well decoding and writing overlap.
 2. **Full job**: `depthkit.pseudo_label.label_shards` over the same images in shards: tar read, decode (workers),
-   bucketing, resize, forward, resize back, npz encoding, tar writing, records and index. Target: >= 0.8 of (1),
-   i.e. decoding and writing overlap the forward passes.
+   bucketing, resize, forward, resize back, label encoding, tar writing, records and index. Target: >= 0.8 of (1),
+   i.e. decoding and writing overlap the forward passes. Run once per `--encoding` (default: npz and f16; at GPU
+   speed the encoding is the job's largest CPU cost).
 3. **One image at a time**, like the official `run.py`: read a sample, decode it, `model.infer` on it alone (the
-   official preprocessing), encode the label and append it to a tar, then the next. Target: the job >= 10x this
-   on a GPU (batching); on a CPU batching buys little, so expect far less there.
+   official preprocessing), encode the label (the first `--encoding`) and append it to a tar, then the next.
+   Target: the job with the same encoding >= 10x this on a GPU (batching); on a CPU batching buys little, so
+   expect far less there.
 
 Weights are random (seeded): speed does not depend on them and nothing is downloaded. Images are procedural
 scenes of one size, stored as JPEG. On CUDA the results go to `benchmarks/results/pseudo_label-<gpu>.csv`.
@@ -42,7 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--tta", default="none", choices=("none", "hflip"))
-    parser.add_argument("--encoding", default="npz", choices=("npz", "png16"))
+    parser.add_argument("--encoding", default="npz,f16", help="label encodings to run the job with, comma-separated")
     parser.add_argument("--num-workers", type=int, default=8, help="decoding processes of the job")
     parser.add_argument("--num-encoders", type=int, default=8, help="encoding threads of the job")
     parser.add_argument("--single-num", type=int, default=None, help="images for the one-at-a-time loop")
@@ -66,9 +68,12 @@ def main() -> None:
     from depthkit.data.shards import TarWriter, decode_sample, shard_paths
     from depthkit.data.stream import iter_raw_samples
     from depthkit.models import create_model, save_checkpoint
-    from depthkit.pseudo_label.job import PseudoLabelConfig, encode_label, label_shards, resolve_device
+    from depthkit.pseudo_label.job import ENCODINGS, PseudoLabelConfig, encode_label, label_shards, resolve_device
     from depthkit.pseudo_label.teacher import label_batch, network_size
 
+    encodings = args.encoding.split(",")
+    if not encodings or not set(encodings) <= set(ENCODINGS):
+        parser.error(f"--encoding {args.encoding!r}: expected a comma-separated list of {', '.join(ENCODINGS)}")
     device = resolve_device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     bf16 = precision == "bf16"
@@ -128,15 +133,15 @@ def main() -> None:
             inputs=(str(tmp / "in"),), model=args.model, checkpoint=str(tmp / "teacher.pth"),
             resolution=args.resolution, batch_size=args.batch_size, tta=args.tta, precision=precision,
             device=device.type, num_workers=args.num_workers, num_encoders=args.num_encoders, progress=False,
-            encoding=args.encoding,
         )  # fmt: skip
-        runs = {"forward": [], "label_batch": [], "job": [], "wall": [], "single": []}
+        runs = {"forward": [], "label_batch": [], "single": []}
 
-        def job(r):
+        def job(r, encoding):
             start = time.perf_counter()
-            summary = label_shards(PseudoLabelConfig(output=str(tmp / f"out{r}"), **config))
-            runs["wall"].append(time.perf_counter() - start)
-            runs["job"].append(summary.seconds)
+            out = tmp / f"out_{encoding}{r}"
+            summary = label_shards(PseudoLabelConfig(output=str(out), encoding=encoding, **config))
+            runs.setdefault(f"wall_{encoding}", []).append(time.perf_counter() - start)
+            runs.setdefault(f"job_{encoding}", []).append(summary.seconds)
             assert summary.num_labeled == args.num, summary
 
         single_num = min(args.single_num or args.num, args.num)
@@ -149,24 +154,24 @@ def main() -> None:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     pred = model.infer(image, input_size=args.resolution)
                 meta = {"kind": "pseudo", "output_space": model.meta.output_space}
-                tar.add_sample(encode_label(raw["__key__"], pred.values, None, meta, encoding=args.encoding))
+                tar.add_sample(encode_label(raw["__key__"], pred.values, None, meta, encoding=encodings[0]))
             tar.close()
 
         for r in range(args.repeat):  # alternating, so machine noise hits every loop alike; best of each
             runs["forward"].append(timed(forward_loop))
             runs["label_batch"].append(timed(label_batch_loop))
-            job(r)
+            for encoding in encodings:
+                job(r, encoding)
             runs["single"].append(timed(single_loop) / single_num * args.num)  # per-image time, scaled to --num
-        t_forward, t_label, t_job, t_wall, t_single = (
-            min(runs[k]) for k in ("forward", "label_batch", "job", "wall", "single")
-        )
+        best = {name: min(times) for name, times in runs.items()}
+        t_forward, t_label, t_single = best["forward"], best["label_batch"], best["single"]
 
         # Encoding cost per label at the image size, on a smooth map (what a teacher predicts), one thread.
         meta = {"kind": "pseudo", "output_space": "affine_disparity"}
         smooth_HW = np.add.outer(np.linspace(0.1, 1, args.size[0]), np.linspace(0, 0.5, args.size[1])).astype("f4")
         smooth_HW += np.random.default_rng(0).normal(0, 1e-3, smooth_HW.shape).astype("f4")
         encode = {}
-        for encoding in ("npz", "png16"):
+        for encoding in ENCODINGS:
             start = time.perf_counter()
             members = [encode_label("k", smooth_HW, None, meta, encoding=encoding) for _ in range(4)]
             encode[encoding] = ((time.perf_counter() - start) / 4 * 1000, sum(map(len, members[0].values())) / 1e6)
@@ -174,16 +179,27 @@ def main() -> None:
     rows = [
         ("pure_forward_images_per_s", args.num / t_forward, None, "pre-decoded batches on the device"),
         ("label_batch_images_per_s", args.num / t_label, None, "pre-decoded uint8 on the device: + resize in/out"),
-        ("job_images_per_s", args.num / t_job, None, "label_shards: read, decode, label, encode, write"),
-        ("job_images_per_s_incl_startup", args.num / t_wall, None, "plus teacher load and worker start"),
-        ("one_at_a_time_images_per_s", args.num / t_single, None, f"like run.py, measured on {single_num} images"),
-        ("job_vs_pure_forward_ratio", t_forward / t_job, 0.8, ""),
-        ("job_vs_label_batch_ratio", t_label / t_job, None, "how well decode / encode / write overlap"),
         (
-            "job_vs_one_at_a_time_ratio",
-            t_single / t_job,
+            "one_at_a_time_images_per_s",
+            args.num / t_single,
+            None,
+            f"like run.py, {encodings[0]} labels, measured on {single_num} images",
+        ),  # fmt: skip
+    ]
+    for encoding in encodings:
+        t_job, t_wall = best[f"job_{encoding}"], best[f"wall_{encoding}"]
+        rows += [
+            (f"job_images_per_s_{encoding}", args.num / t_job, None, "read, decode, label, encode, write"),
+            (f"job_images_per_s_incl_startup_{encoding}", args.num / t_wall, None, "plus teacher load, worker start"),
+            (f"job_vs_pure_forward_ratio_{encoding}", t_forward / t_job, 0.8, ""),
+            (f"job_vs_label_batch_ratio_{encoding}", t_label / t_job, None, "how well decode / encode / write overlap"),
+        ]
+    rows += [
+        (
+            f"job_vs_one_at_a_time_ratio_{encodings[0]}",
+            t_single / best[f"job_{encodings[0]}"],
             10.0 if device.type == "cuda" else None,
-            "target on GPU only",
+            "both write the same labels; target on GPU only",
         ),  # fmt: skip
         *[
             (f"{enc}_encode_ms_per_image", ms, None, f"{args.size[0]}x{args.size[1]}: {mb:.2f} MB per label")

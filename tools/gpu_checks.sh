@@ -15,7 +15,7 @@
 #   setup           install .whl into /tmp/site, link depthkit + depthkit_kernels there, print versions/GPU, smoke imports
 #   tests           pytest -m gpu tests/kernels (full-size Triton kernel parity on CUDA)        needs no carried wheel
 #   losses          benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager  needs no carried wheel
-#   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 512 images 480x640    needs braceexpand
+#   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 512 images 480x640, npz+f16 needs braceexpand
 #   train_step      benchmarks/train_step.py --device cuda --model dav2_vits --crop 518        needs braceexpand
 #   fsdp2           depthkit fit with configs/trainer/gpu_fsdp.yaml (FSDP2, bf16), tiny teacher, 30 steps
 #   losses_compile  benchmarks/losses.py, the full run (triton, eager AND torch.compile), with whatever time is
@@ -219,10 +219,12 @@ if selected losses; then
 fi
 
 # c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 512 instead of 1024
-#    images, the one-at-a-time loop on 128 of them (the script scales it to --num), best of 2 instead of 3.
+#    images, the one-at-a-time loop on 128 of them (the script scales it to --num), best of 2 instead of 3. The job
+#    runs with npz and f16 labels; label encoding is its largest CPU cost, so most of the 16 cores encode.
 if selected pseudo_label; then
     run_step pseudo_label 150 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 512 \
-        --size 480 640 --batch-size 32 --single-num 128 --repeat 2 --out "$OUT/pseudo_label-$GPU_TAG.csv"
+        --size 480 640 --batch-size 32 --single-num 128 --repeat 2 --encoding npz,f16 --num-workers 4 \
+        --num-encoders 11 --out "$OUT/pseudo_label-$GPU_TAG.csv"
 fi
 
 # d. Lightning overhead of a training step on the GPU: 60 timed steps (after 10 warm-up) per loop, 3 pairs.

@@ -49,7 +49,7 @@ class LabelSettings:
     precision: str
     """"fp32" or "bf16" (autocast)."""
     encoding: str = "npz"
-    """How targets are stored: "npz" (float32, lossless) or "png16" (rounded to 16 bits per image)."""
+    """How targets are stored: "npz" (float32, lossless), "f16" (float16 npz) or "png16" (16 bits per image)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

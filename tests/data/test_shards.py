@@ -80,6 +80,53 @@ def test_encode_target_is_lossless():
         np.testing.assert_array_equal(sample["target"][valid], target[valid])
 
 
+def _decode_npz_target(blob: bytes) -> dict:
+    meta = {"format_version": 1, "kind": "pseudo", "output_space": "affine_disparity"}
+    return decode_sample({"__key__": "k", "__url__": "u", "target.npz": blob, "json": json.dumps(meta).encode()})
+
+
+@pytest.mark.parametrize("level", [0, 1, 9])
+def test_npz_target_at_any_zlib_level_is_plain_numpy_and_lossless(level):
+    rng = np.random.default_rng(2)
+    target = (rng.random((33, 47)) * 50).astype(np.float32)
+    valid = rng.random(target.shape) > 0.2
+    ext, blob = encode_target(target, valid, compress_level=level)
+    assert ext == "target.npz"
+    with np.load(io.BytesIO(blob)) as npz:  # what numpy.savez_compressed writes, read by plain numpy
+        assert npz.files == ["target"] and npz["target"].dtype == np.float32
+    sample = _decode_npz_target(blob)
+    np.testing.assert_array_equal(sample["valid"], valid)
+    np.testing.assert_array_equal(sample["target"][valid], target[valid])
+    if level == 1:
+        assert len(blob) < 1.1 * len(encode_target(target, valid)[1])  # level 6: hardly smaller
+
+
+def test_half_npz_target_rounds_to_float16_and_falls_back_to_float32_out_of_range():
+    rng = np.random.default_rng(3)
+    target = np.exp(rng.uniform(-12, 10, (40, 50))).astype(np.float32)  # 6e-6 .. 22000: subnormal to large
+    valid = rng.random(target.shape) > 0.2
+    ext, blob = encode_target(target, valid, half=True, compress_level=1)
+    with np.load(io.BytesIO(blob)) as npz:
+        assert npz["target"].dtype == np.float16
+    sample = _decode_npz_target(blob)
+    np.testing.assert_array_equal(sample["valid"], valid)  # NaN marks invalid in float16 too
+    expected = target.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(sample["target"][valid], expected[valid])
+    normal = valid & (target >= 2.0**-14)
+    assert np.all(np.abs(sample["target"] - target)[normal] <= 2.0**-11 * target[normal])
+    assert np.all(np.abs(sample["target"] - target)[valid & ~normal] <= 2.0**-25)
+    # A valid value beyond float16's range keeps the whole map float32 (lossless); an invalid one does not count.
+    big = target.copy()
+    big[~valid] = 1e6
+    with np.load(io.BytesIO(encode_target(big, valid, half=True)[1])) as npz:
+        assert npz["target"].dtype == np.float16
+    big[valid.nonzero()[0][0], valid.nonzero()[1][0]] = 70000.0
+    ext, blob = encode_target(big, valid, half=True)
+    with np.load(io.BytesIO(blob)) as npz:
+        assert npz["target"].dtype == np.float32
+    np.testing.assert_array_equal(_decode_npz_target(blob)["target"][valid], big[valid])
+
+
 def _sample(key="k0", h=6, w=8):
     rng = np.random.default_rng(1)
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -186,6 +187,23 @@ def test_png16_encoding_stores_the_rounded_prediction_exactly(unlabeled, teacher
     assert decoded["valid"].all() and quantized[0, 0] > 0
 
 
+def test_f16_encoding_stores_float16_labels(unlabeled, teacher_ckpt, tmp_path):
+    first_two = [str(p) for p in shard_paths(str(unlabeled))[:2]]
+    run_pseudo_label(_config(first_two, tmp_path / "out", teacher_ckpt, encoding="f16"))
+    model, images = _teacher(teacher_ckpt), _images(unlabeled)
+    raws = [raw for raws in _labels(tmp_path / "out").values() for raw in raws]
+    assert len(raws) == sum(len(list(iter_tar_samples(p))) for p in first_two)
+    for raw in raws:
+        with np.load(io.BytesIO(raw["target.npz"])) as npz:
+            assert npz["target"].dtype == np.float16
+        sample = decode_sample(raw, kind="pseudo")
+        assert sample["meta"]["target_encoding"] == "npz" and sample["meta"]["provenance"]["encoding"] == "f16"
+        plain = model.infer(images[raw["__key__"]], input_size=RESOLUTION).values
+        # float16 rounding (2^-11 relative) on top of the batch's float32 differences from single-image inference
+        np.testing.assert_allclose(sample["target"], plain, rtol=2.0**-11 + 1e-5, atol=1e-6)
+        assert np.abs(sample["target"] - plain).max() > 0  # rounded, not float32
+
+
 def _run_cli(argv: list[str]) -> None:
     torch.set_num_threads(1)  # the same in every child: identical floating-point work
     sys.exit(main(argv))
@@ -270,7 +288,7 @@ def test_two_processes_split_the_shards_without_overlap_or_gap(unlabeled, teache
     out = tmp_path / "out"
     argv = ["pseudo-label", "--model", "test_dav2", "--checkpoint", str(teacher_ckpt), "--input", str(unlabeled),
             "--output", str(out), "--resolution", str(RESOLUTION), "--devices", "2", "--device", "cpu",
-            "--num-workers", "0", "--no-progress"]  # fmt: skip
+            "--num-workers", "0", "--num-encoders", "1", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert "labeled 12 image(s) in 6 shard(s)" in capsys.readouterr().out
     index = read_index(out)
@@ -318,6 +336,8 @@ def test_start_errors_are_clear_and_come_before_any_work(unlabeled, teacher_ckpt
     assert "depthkit pseudo-label: error:" in capsys.readouterr().err and not out.exists()
     assert main(argv[:-4] + ["--confidence"]) == 1
     assert "--confidence comes from the flip pass" in capsys.readouterr().err
+    assert main(argv[:-4] + ["--num-encoders", "0"]) == 1
+    assert "--num-encoders must be >= 1, got 0" in capsys.readouterr().err and not out.exists()
 
 
 def test_launch_topology(monkeypatch):
