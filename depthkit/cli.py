@@ -21,7 +21,6 @@ COMMAND_MODULES = (
     "depthkit.eval.commands",
     "depthkit.export.commands",
 )
-LIGHTNING_VERBS = ("fit", "validate", "test", "predict-lightning")
 
 
 def build_parser() -> argparse.ArgumentParser:

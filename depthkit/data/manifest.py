@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from depthkit.data.formats import DepthCodec, decode_depth, load_image, parse_codec
 
 REQUIRED_COLUMNS = (
@@ -184,8 +182,3 @@ def iter_manifest(path: str | Path, *, on_error: str = "raise", stats: dict | No
             stats["errors"].append(str(err))
             continue
         yield sample
-
-
-def valid_fraction(sample: dict) -> float:
-    """Fraction of valid target pixels of a sample (a quick sanity number for reports)."""
-    return float(np.mean(sample["valid"]))

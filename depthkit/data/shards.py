@@ -40,7 +40,6 @@ from depthkit.spaces import check_space
 FORMAT_VERSION = 1
 KINDS = ("labeled", "unlabeled", "pseudo")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-TARGET_EXTENSIONS = ("target.png", "target.npz")
 
 
 class ShardFormatError(ValueError):
@@ -188,17 +187,6 @@ def encode_sample(
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def group_members(members: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
-    """Group `{"KEY.ext": bytes}` by key into `{KEY: {ext: bytes}}` (WebDataset's key rule: first dot)."""
-    groups: dict[str, dict[str, bytes]] = {}
-    for name, data in members.items():
-        base = name.rsplit("/", 1)[-1]
-        key, _, ext = base.partition(".")
-        prefix = name[: len(name) - len(base)]
-        groups.setdefault(prefix + key, {})[ext] = data
-    return groups
 
 
 def decode_sample(

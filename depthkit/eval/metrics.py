@@ -24,7 +24,6 @@ from __future__ import annotations
 import numpy as np
 
 DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
-LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
 
 # Crops, as the fraction (or the pixel box) of the ground-truth image that is scored.
 # eigen_nyu: rows 45:471, cols 41:601 of the 480x640 NYU frame (Eigen et al. 2014; BTS `--eigen_crop`, Marigold).
