@@ -158,13 +158,16 @@ def label_batch(
             if confidence:
                 conf_Bhw = flip_confidence(pred_Bhw, flipped_Bhw)
             pred_Bhw = (pred_Bhw + flipped_Bhw) / 2
-    results = []
+    maps = []  # each image's prediction (and confidence) at its own size, still on the device
     for i, image_HW3 in enumerate(images):
         original_hw = tuple(image_HW3.shape[:2])
-        pred_HW = _resize_back(pred_Bhw[i], original_hw)
-        conf_HW = _resize_back(conf_Bhw[i], original_hw).clamp_(0, 1) if conf_Bhw is not None else None
-        results.append((_to_numpy(pred_HW), _to_numpy(conf_HW) if conf_HW is not None else None))
-    return results
+        maps.append(_resize_back(pred_Bhw[i], original_hw))
+        if conf_Bhw is not None:
+            maps.append(_resize_back(conf_Bhw[i], original_hw).clamp_(0, 1))
+    maps = _to_numpy(maps)
+    if conf_Bhw is None:
+        return [(pred_HW, None) for pred_HW in maps]
+    return list(zip(maps[0::2], maps[1::2], strict=True))
 
 
 def flip_confidence(pred_Bhw: torch.Tensor, flipped_Bhw: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -179,5 +182,11 @@ def _resize_back(map_hw: torch.Tensor, original_hw: tuple[int, int]) -> torch.Te
     return F.interpolate(map_hw[None, None], size=original_hw, mode="bilinear", align_corners=True)[0, 0]
 
 
-def _to_numpy(map_HW: torch.Tensor) -> np.ndarray:
-    return map_HW.cpu().numpy().astype(np.float32, copy=False)
+def _to_numpy(maps: list[torch.Tensor]) -> list[np.ndarray]:
+    """float32 numpy copies of device maps, in one device-to-host copy (one sync per batch, not one per image)."""
+    flat = torch.cat([m.reshape(-1) for m in maps]).float().cpu().numpy()
+    out, start = [], 0
+    for m in maps:
+        out.append(flat[start : start + m.numel()].reshape(m.shape))
+        start += m.numel()
+    return out
