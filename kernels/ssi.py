@@ -9,7 +9,9 @@ The spec is `reference.ssi_lsq_reference` / `reference.ssi_median_reference`; re
 Passes over the B x HW maps (C = chunks of `BLOCK` pixels per image; small per-image kernels in between):
 - least squares: 1 stats pass (per-chunk count, means and *centered* moments, combined exactly per image by
   the parallel-variance formula; no raw sums of squares, so no catastrophic cancellation in fp32), the 2x2
-  solve, 1 loss pass, and 1 backward pass.
+  solve, 1 loss pass, and 1 backward pass. The MSE loss also has a closed form from the moments alone
+  (var_d - cov^2 / var_p, one pass), but it cancels catastrophically when the fit is good: in fp32 its relative
+  error grows like 1e-7 / (1 - rho^2), 1e-3 at rho^2 = 0.9999. So the loss is summed from the residuals.
 - median/MAD: 4 radix-select passes (pred and target medians in the same launches, see `select.py`), 1 MAD
   pass, 1 loss pass, 1 backward pass.
 - trimming adds: the loss pass writes the per-pixel loss map (fp32), 4 radix-select passes find the threshold,
