@@ -12,10 +12,12 @@ the official model is built with random weights and every parameter is moved off
 gammas, zero biases), so each one matters; the state dict is saved in the official layout and loaded with
 `create_model(name, checkpoint_path=...)`, the way users load released weights.
 
-Compared, per size: the forward pass on normalized random inputs at three sizes (square, landscape, portrait), and
-for V2 the whole inference on a photo (the official `infer_image`, OpenCV resize, against `DepthModel.infer`; V1 has
-no such API). Prints the maximum error relative to the largest official output and exits 1 above `--tolerance`
-(forward) or ten times it (inference: OpenCV's and torch's bicubic resizes differ in rounding).
+Compared, per size: the forward pass on normalized random inputs at three sizes (square, landscape, portrait), for
+V2 the whole inference on a photo (the official `infer_image`, OpenCV resize, against `DepthModel.infer`; V1 has
+no such API), and the other direction: depthkit's weights exported with `depthkit export weights --layout official`
+load strictly into a fresh official model, every tensor equal. Prints the maximum error relative to the largest
+official output and exits 1 above `--tolerance` (forward) or ten times it (inference: OpenCV's and torch's bicubic
+resizes differ in rounding).
 """
 
 from __future__ import annotations
@@ -98,6 +100,16 @@ def check_size(prefix: str, build, size: str, args, workdir: Path) -> float:
         rel = ((expected - got).abs().max() / expected.abs().max()).item()
         worst = max(worst, rel)
         print(f"{name} forward {hw[0]}x{hw[1]}: max |official| {expected.abs().max():.4g}, max rel error {rel:.2e}")
+    # The other direction: `depthkit export weights --layout official` loads strictly into a fresh official model.
+    from depthkit.export.weights import export_weights
+
+    exported = export_weights(ours, workdir / f"exported_{size}.pth", layout="official").path
+    fresh = build(size, **kwargs)
+    fresh.load_state_dict(torch.load(exported, map_location="cpu", weights_only=True))  # strict
+    differ = [k for k, v in official.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
+    if differ:
+        raise SystemExit(f"{name}: exported official weights differ from the official model's: {differ[:5]}")
+    print(f"{name} export weights --layout official: strict load into the official model, every tensor equal")
     if not hasattr(official, "infer_image"):
         return worst
     photo = np.asarray(Image.open(args.image).convert("RGB"))

@@ -29,7 +29,11 @@ def register(subparsers) -> None:
     source = parser.add_argument_group("what to evaluate (one of)")
     source.add_argument("--predictions", metavar="DIR", help="saved predictions named <sample key>.npy or .png")
     source.add_argument("--model", metavar="NAME", help="a depthkit model registry name")
-    source.add_argument("--checkpoint", metavar="PATH", help="weights for --model (a checkpoint of that model)")
+    source.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="weights for --model; a `depthkit fit` checkpoint names its model, so --model may be left out",
+    )
     parser.add_argument("--dataset", required=True, metavar="NAME|MANIFEST", help=DATASET_HELP)
     parser.add_argument("--data-root", metavar="DIR", help="local copy of the benchmark (see docs/evaluation.md)")
     parser.add_argument("--split-file", metavar="PATH", help="alternative split list for the benchmark's reader")
@@ -75,10 +79,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from depthkit.eval.report import format_table, log_wandb, write_results
     from depthkit.eval.runner import FolderPredictor, ModelPredictor, evaluate, load_model
 
-    if args.checkpoint is not None and args.model is None:
-        raise ValueError("--checkpoint needs --model NAME: the architecture its weights belong to")
-    if (args.predictions is None) == (args.model is None):
-        raise ValueError("give exactly one of --predictions DIR or --model NAME (with --checkpoint PATH for weights)")
+    if (args.predictions is None) == (args.model is None and args.checkpoint is None):
+        raise ValueError(
+            "give exactly one of --predictions DIR or --model NAME (with --checkpoint PATH for weights; a "
+            "`depthkit fit` checkpoint alone names its model)"
+        )
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     if args.worst < 0:
@@ -99,7 +104,11 @@ def run_eval(args: argparse.Namespace) -> int:
             args.model, checkpoint_path=args.checkpoint, pretrained=not args.random_weights, device=args.device
         )
         predictor = ModelPredictor(
-            model, name=args.model, input_size=args.input_size, batch_size=args.batch_size, checkpoint=args.checkpoint
+            model,
+            name=model.meta.name,
+            input_size=args.input_size,
+            batch_size=args.batch_size,
+            checkpoint=args.checkpoint,
         )
         if args.output_space is not None and args.output_space != predictor.output_space:
             raise ValueError(f"--output-space {args.output_space} contradicts the model's {predictor.output_space}")

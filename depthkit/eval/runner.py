@@ -183,27 +183,24 @@ class ModelPredictor:
         return out
 
 
-def load_model(name: str, *, checkpoint_path: str | None = None, pretrained: bool = True, device: str = "auto"):
+def load_model(name: str | None, *, checkpoint_path: str | None = None, pretrained: bool = True, device: str = "auto"):
     """Build the model to evaluate. The one place eval touches `depthkit.models`' constructor.
 
     Args:
-        name: Registry name (`create_model`).
-        checkpoint_path: Weights to load instead of the pretrained ones.
+        name: Registry name (`create_model`); None with a `depthkit fit` checkpoint, which names its model.
+        checkpoint_path: Weights to load instead of the pretrained ones (`depthkit.models.load_model`).
         pretrained: Load the registry's pretrained weights when no checkpoint is given.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     """
     import torch
 
     try:
-        from depthkit.models import create_model
+        from depthkit.models import load_model as build
     except ImportError as err:
         raise ValueError(f"depthkit.models cannot build models here ({err}); evaluate saved --predictions") from err
-    if checkpoint_path is not None and not Path(checkpoint_path).exists():  # a file, or a transformers folder
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = create_model(name, pretrained=pretrained and checkpoint_path is None, checkpoint_path=checkpoint_path)
-    return model.to(device).eval()
+    return build(name, checkpoint_path, pretrained=pretrained).to(device).eval()
 
 
 def _thumbnail(array: np.ndarray, max_side: int = 320) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""`depthkit export onnx`: a verified ONNX graph with dynamic batch, height and width.
+"""`depthkit export onnx`: a verified ONNX graph with dynamic batch, height and width; `depthkit export weights`:
+the weights in the official, transformers or depthkit layout, read back and compared before they are kept.
 
     depthkit export onnx --model dav2_vits --out dav2_vits.onnx             # official weights, verified
     depthkit export onnx --checkpoint run/last.ckpt --out student.onnx --fp16
     depthkit export onnx --model dav2_vitb --weights my.pth --out b.onnx --dynamic none --size 518x686
+    depthkit export weights --checkpoint run/last.ckpt --layout official --out student_vits.pth
+    depthkit export weights --checkpoint run/last.ckpt --layout hf --out student_vits_hf/
 
 Only argparse is imported at the top; the handler imports torch and the exporter.
 """
@@ -15,7 +18,7 @@ import argparse
 def register(subparsers) -> None:
     export = subparsers.add_parser(
         "export",
-        help="export a model for deployment (ONNX)",
+        help="export a model for deployment (ONNX) or release (weights in the official / transformers layout)",
         description="Export a depth model for deployment runtimes. See docs/export.md.",
     )
     formats = export.add_subparsers(dest="format", metavar="FORMAT", required=True)
@@ -28,15 +31,7 @@ def register(subparsers) -> None:
         "and aspect ratios before the file is written. Sizes that are not multiples of the patch size are "
         "zero-padded inside the graph and the output cropped back. See docs/export.md.",
     )
-    source = onnx.add_argument_group("model (one of)")
-    source.add_argument("--checkpoint", metavar="PATH", help="a training checkpoint (.ckpt from `depthkit fit`)")
-    source.add_argument("--model", metavar="NAME", help="registered model name, e.g. dav2_vits")
-    source.add_argument(
-        "--weights",
-        metavar="PATH",
-        help="weights for --model (official .pth, depthkit .pth/.safetensors, HF folder); default: the official "
-        "weights from the local checkpoint folder ($DEPTHKIT_HOME/checkpoints); nothing is downloaded",
-    )
+    _add_model_source(onnx)
     onnx.add_argument("--out", required=True, metavar="PATH", help="the .onnx file to write")
     onnx.add_argument("--opset", type=int, default=17, help="ONNX opset, 14-20 (default 17)")
     onnx.add_argument(
@@ -73,6 +68,37 @@ def register(subparsers) -> None:
     )
     onnx.set_defaults(func=run_export_onnx)
 
+    weights = formats.add_parser(
+        "weights",
+        help="the weights in the official Depth Anything, transformers or depthkit layout, verified",
+        description="Write a model's weights in the layout its users load: 'official' (.pth for the official "
+        "Depth Anything code), 'hf' (a folder for transformers' DepthAnythingForDepthEstimation.from_pretrained) "
+        "or 'depthkit' (.safetensors for create_model). The file is read back and compared tensor by tensor "
+        "before it is renamed into place, and the command prints how to load it.",
+    )
+    _add_model_source(weights)
+    weights.add_argument(
+        "--layout", choices=("official", "hf", "depthkit"), default="official", help="(default official)"
+    )
+    weights.add_argument("--out", required=True, metavar="PATH", help="the file (official, depthkit) or folder (hf)")
+    weights.set_defaults(func=run_export_weights)
+
+
+def _add_model_source(parser) -> None:
+    source = parser.add_argument_group("model")
+    source.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="a `depthkit fit` checkpoint (it names its model), or with --model any weights file --weights takes",
+    )
+    source.add_argument("--model", metavar="NAME", help="registered model name, e.g. dav2_vits")
+    source.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="weights for --model (official .pth, depthkit .pth/.safetensors, HF folder); default: the official "
+        "weights from the local checkpoint folder ($DEPTHKIT_HOME/checkpoints); nothing is downloaded",
+    )
+
 
 def run_export_onnx(args: argparse.Namespace) -> int:
     from depthkit.export.exporter import export_onnx, load_model, parse_size
@@ -98,4 +124,19 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         verify_sizes=verify_sizes,
         verify_images=images,
     )
+    return 0
+
+
+def run_export_weights(args: argparse.Namespace) -> int:
+    from depthkit.export.exporter import load_model
+    from depthkit.export.weights import check_out, export_weights
+
+    check_out(args.out, args.layout)  # before loading anything
+    model = load_model(checkpoint=args.checkpoint, model=args.model, weights=args.weights)
+    result = export_weights(model, args.out, layout=args.layout)
+    print(
+        f"wrote {result.path} ({result.layout} layout, {model.config.name}, {result.num_tensors} tensors, "
+        f"{result.num_bytes / 1e6:.1f} MB); read back: identical"
+    )
+    print(f"load it with:\n{result.load_hint}")
     return 0

@@ -193,54 +193,45 @@ def graph_meta(model: nn.Module, *, precision: str, dynamic: Sequence[str], size
 def load_model(
     *, checkpoint: str | os.PathLike | None = None, model: str | None = None, weights: str | os.PathLike | None = None
 ) -> nn.Module:
-    """The model to export, in eval mode on the CPU: `checkpoint` alone, or `model` with optional `weights`.
+    """The model to export, in eval mode on the CPU (`depthkit.models.load_model`).
 
     Args:
-        checkpoint: A training checkpoint (`.ckpt` from `depthkit fit`): it names its model (`hyper_parameters`
-            `model`, `model_overrides`) and holds the weights under `state_dict` `model.*`. Read with
-            `weights_only=True`: no code in the file runs.
-        model: A registered model name.
-        weights: Weights for `model` (any format `create_model(checkpoint_path=...)` reads); without them the
-            official weights are taken from the local checkpoint folder (never downloaded).
+        checkpoint: Weights to load: a training checkpoint (`.ckpt` from `depthkit fit`, which names its model and
+            the overrides it was trained with; read with `weights_only=True`, so no code in the file runs) or any
+            file `create_model(checkpoint_path=...)` reads, then with `model`.
+        model: A registered model name; optional with a training checkpoint (it must then match).
+        weights: Another name for `checkpoint` (the `--model NAME --weights PATH` spelling).
 
     Raises:
-        ValueError: Neither or both sources, or a checkpoint that does not name its model or does not load.
+        ValueError: No model at all, both `checkpoint` and `weights`, a checkpoint that does not name its model
+            without `model`, or weights that do not load.
         FileNotFoundError: A path that does not exist, or no local official weights.
     """
     from depthkit.models import create_model
-    from depthkit.models.checkpoint import load_state_dict
+    from depthkit.models import load_model as build
 
-    if (checkpoint is None) == (model is None):
-        raise ValueError("give the model as --checkpoint PATH or as --model NAME [--weights PATH] (exactly one)")
     if checkpoint is not None and weights is not None:
-        raise ValueError("--weights goes with --model; a --checkpoint holds its own weights")
-    if model is not None:
-        if weights is not None:
-            if not Path(weights).expanduser().exists():
-                raise FileNotFoundError(f"--weights not found: {Path(weights).expanduser()}")
-            return create_model(model, checkpoint_path=weights).eval()
+        raise ValueError("--checkpoint and --weights both give the weights: pass one")
+    path, flag = (checkpoint, "--checkpoint") if checkpoint is not None else (weights, "--weights")
+    if path is None:
+        if model is None:
+            raise ValueError(
+                "give the model as --checkpoint PATH (a `depthkit fit` checkpoint names its model) or --model NAME "
+                "[--checkpoint PATH]"
+            )
         try:
             return create_model(model, pretrained=True).eval()
         except FileNotFoundError as err:  # the registry's hint names the Python API; name this command's flag
-            raise FileNotFoundError(f"{err}; here: --model {model} --weights PATH") from None
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+            raise FileNotFoundError(f"{err}; here: --model {model} --checkpoint PATH") from None
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle / zip errors of many types
-        raise ValueError(f"{path} is not a readable torch checkpoint: {type(err).__name__}: {err}") from None
-    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
-    name = hparams.get("model") if isinstance(hparams, dict) else None
-    if not isinstance(name, str) or not isinstance(obj.get("state_dict"), dict):
-        raise ValueError(
-            f"{path} does not name its model (no hyper_parameters['model'] + state_dict: not a `depthkit fit` "
-            "checkpoint); export it with --model NAME --weights PATH"
-        )
-    net = create_model(name, **(hparams.get("model_overrides") or {}))
-    state_dict = {k[len("model.") :]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
-    load_state_dict(net, state_dict, source=f"{path} (state_dict model.*)")
-    return net.eval()
+        return build(model, path).eval()
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # pickle / zip / safetensors errors of many types
+        raise ValueError(f"{path} is not a readable checkpoint: {type(err).__name__}: {err}") from None
 
 
 @dataclass(frozen=True)

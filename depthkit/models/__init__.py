@@ -20,6 +20,7 @@ from depthkit._lazy import lazy_exports
 
 _EXPORTS = {
     "create_model": "registry",
+    "load_model": "registry",
     "create_encoder": "registry",
     "list_models": "registry",
     "model_config": "registry",
@@ -48,6 +49,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_checkpoint",
+    "load_model",
     "model_config",
     "register_model",
     "save_checkpoint",
@@ -65,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
         create_encoder,
         create_model,
         list_models,
+        load_model,
         model_config,
         register_model,
     )

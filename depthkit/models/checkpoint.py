@@ -28,9 +28,11 @@ transformers' behaviour).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -383,17 +385,64 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         if not weights.is_file():
             raise FileNotFoundError(f"{path} is a folder without {HF_WEIGHTS_NAME} (a transformers export)")
         path = weights
+    found_config = None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state_dict = _unwrap(load_file(str(path)), str(path))
+        config_path = path.parent / HF_CONFIG_NAME
+        if config_path.is_file():
+            found_config = json.loads(config_path.read_text())
     else:
-        state_dict = _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
-    config_path = path.parent / HF_CONFIG_NAME
-    found_config = None
-    if path.suffix == ".safetensors" and config_path.is_file():
-        found_config = json.loads(config_path.read_text())
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        found_config = training_config(obj)
+        state_dict = _unwrap(obj, str(path))
     return state_dict, found_config
+
+
+def training_config(obj) -> dict | None:
+    """`{"model": name, "model_overrides": {...}}` of a `depthkit fit` (Lightning) checkpoint, else None.
+
+    LightningCLI stores the module's arguments as plain values under `hyper_parameters`; `model` is the registry
+    name and `model_overrides` the config fields changed from it.
+    """
+    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("model"), str):
+        return None
+    return {"model": hparams["model"], "model_overrides": dict(hparams.get("model_overrides") or {})}
+
+
+def check_training_config(found: dict, config: DepthModelConfig, source: str) -> None:
+    """Raise a `ValueError` if a training checkpoint was trained as a different model than `config`.
+
+    Tensor shapes cannot tell every difference (`max_depth`, `tap_indices`, the normalization): without this, such
+    a checkpoint would load into the wrong model silently. The stochastic depth rate (training only) is ignored.
+    """
+    from depthkit.models.registry import model_config
+
+    trained = _inference_config(model_config(found["model"], **found["model_overrides"]))
+    built = _inference_config(config)
+    diffs = [f"{field}: trained {a!r}, here {b!r}" for field, a, b in _config_diffs(trained, built)]
+    if diffs:
+        raise ValueError(
+            f"{source} was trained as {found['model']} with {found['model_overrides'] or 'no overrides'}, not as "
+            f"built here ({'; '.join(diffs)}); load it with depthkit.models.load_model(checkpoint_path=...) (the "
+            "commands do), which builds the model the checkpoint names"
+        )
+
+
+def _config_diffs(a, b, prefix: str = ""):
+    """(dotted field, value in a, value in b) for each field of two config dataclasses that differs."""
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if dataclasses.is_dataclass(x):
+            yield from _config_diffs(x, y, f"{prefix}{field.name}.")
+        elif x != y:
+            yield f"{prefix}{field.name}", x, y
+
+
+def _inference_config(config: DepthModelConfig) -> DepthModelConfig:
+    return dataclasses.replace(config, name="", encoder=dataclasses.replace(config.encoder, drop_path_rate=0.0))
 
 
 def check_state_dict(expected: dict[str, tuple[int, ...]], got: dict[str, torch.Tensor], source: str) -> None:
@@ -422,6 +471,8 @@ def convert_to_depthkit(
     """Check `state_dict` strictly against `model` in the state dict's own layout, then convert it to depthkit."""
     layout = detect_layout(state_dict)
     own = model.state_dict()
+    if found_config is not None and "model_overrides" in found_config:
+        check_training_config(found_config, model.config, source)
     if layout == "depthkit":
         expected = own
     elif layout == "official":
@@ -445,10 +496,15 @@ def load_state_dict(model, state_dict: dict[str, torch.Tensor], source: str = "s
     return model
 
 
-def load_checkpoint(model, path: str | os.PathLike):
-    """Strictly load a checkpoint file or transformers folder (any layout) into a `DepthModel`; returns the model."""
+def load_checkpoint(model, path: str | os.PathLike, *, check_config: bool = True):
+    """Strictly load a checkpoint file or transformers folder (any layout) into a `DepthModel`; returns the model.
+
+    `check_config=False` skips the check that a training checkpoint was trained as this very model (see
+    `check_training_config`): for a training run that merely starts from its weights (a relative teacher's for a
+    metric fine-tuning). Keys and shapes are checked either way.
+    """
     state_dict, found_config = read_checkpoint(path)
-    return load_state_dict(model, state_dict, str(path), found_config)
+    return load_state_dict(model, state_dict, str(path), found_config if check_config else None)
 
 
 def save_checkpoint(model, path: str | os.PathLike, layout: str = "official") -> Path:
@@ -472,8 +528,9 @@ def save_checkpoint(model, path: str | os.PathLike, layout: str = "official") ->
 
         tensors = {k: v.contiguous().clone() for k, v in to_hf(state_dict, model.config).items()}
         path.mkdir(parents=True, exist_ok=True)
-        (path / HF_CONFIG_NAME).write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
-        save_file(tensors, str(path / HF_WEIGHTS_NAME), metadata={"format": "pt"})
+        _write_atomic(path / HF_WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        config_text = json.dumps(hf_config(model.config), indent=2) + "\n"
+        _write_atomic(path / HF_CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
         return path / HF_WEIGHTS_NAME
     if layout == "official":
         state_dict = to_official(state_dict, model.config)
@@ -481,10 +538,21 @@ def save_checkpoint(model, path: str | os.PathLike, layout: str = "official") ->
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+        tensors = {k: v.contiguous() for k, v in state_dict.items()}
+        _write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
     else:
-        torch.save(state_dict, path)
+        _write_atomic(path, lambda tmp: torch.save(state_dict, tmp))
     return path
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then rename it into place: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def encoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,14 +21,21 @@ def register(subparsers) -> None:
         "reported and skipped.",
     )
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
-    predict.add_argument("--model", help="registered model name, e.g. dav2_vits (required unless --onnx)")
+    predict.add_argument(
+        "--model",
+        help="registered model name, e.g. dav2_vits (required unless --onnx or a `depthkit fit` --checkpoint)",
+    )
     predict.add_argument(
         "--onnx",
         metavar="PATH",
         help="run this `depthkit export onnx` graph with ONNX Runtime instead of torch (no torch imported; the model "
         "name and normalization come from the graph)",
     )
-    predict.add_argument("--checkpoint", help="weights: official .pth, depthkit .pth/.safetensors or a HF folder")
+    predict.add_argument(
+        "--checkpoint",
+        help="weights: a `depthkit fit` .ckpt (it names its model), official .pth, depthkit .pth/.safetensors or "
+        "a HF folder",
+    )
     predict.add_argument(
         "--random-weights", action="store_true", help="no weights at all (seeded random init; for smoke tests)"
     )
@@ -56,11 +63,11 @@ def _build_predictor(args: argparse.Namespace):
         return build_predictor(
             args.onnx, model=args.model, input_size=args.input_size, batch_size=args.batch_size, device=args.device
         )
-    if not args.model:
-        raise ValueError("--model NAME is required (or --onnx PATH)")
+    if not args.model and not args.checkpoint:
+        raise ValueError("--model NAME is required (or --onnx PATH, or a `depthkit fit` --checkpoint)")
     import torch
 
-    from depthkit.models import create_model
+    from depthkit.models import create_model, load_model
 
     if args.checkpoint and args.random_weights:
         raise ValueError("--checkpoint and --random-weights exclude each other")
@@ -71,7 +78,7 @@ def _build_predictor(args: argparse.Namespace):
         torch.manual_seed(0)
         model = create_model(args.model)
     elif args.checkpoint:
-        model = create_model(args.model, checkpoint_path=args.checkpoint)
+        model = load_model(args.model, args.checkpoint)  # a training checkpoint builds the model it trained
     else:
         try:
             model = create_model(args.model, pretrained=True)

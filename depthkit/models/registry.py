@@ -134,6 +134,48 @@ def create_model(
     return model
 
 
+def load_model(name: str | None = None, checkpoint_path: str | os.PathLike | None = None, *, pretrained: bool = True):
+    """The model a command is pointed at: a registry name, a checkpoint, or both.
+
+    A `depthkit fit` checkpoint names the model it trained (`hyper_parameters`: `model`, `model_overrides`), so it
+    needs no `name`, and the model is built as trained (e.g. a metric model fine-tuned with `max_depth=80`). Other
+    checkpoints (official `.pth`, depthkit `.pth`/`.safetensors`, transformers folders) need `name`. The file is
+    read once.
+
+    Args:
+        name: A registered name; with a training checkpoint it must be the one the checkpoint names.
+        checkpoint_path: Weights to load.
+        pretrained: Without a checkpoint, load the official weights from the local folder (False: random init).
+
+    Returns:
+        The `DepthModel` in eval mode, on the CPU.
+
+    Raises:
+        ValueError: no name where one is needed, a name the training checkpoint contradicts, weights that do not
+            fit the model.
+        FileNotFoundError: a missing checkpoint, or no local official weights.
+    """
+    from depthkit.models import checkpoint as ckpt
+    from depthkit.models.depth_model import DepthModel
+
+    if checkpoint_path is None:
+        if name is None:
+            raise ValueError("name the model (--model NAME) or give a checkpoint (--checkpoint PATH)")
+        return create_model(name, pretrained=pretrained).eval()
+    source = str(checkpoint_path)
+    state_dict, found = ckpt.read_checkpoint(checkpoint_path)
+    trained = found.get("model") if found is not None and "model_overrides" in found else None
+    if trained is not None:
+        if name is not None and name != trained:
+            raise ValueError(f"{source} holds a {trained} model (the name it was trained under), not {name}")
+        config = model_config(trained, **found["model_overrides"])
+    elif name is None:
+        raise ValueError(f"{source} does not name its model (only `depthkit fit` checkpoints do): add --model NAME")
+    else:
+        config = model_config(name)
+    return ckpt.load_state_dict(DepthModel(config), state_dict, source, found).eval()
+
+
 def create_encoder(
     name_or_size: str, pretrained: bool = False, checkpoint_path: str | os.PathLike | None = None, **overrides
 ) -> DinoV2Encoder:

@@ -18,9 +18,14 @@ def register(subparsers) -> None:
         "processes, or launch one process per GPU with torchrun / srun. See docs/pseudo_labeling.md.",
     )
     teacher = parser.add_argument_group("teacher")
-    teacher.add_argument("--model", help="teacher architecture, a registered model name (e.g. dav2_vitl)")
     teacher.add_argument(
-        "--checkpoint", help="teacher checkpoint (official .pth, depthkit .pth/.safetensors, transformers folder)"
+        "--model",
+        help="teacher architecture, a registered model name (e.g. dav2_vitl); a `depthkit fit` checkpoint "
+        "names its own",
+    )
+    teacher.add_argument(
+        "--checkpoint",
+        help="teacher checkpoint (`depthkit fit` .ckpt, official .pth, depthkit .pth/.safetensors, HF folder)",
     )
     teacher.add_argument(
         "--weights", help="weights for --model (default: its official file from the local checkpoint folder)"

@@ -69,29 +69,29 @@ def load_teacher(
     """Build the teacher and load its weights, or fail with a clear error before any work.
 
     Args:
-        model: Registered model name (`depthkit.models.list_models()`).
-        checkpoint: A teacher checkpoint. Today the models package's checkpoints (official `.pth`, depthkit
-            `.pth`/`.safetensors`, transformers folder) do not name their model, so `model` is required with it;
-            training checkpoints that carry their model name will be read here.
+        model: Registered model name (`depthkit.models.list_models()`). Optional with a `depthkit fit` checkpoint,
+            which names the model it trained (and is then built as trained: `depthkit.models.load_model`).
+        checkpoint: A teacher checkpoint: a `depthkit fit` `.ckpt`, official `.pth`, depthkit `.pth`/`.safetensors`
+            or a transformers folder; all but the first need `model`.
         weights: Weights for `model` (same formats). Without `checkpoint` and `weights`, the official weights of
             `model` are taken from the local checkpoint folder (never downloaded).
         sha256: The weights' hash when already known (spawned ranks get it from the launcher, so a multi-GB file
             is hashed once per job, not once per process).
 
     Raises:
-        ValueError: No model name, both sources given, or weights that do not load into the model.
+        ValueError: No model name where one is needed, both sources given, or weights that do not load.
         FileNotFoundError: A weights path that does not exist, or no local official weights.
     """
-    from depthkit.models import create_model
+    from depthkit.models import load_model
     from depthkit.models.checkpoint import HF_WEIGHTS_NAME, find_pretrained
     from depthkit.models.registry import checkpoint_filename
 
     if checkpoint is not None and weights is not None:
         raise ValueError("give the teacher as --checkpoint PATH or as --model NAME --weights PATH, not both")
-    if not model:
-        raise ValueError("name the teacher's architecture with --model NAME (e.g. dav2_vitl)")
     path = checkpoint if checkpoint is not None else weights
     if path is None:
+        if not model:
+            raise ValueError("name the teacher with --model NAME (e.g. dav2_vitl) or give its --checkpoint PATH")
         filename = checkpoint_filename(model)  # ValueError for an unknown name
         if filename is None:
             raise FileNotFoundError(f"{model} has no official weights; pass --weights PATH or --checkpoint PATH")
@@ -100,14 +100,15 @@ def load_teacher(
     if not path.exists():
         raise FileNotFoundError(f"teacher checkpoint not found: {path}")
     try:
-        net = create_model(model, checkpoint_path=path)
+        net = load_model(model or None, path)
     except (FileNotFoundError, ValueError):
         raise
     except Exception as err:  # an unreadable file: pickle / zip / safetensors errors of many types
         raise ValueError(f"teacher checkpoint {path} does not load: {type(err).__name__}: {err}") from None
     hashed = path / HF_WEIGHTS_NAME if path.is_dir() else path
     net.eval().requires_grad_(False)
-    return Teacher(model=net, name=model, weights_path=str(hashed), sha256=sha256 or file_sha256(hashed))
+    name = net.meta.name
+    return Teacher(model=net, name=name, weights_path=str(hashed), sha256=sha256 or file_sha256(hashed))
 
 
 def network_size(height: int, width: int, resolution: int, patch_size: int) -> tuple[int, int]:

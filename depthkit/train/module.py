@@ -20,7 +20,7 @@ import torch
 
 from depthkit.data.cutmix import mix_like
 from depthkit.losses import DepthLoss, DepthLossConfig, feature_alignment_loss, preset
-from depthkit.models import create_encoder, create_model
+from depthkit.models import create_encoder, create_model, load_checkpoint, load_model
 from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, METRIC_DEPTH
 from depthkit.train.config import LossWeights, OptimConfig
 
@@ -91,8 +91,10 @@ class DepthModule(L.LightningModule):
     Args:
         model: Registry name (`depthkit.models.list_models()`), e.g. "dav2_vitl", "dav2_metric_vits", "test_dav2".
         pretrained: Start from the official Depth Anything weights in the local checkpoint folder.
-        checkpoint_path: Start from this checkpoint instead (official, depthkit or transformers layout).
-        encoder_checkpoint: Initialise only the encoder from these DINOv2 weights (the Depth Anything recipe).
+        checkpoint_path: Start from this checkpoint instead (official, depthkit or transformers layout, or a
+            `depthkit fit` checkpoint, whatever config it was trained with, as long as the tensors fit).
+        encoder_checkpoint: Initialise only the encoder, from DINOv2 weights (the Depth Anything recipe) or the
+            encoder of a Depth Anything checkpoint (the official metric fine-tuning starts so).
         model_overrides: Config fields of the model to change (e.g. `{"max_depth": 80.0}`).
         loss: The loss on labeled images (`depthkit.losses.DepthLossConfig`; presets in `configs/loss/`).
         optim: Optimizer and schedule.
@@ -119,9 +121,9 @@ class DepthModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.loss_config, self.optim_config = loss, optim  # typed; self.hparams holds what the CLI saw
-        self.model = create_model(
-            model, pretrained=pretrained, checkpoint_path=checkpoint_path, **(model_overrides or {})
-        )
+        self.model = create_model(model, pretrained=pretrained, **(model_overrides or {}))
+        if checkpoint_path is not None:  # a start, not this model's own weights: another config's are fine
+            load_checkpoint(self.model, checkpoint_path, check_config=False)
         if encoder_checkpoint:
             load_encoder_weights(self.model, encoder_checkpoint)
         self.model.encoder.set_grad_checkpointing(grad_checkpointing)
@@ -292,7 +294,11 @@ class StudentModule(DepthModule):
         self.frozen_encoder.set_grad_checkpointing(False)  # no backward through it: nothing to recompute
         self.teacher = None
         if teacher is not None:
-            self.teacher = create_model(teacher, checkpoint_path=teacher_checkpoint).requires_grad_(False).eval()
+            if teacher_checkpoint is None:
+                self.teacher = create_model(teacher)  # random weights: for tests
+            else:  # built as its checkpoint says it was trained
+                self.teacher = load_model(teacher, teacher_checkpoint)
+            self.teacher.requires_grad_(False).eval()
             if self.teacher.meta.output_space == METRIC_DEPTH:
                 raise ValueError(f"teacher {teacher!r} is metric; pseudo-labels are affine-invariant disparity")
         elif teacher_checkpoint:

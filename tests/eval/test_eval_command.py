@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from depthkit.cli import main
 from depthkit.eval import commands
@@ -91,9 +92,30 @@ def test_user_errors_are_value_errors(kitti_with_predictions, tmp_path, extra, m
         _run([*argv, "--out", str(tmp_path / "r.json"), *extra])
 
 
-def test_checkpoint_needs_a_model_name(tmp_path):
-    with pytest.raises(ValueError, match="--checkpoint needs --model"):
-        _run(["--checkpoint", str(tmp_path / "x.ckpt"), "--dataset", "nyu", "--data-root", str(tmp_path)])
+def test_a_training_checkpoint_names_its_model_and_other_weights_need_one(fake_layout, tmp_path):
+    from depthkit.models import create_model, save_checkpoint
+
+    root, _ = fake_layout("diode")
+    model = create_model("test_dav2_metric", max_depth=80.0)
+    ckpt = tmp_path / "last.ckpt"  # as `depthkit fit` writes it: the model's name and overrides in hyper_parameters
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save(
+        {
+            "state_dict": state,
+            "hyper_parameters": {"model": "test_dav2_metric", "model_overrides": {"max_depth": 80.0}},
+        },
+        ckpt,
+    )
+    out = tmp_path / "m.json"
+    argv = ["--input-size", "28", "--device", "cpu", "--quiet", "--dataset", "diode", "--data-root", str(root)]
+    assert _run(["--checkpoint", str(ckpt), *argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["predictions"]["model"] == "test_dav2_metric" and result["alignment"]["name"] == "none"
+    with pytest.raises(ValueError, match="holds a test_dav2_metric model .* not test_dav2"):
+        _run(["--checkpoint", str(ckpt), "--model", "test_dav2", *argv])
+    plain = save_checkpoint(model, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="does not name its model .* add --model NAME"):
+        _run(["--checkpoint", str(plain), *argv])
 
 
 def test_eval_a_registry_model_end_to_end(fake_layout, tmp_path, capsys):

@@ -184,11 +184,14 @@ def test_training_checkpoint_names_its_model(tmp_path):
     assert loaded.meta.name == "test_dav2_metric" and loaded.meta.max_depth == 80.0 and not loaded.training
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
-    torch.save({"state_dict": {}}, tmp_path / "anonymous.ckpt")
+    torch.save(model.state_dict(), tmp_path / "anonymous.pth")  # weights alone: the model must be named
     with pytest.raises(ValueError, match="does not name its model"):
-        load_model(checkpoint=tmp_path / "anonymous.ckpt")
-    with pytest.raises(ValueError, match="exactly one"):
+        load_model(checkpoint=tmp_path / "anonymous.pth")
+    assert load_model(checkpoint=tmp_path / "anonymous.pth", model="test_dav2_metric").meta.max_depth == 20.0
+    with pytest.raises(ValueError, match="holds a test_dav2_metric model .* not test_dav2"):
         load_model(checkpoint=ckpt, model="test_dav2")
+    with pytest.raises(ValueError, match="--checkpoint and --weights both"):
+        load_model(checkpoint=ckpt, weights=ckpt)
     with pytest.raises(FileNotFoundError):
         load_model(checkpoint=tmp_path / "missing.ckpt")
 
@@ -212,13 +215,13 @@ def test_command_errors_are_clean(checkpoint, tmp_path, capsys):
     out = str(tmp_path / "x.onnx")
     base = ["export", "onnx", "--model", "test_dav2", "--weights", str(checkpoint), "--no-verify"]
     cases = [
-        (["export", "onnx", "--out", out], "exactly one"),
+        (["export", "onnx", "--out", out], "give the model as --checkpoint PATH"),
         ([*base, "--out", out, "--dynamic", "batch,depth"], "subset of batch,height,width"),
         ([*base, "--out", out, "--opset", "11"], "opset 11 is not supported"),
         ([*base, "--out", out, "--size", "50x56"], "not a multiple of the patch size 14"),
         ([*base, "--out", str(tmp_path / "x.onx")], "must end in .onnx"),
         (["export", "onnx", "--model", "test_dav2", "--out", out], "has no official weights"),
-        (["export", "onnx", "--model", "test_dav2", "--out", out], "--model test_dav2 --weights PATH"),
+        (["export", "onnx", "--model", "test_dav2", "--out", out], "--model test_dav2 --checkpoint PATH"),
         (
             ["export", "onnx", "--model", "test_dav2", "--weights", str(tmp_path / "w.pth"), "--out", out],
             "--weights not",

@@ -165,6 +165,36 @@ def test_training_checkpoints_are_unwrapped(tmp_path):
     _assert_same(create_model("test_dav2", checkpoint_path=tmp_path / "latest.pth").state_dict(), model.state_dict())
 
 
+def test_a_fit_checkpoint_builds_the_model_it_trained(tmp_path):
+    """`depthkit fit` checkpoints name their model and overrides; tensors alone cannot tell `max_depth` apart."""
+    from depthkit.models import load_model
+
+    model = _random_model("test_dav2_metric", max_depth=80.0)
+    ckpt = tmp_path / "last.ckpt"
+    hparams = {"model": "test_dav2_metric", "model_overrides": {"max_depth": 80.0}, "loss": {"objective": "silog"}}
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hparams}, ckpt
+    )
+    loaded = load_model(checkpoint_path=ckpt)
+    assert loaded.meta.max_depth == 80.0 and not loaded.training
+    _assert_same(loaded.state_dict(), model.state_dict())
+    assert load_model("test_dav2_metric", ckpt).meta.max_depth == 80.0
+    with pytest.raises(ValueError, match="holds a test_dav2_metric model .*, not test_dav2$"):
+        load_model("test_dav2", ckpt)
+    # Built differently, the same tensors would load silently: refused, naming the field.
+    with pytest.raises(ValueError, match=r"max_depth: trained 80.0, here 20.0\); load it with .*load_model"):
+        create_model("test_dav2_metric", checkpoint_path=ckpt)
+    assert create_model("test_dav2_metric", checkpoint_path=ckpt, max_depth=80.0).meta.max_depth == 80.0
+    create_model("test_dav2_metric", checkpoint_path=ckpt, max_depth=80.0, drop_path_rate=0.2)  # training-only field
+    start = create_model("test_dav2_metric")  # a run that only starts from these weights may differ
+    load_checkpoint(start, ckpt, check_config=False)
+    _assert_same(start.state_dict(), model.state_dict())
+    plain = save_checkpoint(model, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="does not name its model"):
+        load_model(checkpoint_path=plain)
+    assert load_model("test_dav2_metric", plain).meta.max_depth == 20.0  # plain weights: the registry's config
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_model("test_dav2", checkpoint_path=tmp_path / "nope.pth")

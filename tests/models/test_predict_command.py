@@ -141,3 +141,21 @@ def test_globs_and_duplicates(tmp_path):
     assert [i.name for i in items] == ["x", "y"]
     with pytest.raises(FileNotFoundError):
         collect_inputs([str(tmp_path / "z.png")])
+
+
+def test_a_fit_checkpoint_alone_names_the_model(tmp_path):
+    image = tmp_path / "a.png"
+    photo = np.random.default_rng(2).integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(image)
+    torch.manual_seed(0)
+    model = create_model("test_dav2_metric", max_depth=80.0).eval()
+    ckpt = tmp_path / "last.ckpt"  # as `depthkit fit` writes it
+    hparams = {"model": "test_dav2_metric", "model_overrides": {"max_depth": 80.0}}
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hparams}, ckpt
+    )
+    out = tmp_path / "out"
+    args = ["predict", str(image), "--out", str(out), "--save", "npy", "--checkpoint", str(ckpt), "--input-size", "28"]
+    assert main([*args, "--no-progress"]) == 0
+    expected = model.infer(photo, input_size=28).values  # max_depth 80, as trained (not the registry's 20)
+    np.testing.assert_allclose(np.load(out / "a.npy"), expected, rtol=1e-5, atol=1e-5)

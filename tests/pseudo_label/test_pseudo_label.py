@@ -204,6 +204,24 @@ def test_f16_encoding_stores_float16_labels(unlabeled, teacher_ckpt, tmp_path):
         assert np.abs(sample["target"] - plain).max() > 0  # rounded, not float32
 
 
+def test_a_training_checkpoint_is_a_teacher_without_model_name(unlabeled, teacher_ckpt, tmp_path):
+    model = _teacher(teacher_ckpt)
+    ckpt = tmp_path / "teacher.ckpt"  # as `depthkit fit` writes it: the model's name in hyper_parameters
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"model": "test_dav2", "model_overrides": None}}, ckpt)
+    first = [str(shard_paths(str(unlabeled))[0])]
+    run_pseudo_label(_config(first, tmp_path / "out", ckpt, model=None))
+    raws = [raw for raws in _labels(tmp_path / "out").values() for raw in raws]
+    images = _images(unlabeled)
+    for raw in raws:
+        sample = decode_sample(raw, kind="pseudo")
+        assert sample["meta"]["provenance"]["model"] == "test_dav2"
+        expected = model.infer(images[raw["__key__"]], input_size=RESOLUTION).values
+        torch.testing.assert_close(sample["target"], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="holds a test_dav2 model"):
+        run_pseudo_label(_config(first, tmp_path / "out2", ckpt, model="test_dav1"))
+
+
 def _run_cli(argv: list[str]) -> None:
     torch.set_num_threads(1)  # the same in every child: identical floating-point work
     sys.exit(main(argv))
