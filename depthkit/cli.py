@@ -54,10 +54,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"depthkit {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input, or a path that cannot be read or written: one line, no traceback
+        print(f"depthkit {args.command}: error: {_message(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"depthkit {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
+
+
+def _message(err: Exception) -> str:
+    """The error's text; an OS error without our own message reads `reason: path` (e.g. `File exists: out`)."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror and err.filename:
+        target = f" -> {err.filename2}" if err.filename2 else ""
+        return f"{err.strerror}: {err.filename}{target}"
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -51,19 +51,31 @@ def register(subparsers) -> None:
 def _check_out(out, overwrite: bool) -> None:
     from pathlib import Path
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
     existing = sorted(Path(out).glob("*.tar")) if Path(out).is_dir() else []
     if existing and not overwrite:
         raise ValueError(
             f"--out {out} already holds {len(existing)} shard(s) (e.g. {existing[0].name}); "
             "pass --overwrite to replace them"
         )
-    for path in existing:
+    # `*.tar.tmp`: shards an interrupted run never finished (writers rename a shard only when it is complete).
+    for path in [*existing, *(sorted(Path(out).glob("*.tar.tmp")) if Path(out).is_dir() else [])]:
         path.unlink()
+
+
+def _check_positive(args: argparse.Namespace, *names: str, minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(args, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v < minimum:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {v}")
 
 
 def run_convert(args: argparse.Namespace) -> int:
     from depthkit.data.convert import convert_images, convert_manifest
 
+    _check_positive(args, "shard_size")
     _check_out(args.out, args.overwrite)
     if args.manifest:
         index = convert_manifest(
@@ -95,8 +107,8 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_synth(args: argparse.Namespace) -> int:
     from depthkit.data.convert import write_synthetic
 
-    if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
+    _check_positive(args, "num", "size", "shard_size", "workers")
+    _check_positive(args, "seed", "first_index", minimum=0)
     _check_out(args.out, args.overwrite)
     index = write_synthetic(
         args.out,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from depthkit.spaces import DISPARITY, METRIC_DEPTH
 
@@ -47,7 +47,8 @@ def image_from_bytes(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
             # the common case (plain RGB, no rotation) decodes straight into the array, without PIL copies
             rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, Image.DecompressionBombError, SyntaxError) as err:
-        raise ValueError(f"{name}: cannot decode image ({err})") from err
+        detail = "not an image format PIL reads" if isinstance(err, UnidentifiedImageError) else err
+        raise ValueError(f"{name}: cannot decode image ({detail})") from err
     return np.ascontiguousarray(rgb)
 
 
@@ -169,6 +170,37 @@ _READERS: dict[str, Callable[[Path], np.ndarray]] = {
 DEPTH_FORMATS = tuple(_READERS)
 DISPARITY_FORMATS = ("npz_float32_disparity_px", "pfm_disparity_px")
 
+# File signatures: a depth file is checked to be the container its depth_format reads before it is decoded, so a
+# wrong depth_format is an error naming both, not garbage (a PNG read as EXR by OpenCV gives numbers) or a
+# reader's confusing message.
+_SIGNATURES = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "PGM": (b"P5",),
+    "NPZ (zip)": (b"PK\x03\x04", b"PK\x05\x06"),
+    "PFM": (b"PF", b"Pf"),
+    "NPY": (b"\x93NUMPY",),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+    "EXR": (b"\x76\x2f\x31\x01",),
+    "JPEG": (b"\xff\xd8\xff",),
+}
+_CONTAINER = {
+    "uint16_png": "PNG",
+    "uint16_png_sun_bitrotated": "PNG",
+    "nyu_raw_kinect_disparity_pgm": "PGM",
+    "npz_float32_disparity_px": "NPZ (zip)",
+    "pfm_disparity_px": "PFM",
+    "npy_float32": "NPY",
+    "npz_float32": "NPZ (zip)",
+    "tiff_float32": "TIFF",
+    "exr_float32": "EXR",
+}
+
+
+def _container(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return next((name for name, magics in _SIGNATURES.items() if head.startswith(magics)), None)
+
 
 def read_depth_raw(path: str | Path, depth_format: str) -> np.ndarray:
     """Read a depth file's stored values (after SUN bit rotation) without scaling."""
@@ -177,9 +209,15 @@ def read_depth_raw(path: str | Path, depth_format: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"depth file not found: {path}")
+    expected, found = _CONTAINER[depth_format], _container(path)
+    if found != expected:
+        raise ValueError(
+            f"{path}: depth_format {depth_format} reads {expected} files, but this is "
+            f"{'a ' + found + ' file' if found else 'not one'}"
+        )
     try:
         value = _READERS[depth_format](path)
-    except (OSError, EOFError, Image.DecompressionBombError) as err:
+    except (OSError, EOFError, ValueError, TypeError, KeyError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path}: cannot decode depth as {depth_format} ({err})") from err
     if value.ndim != 2:
         raise ValueError(f"{path}: depth must be a single-channel map, got shape {value.shape}")
@@ -251,7 +289,8 @@ def parse_codec(depth_format: str, scale_field: str, invalid_field: str, *, wher
         match = _LEADING_SCALE.match(scale_field)
         if not match:
             raise ValueError(f"{where}: scale_to_metres {scale_field!r} is not a number or fraction like 1/256")
-        scale = float(match["num"]) / (float(match["den"]) if match["den"] else 1.0)
+        denominator = float(match["den"]) if match["den"] else 1.0
+        scale = float(match["num"]) / denominator if denominator else float("nan")
         if not np.isfinite(scale) or scale <= 0:
             raise ValueError(f"{where}: scale_to_metres must be positive, got {scale_field!r}")
 

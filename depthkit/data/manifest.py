@@ -93,7 +93,14 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     root = path.parent
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        return _read_rows(path, root)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text CSV ({err.reason} at byte {err.start})") from None
+
+
+def _read_rows(path: Path, root: Path) -> list[ManifestRow]:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
         if missing:

@@ -575,7 +575,11 @@ def read_manifest_items(path: Path) -> list[EvalItem]:
     items = []
     for row in read_manifest(path):
         load = partial(_load_manifest_row, row)
-        name = _stem(row.rgb_path.relative_to(path.parent).as_posix())
+        try:
+            relative = row.rgb_path.relative_to(path.parent).as_posix()
+        except ValueError:  # an absolute path in the manifest: the path without its root
+            relative = row.rgb_path.as_posix().lstrip("/")
+        name = _stem(relative)
         group = row.fields.get("source", "")
         items.append(EvalItem(key=row.key, name=name, rgb_path=row.rgb_path, group=group, load=load))
     return items

@@ -47,7 +47,7 @@ def crop_mask(shape: tuple[int, int], crop: str | None) -> np.ndarray:
         mask_HW[:] = True
     elif crop == "eigen_nyu":
         if (height, width) != (480, 640):
-            raise ValueError(f"the eigen_nyu crop is defined on 480x640 NYU frames; ground truth is {width}x{height}")
+            raise ValueError(f"the eigen_nyu crop is defined on 480x640 (HxW) NYU frames, not on {height}x{width}")
         mask_HW[45:471, 41:601] = True
     elif crop in _FRACTION_CROPS:
         top, bottom, left, right = _FRACTION_CROPS[crop]

@@ -192,14 +192,12 @@ def load_model(name: str | None, *, checkpoint_path: str | None = None, pretrain
         pretrained: Load the registry's pretrained weights when no checkpoint is given.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     """
-    import torch
-
     try:
         from depthkit.models import load_model as build
+        from depthkit.models import torch_device
     except ImportError as err:
         raise ValueError(f"depthkit.models cannot build models here ({err}); evaluate saved --predictions") from err
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device(device)  # before the model loads: a bad --device fails fast
     return build(name, checkpoint_path, pretrained=pretrained).to(device).eval()
 
 
@@ -257,8 +255,10 @@ def evaluate(
     crop = protocol.crop if crop is None else crop
     if crop not in CROPS:
         raise ValueError(f"crop={crop!r}; expected one of {', '.join(CROPS)}")
-    if not 0 <= min_depth < max_depth:
-        raise ValueError(f"depth range {min_depth}..{max_depth} is empty")
+    if min_depth < 0:
+        raise ValueError(f"--min-depth must be >= 0 (metres), got {min_depth}")
+    if not min_depth < max_depth:
+        raise ValueError(f"depth range {min_depth}..{max_depth} is empty (--min-depth / --max-depth)")
     overrides = {
         k: v
         for k, v, default in (

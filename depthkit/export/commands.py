@@ -101,8 +101,9 @@ def _add_model_source(parser) -> None:
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:
-    from depthkit.export.exporter import export_onnx, load_model, parse_size
+    from depthkit.export.exporter import check_onnx_out, export_onnx, load_model, parse_size
 
+    check_onnx_out(args.out)
     size_hw = parse_size(args.size) if args.size else None
     images = None
     if args.verify_images:

@@ -190,6 +190,16 @@ def graph_meta(model: nn.Module, *, precision: str, dynamic: Sequence[str], size
     )
 
 
+def check_onnx_out(path: str | os.PathLike) -> Path:
+    """The `--out` of an ONNX export, checked before any work: a `.onnx` file name that is not a folder."""
+    path = Path(path).expanduser()
+    if path.suffix != ".onnx":
+        raise ValueError(f"--out {path}: the file name must end in .onnx")
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give the .onnx file to write")
+    return path
+
+
 def load_model(
     *, checkpoint: str | os.PathLike | None = None, model: str | None = None, weights: str | os.PathLike | None = None
 ) -> nn.Module:
@@ -313,9 +323,7 @@ def export_onnx(
             f"{model.meta.name} has {num_bytes / 2**30:.1f} GiB of {precision} weights; ONNX graphs over 2 GB need "
             "external data files, which depthkit export does not write yet"
         )
-    path = Path(path).expanduser()
-    if path.suffix != ".onnx":
-        raise ValueError(f"--out {path}: the file name must end in .onnx")
+    path = check_onnx_out(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     reference = copy.deepcopy(model).float().cpu().eval()  # the caller's model is left as it is

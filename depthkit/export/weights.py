@@ -55,6 +55,8 @@ def check_out(out: str | os.PathLike, layout: str) -> Path:
             raise ValueError(f"--out {path}: the hf layout writes a folder (config.json + model.safetensors)")
     elif path.suffix not in SUFFIXES[layout]:
         raise ValueError(f"--out {path}: the {layout} layout writes a {' or '.join(SUFFIXES[layout])} file")
+    elif path.is_dir():
+        raise ValueError(f"--out {path} is a folder; the {layout} layout writes a file")
     return path
 
 

@@ -26,6 +26,7 @@ _EXPORTS = {
     "model_config": "registry",
     "register_model": "registry",
     "checkpoint_filename": "registry",
+    "torch_device": "registry",
     "DepthModel": "depth_model",
     "ModelMeta": "meta",
     "Prediction": "depth_model",
@@ -53,6 +54,7 @@ __all__ = [
     "model_config",
     "register_model",
     "save_checkpoint",
+    "torch_device",
 ]
 assert sorted(__all__) == sorted(_EXPORTS)
 
@@ -70,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
         load_model,
         model_config,
         register_model,
+        torch_device,
     )
 
 

@@ -389,15 +389,34 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state_dict = _unwrap(load_file(str(path)), str(path))
+        state_dict = _unwrap(_read(load_file, str(path)), str(path))
         config_path = path.parent / HF_CONFIG_NAME
         if config_path.is_file():
-            found_config = json.loads(config_path.read_text())
+            try:
+                found_config = json.loads(config_path.read_text())
+            except ValueError as err:
+                raise ValueError(f"{config_path} is not valid JSON ({err})") from None
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _read(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
         found_config = training_config(obj)
         state_dict = _unwrap(obj, str(path))
     return state_dict, found_config
+
+
+def _read(load, path):
+    """`load(path)`, with any failure of the file's format (pickle, zip, safetensors errors of many types) turned
+    into a one-line `ValueError` naming the file."""
+    try:
+        return load(path)
+    except OSError:
+        raise
+    except Exception as err:
+        import pickle
+
+        # torch's UnpicklingError text advises weights_only=False, i.e. running the file's code: not said here.
+        detail = "" if isinstance(err, pickle.UnpicklingError) else (str(err).strip().splitlines() or [""])[0][:200]
+        reason = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
 
 
 def training_config(obj) -> dict | None:
@@ -550,6 +569,9 @@ def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a released file should read like any other
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -67,13 +67,11 @@ def _build_predictor(args: argparse.Namespace):
         raise ValueError("--model NAME is required (or --onnx PATH, or a `depthkit fit` --checkpoint)")
     import torch
 
-    from depthkit.models import create_model, load_model
+    from depthkit.models import create_model, load_model, torch_device
 
     if args.checkpoint and args.random_weights:
         raise ValueError("--checkpoint and --random-weights exclude each other")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
+    device = torch_device(args.device)
     if args.random_weights:
         torch.manual_seed(0)
         model = create_model(args.model)
@@ -108,11 +106,14 @@ def run_predict_command(args: argparse.Namespace) -> int:
 
     if args.cmap not in matplotlib.colormaps:
         raise ValueError(f"--cmap {args.cmap!r} is not a matplotlib colormap")
-    inputs = collect_inputs(args.inputs)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+    # An --out inside an input folder holds earlier outputs (16-bit PNGs, colour maps): not inputs.
+    inputs = [item for item in collect_inputs(args.inputs) if not item.path.resolve().is_relative_to(out_dir.resolve())]
     if not inputs:
         raise FileNotFoundError(f"no images found in {' '.join(args.inputs)}")
     predict = _build_predictor(args)
-    out_dir = Path(args.out)
     start = time.perf_counter()
     num_written, skipped = run_predict(
         predict, inputs, out_dir, save, chunk_size=4 * args.batch_size, cmap=args.cmap, progress=not args.no_progress

@@ -32,6 +32,7 @@ import json
 import logging
 import queue
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -199,8 +200,14 @@ def make_plan(config: PseudoLabelConfig) -> Plan:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--output {out_dir} is a file, not a folder")
     for url, name in zip(urls, names, strict=True):
-        if "://" not in url and not url.startswith("pipe:") and (out_dir / name).resolve() == Path(url).resolve():
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        if (out_dir / name).resolve() == Path(url).resolve():
             raise ValueError(f"--output {out_dir} would overwrite the input shard {url}; choose another folder")
+        if not tarfile.is_tarfile(url):  # reads one header block
+            raise ValueError(
+                f"input {url} is not a tar shard; make shards of photos with `depthkit data convert --images DIR`"
+            )
     index_path = out_dir / INDEX_NAME
     if index_path.is_file():
         try:

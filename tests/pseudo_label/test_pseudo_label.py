@@ -339,7 +339,7 @@ def test_start_errors_are_clear_and_come_before_any_work(unlabeled, teacher_ckpt
         run_pseudo_label(_config(unlabeled / "nope-000009.tar", out, teacher_ckpt))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is no checkpoint")
-    with pytest.raises(ValueError, match="garbage.pth does not load"):
+    with pytest.raises(ValueError, match="garbage.pth is not a readable checkpoint"):
         run_pseudo_label(_config(unlabeled, out, garbage))
     with pytest.raises(ValueError, match="does not match the model"):
         run_pseudo_label(_config(unlabeled, out, v1_ckpt))  # a test_dav1 checkpoint for test_dav2
