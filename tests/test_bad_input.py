@@ -95,6 +95,11 @@ def test_manifest_mistakes_name_the_file_and_field(tmp_path, shared_data, capsys
         wrong = _manifest(tmp_path, shared_data, depth_format=fmt, scale_to_metres="1")
         err = _run(["data", "convert", "--manifest", wrong, "--out", out], capsys)
         assert f"depth_format {fmt} reads {reads} files, but this is a PNG file" in err and "TUM_depth.png" in err
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text(Path(zero).read_text().splitlines()[0] + "\n")
+    assert "a header but no rows" in _run(["data", "convert", "--manifest", str(header_only), "--out", out], capsys)
+    args = ["eval", "--dataset", zero, "--model", "test_dav2", "--random-weights", "--split-file", str(zero)]
+    assert "--split-file and --data-root are for named benchmarks" in _run(args, capsys)
     # A spreadsheet's "CSV UTF-8" (with a byte-order mark) reads like any CSV.
     bom = _manifest(tmp_path, shared_data, encoding="utf-8-sig")
     assert main(["data", "convert", "--manifest", bom, "--out", out]) == 0

@@ -94,9 +94,12 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         raise FileNotFoundError(f"manifest not found: {path}")
     root = path.parent
     try:
-        return _read_rows(path, root)
+        rows = _read_rows(path, root)
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a UTF-8 text CSV ({err.reason} at byte {err.start})") from None
+    if not rows:
+        raise ValueError(f"{path}: the manifest has a header but no rows")
+    return rows
 
 
 def _read_rows(path: Path, root: Path) -> list[ManifestRow]:

@@ -606,6 +606,8 @@ def load_benchmark(
     """
     split = Path(split_file) if split_file is not None else None
     if dataset.endswith(".csv") or (dataset not in PROTOCOLS and Path(dataset).is_file()):
+        if split is not None or data_root is not None:
+            raise ValueError("--split-file and --data-root are for named benchmarks; a manifest lists its own files")
         return PROTOCOLS["manifest"], read_manifest_items(Path(dataset))
     if dataset not in PROTOCOLS or dataset == "manifest":
         names = ", ".join(n for n in PROTOCOLS if n != "manifest")
