@@ -314,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
 
-    onnx = out / "student.onnx"
-    if stage("6/7 export the student to ONNX and verify", onnx):
-        run(["export", "onnx", "--model", MODEL, "--weights", str(student), "--out", str(onnx)])
+    onnx, release = out / "student.onnx", out / "student_official.pth"
+    if stage("6/7 export the student: ONNX (verified) and weights for the official code", release):
+        run(["export", "onnx", "--checkpoint", str(student), "--out", str(onnx)])
+        run(["export", "weights", "--checkpoint", str(student), "--layout", "official", "--out", str(release)])
 
     print("[demo] 7/7 report", flush=True)
     sample_figure(out, {"teacher": teacher, "student": student}, out / "samples.png")
@@ -353,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "![losses](loss_curves.png)",
         "",
-        f"Student ONNX: `{onnx.name}` (verified against PyTorch at export).",
+        f"Student ONNX: `{onnx.name}` (verified against PyTorch at export). Student weights in the official Depth "
+        f"Anything layout: `{release.name}` (`depthkit export weights`: read back and compared before kept).",
         "",
         f"Total time: {time.perf_counter() - start:.0f} s. W&B offline runs: `{out / 'wandb'}` (`wandb sync`).",
     ]

@@ -20,7 +20,14 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     log = result.stdout + result.stderr
     for stage in ("1/7", "2/7", "3/7", "4/7", "5/7", "6/7", "7/7"):
         assert f"[demo] {stage}" in log, log[-3000:]
-    for name in ("report.md", "samples.png", "loss_curves.png", "student.onnx", "eval_rgbd_teacher.json"):
+    for name in (
+        "report.md",
+        "samples.png",
+        "loss_curves.png",
+        "student.onnx",
+        "student_official.pth",
+        "eval_rgbd_teacher.json",
+    ):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "| ramp |" in report and "| teacher |" in report and "| student |" in report
