@@ -106,7 +106,8 @@ def check_size(prefix: str, build, size: str, args, workdir: Path) -> float:
     exported = export_weights(ours, workdir / f"exported_{size}.pth", layout="official").path
     fresh = build(size, **kwargs)
     fresh.load_state_dict(torch.load(exported, map_location="cpu", weights_only=True))  # strict
-    differ = [k for k, v in official.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
+    loaded = fresh.state_dict()
+    differ = [k for k, v in official.state_dict().items() if not torch.equal(v, loaded[k])]
     if differ:
         raise SystemExit(f"{name}: exported official weights differ from the official model's: {differ[:5]}")
     print(f"{name} export weights --layout official: strict load into the official model, every tensor equal")

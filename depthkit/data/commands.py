@@ -51,16 +51,17 @@ def register(subparsers) -> None:
 def _check_out(out, overwrite: bool) -> None:
     from pathlib import Path
 
-    if Path(out).exists() and not Path(out).is_dir():
+    out = Path(out)
+    if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    existing = sorted(Path(out).glob("*.tar")) if Path(out).is_dir() else []
+    existing = sorted(out.glob("*.tar"))  # none when the folder does not exist yet
     if existing and not overwrite:
         raise ValueError(
             f"--out {out} already holds {len(existing)} shard(s) (e.g. {existing[0].name}); "
             "pass --overwrite to replace them"
         )
     # `*.tar.tmp`: shards an interrupted run never finished (writers rename a shard only when it is complete).
-    for path in [*existing, *(sorted(Path(out).glob("*.tar.tmp")) if Path(out).is_dir() else [])]:
+    for path in [*existing, *out.glob("*.tar.tmp")]:
         path.unlink()
 
 

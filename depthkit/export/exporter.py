@@ -217,7 +217,6 @@ def load_model(
             without `model`, or weights that do not load.
         FileNotFoundError: A path that does not exist, or no local official weights.
     """
-    from depthkit.models import create_model
     from depthkit.models import load_model as build
 
     if checkpoint is not None and weights is not None:
@@ -230,18 +229,13 @@ def load_model(
                 "[--checkpoint PATH]"
             )
         try:
-            return create_model(model, pretrained=True).eval()
+            return build(model)  # the official weights from the local folder
         except FileNotFoundError as err:  # the registry's hint names the Python API; name this command's flag
             raise FileNotFoundError(f"{err}; here: --model {model} --checkpoint PATH") from None
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{flag} not found: {path}")
-    try:
-        return build(model, path).eval()
-    except (ValueError, FileNotFoundError):
-        raise
-    except Exception as err:  # pickle / zip / safetensors errors of many types
-        raise ValueError(f"{path} is not a readable checkpoint: {type(err).__name__}: {err}") from None
+    return build(model, path)  # an unreadable file is a ValueError naming it (`read_checkpoint`)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ renamed into place, so a mismatch or a crash leaves nothing at `--out`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from depthkit.models.checkpoint import HF_CONFIG_NAME, HF_WEIGHTS_NAME, LAYOUTS, load_checkpoint, save_checkpoint
+from depthkit.models.checkpoint import (
+    HF_CONFIG_NAME,
+    HF_WEIGHTS_NAME,
+    LAYOUTS,
+    inference_config,
+    load_checkpoint,
+    save_checkpoint,
+)
 from depthkit.models.registry import ENCODER_CONFIGS, V2_TAPS
 
 SUFFIXES = {"official": (".pth", ".pt"), "depthkit": (".safetensors", ".pth", ".pt")}
@@ -94,7 +100,8 @@ def export_weights(model, out: str | os.PathLike, *, layout: str = "official") -
 
 def official_constructor(config) -> str | None:
     """The official code's constructor call for `config`, or None when the official code cannot build it."""
-    size = next((s for s, enc in ENCODER_CONFIGS.items() if _same_architecture(enc, config.encoder)), None)
+    encoder = inference_config(config).encoder  # the registry's encoders have no stochastic depth
+    size = next((s for s, enc in ENCODER_CONFIGS.items() if enc == encoder), None)
     head = config.head
     if size is None or head.use_bn or head.use_clstoken or head.head_hidden != 32:
         return None
@@ -108,11 +115,6 @@ def official_constructor(config) -> str | None:
         v1 = {"encoder": size, "features": head.features, "out_channels": list(head.out_channels)}
         return f"DepthAnything({v1!r})  # Depth-Anything (V1): depth_anything/dpt.py"
     return None
-
-
-def _same_architecture(a, b) -> bool:
-    """Equal encoder configs up to the training-only stochastic depth rate."""
-    return dataclasses.replace(a, drop_path_rate=0.0) == dataclasses.replace(b, drop_path_rate=0.0)
 
 
 def load_hint(config, path: Path, layout: str) -> str:

@@ -439,8 +439,8 @@ def check_training_config(found: dict, config: DepthModelConfig, source: str) ->
     """
     from depthkit.models.registry import model_config
 
-    trained = _inference_config(model_config(found["model"], **found["model_overrides"]))
-    built = _inference_config(config)
+    trained = inference_config(model_config(found["model"], **found["model_overrides"]))
+    built = inference_config(config)
     diffs = [f"{field}: trained {a!r}, here {b!r}" for field, a, b in _config_diffs(trained, built)]
     if diffs:
         raise ValueError(
@@ -460,7 +460,8 @@ def _config_diffs(a, b, prefix: str = ""):
             yield f"{prefix}{field.name}", x, y
 
 
-def _inference_config(config: DepthModelConfig) -> DepthModelConfig:
+def inference_config(config: DepthModelConfig) -> DepthModelConfig:
+    """`config` without what only training uses (the name, the stochastic depth rate): equal means same outputs."""
     return dataclasses.replace(config, name="", encoder=dataclasses.replace(config.encoder, drop_path_rate=0.0))
 
 

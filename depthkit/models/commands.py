@@ -67,22 +67,20 @@ def _build_predictor(args: argparse.Namespace):
         raise ValueError("--model NAME is required (or --onnx PATH, or a `depthkit fit` --checkpoint)")
     import torch
 
-    from depthkit.models import create_model, load_model, torch_device
+    from depthkit.models import load_model, torch_device
 
     if args.checkpoint and args.random_weights:
         raise ValueError("--checkpoint and --random-weights exclude each other")
     device = torch_device(args.device)
     if args.random_weights:
         torch.manual_seed(0)
-        model = create_model(args.model)
-    elif args.checkpoint:
-        model = load_model(args.model, args.checkpoint)  # a training checkpoint builds the model it trained
-    else:
-        try:
-            model = create_model(args.model, pretrained=True)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}; here: --checkpoint PATH, or --random-weights to try the command") from None
-    model = model.to(device).eval()
+    try:  # a training checkpoint builds the model it trained
+        model = load_model(args.model, args.checkpoint, pretrained=not args.random_weights)
+    except FileNotFoundError as err:
+        if args.checkpoint:
+            raise
+        raise FileNotFoundError(f"{err}; here: --checkpoint PATH, or --random-weights to try the command") from None
+    model = model.to(device)
 
     def predict(images):
         return model.infer(images, input_size=args.input_size, batch_size=args.batch_size)

@@ -99,16 +99,9 @@ def load_teacher(
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"teacher checkpoint not found: {path}")
-    try:
-        net = load_model(model or None, path)
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as err:  # an unreadable file: pickle / zip / safetensors errors of many types
-        raise ValueError(f"teacher checkpoint {path} does not load: {type(err).__name__}: {err}") from None
+    net = load_model(model or None, path).requires_grad_(False)  # an unreadable file: a ValueError naming it
     hashed = path / HF_WEIGHTS_NAME if path.is_dir() else path
-    net.eval().requires_grad_(False)
-    name = net.meta.name
-    return Teacher(model=net, name=name, weights_path=str(hashed), sha256=sha256 or file_sha256(hashed))
+    return Teacher(model=net, name=net.meta.name, weights_path=str(hashed), sha256=sha256 or file_sha256(hashed))
 
 
 def network_size(height: int, width: int, resolution: int, patch_size: int) -> tuple[int, int]:

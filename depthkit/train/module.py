@@ -121,7 +121,7 @@ class DepthModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.loss_config, self.optim_config = loss, optim  # typed; self.hparams holds what the CLI saw
-        self.model = create_model(model, pretrained=pretrained, **(model_overrides or {}))
+        self.model = create_model(model, pretrained=pretrained and checkpoint_path is None, **(model_overrides or {}))
         if checkpoint_path is not None:  # a start, not this model's own weights: another config's are fine
             load_checkpoint(self.model, checkpoint_path, check_config=False)
         if encoder_checkpoint:
@@ -294,11 +294,8 @@ class StudentModule(DepthModule):
         self.frozen_encoder.set_grad_checkpointing(False)  # no backward through it: nothing to recompute
         self.teacher = None
         if teacher is not None:
-            if teacher_checkpoint is None:
-                self.teacher = create_model(teacher)  # random weights: for tests
-            else:  # built as its checkpoint says it was trained
-                self.teacher = load_model(teacher, teacher_checkpoint)
-            self.teacher.requires_grad_(False).eval()
+            # Built as its checkpoint says it was trained; without one, random weights (for tests).
+            self.teacher = load_model(teacher, teacher_checkpoint, pretrained=False).requires_grad_(False)
             if self.teacher.meta.output_space == METRIC_DEPTH:
                 raise ValueError(f"teacher {teacher!r} is metric; pseudo-labels are affine-invariant disparity")
         elif teacher_checkpoint:
