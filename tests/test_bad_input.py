@@ -105,6 +105,25 @@ def test_manifest_mistakes_name_the_file_and_field(tmp_path, shared_data, capsys
     assert main(["data", "convert", "--manifest", bom, "--out", out]) == 0
 
 
+def test_a_depth_map_without_valid_pixels_is_a_bad_row(tmp_path, shared_data, capsys):
+    blank = tmp_path / "blank_depth.png"
+    Image.fromarray(np.zeros((480, 640), np.uint16)).save(blank)  # 0 is the manifest's invalid value
+    manifest = Path(_manifest(tmp_path, shared_data, depth=str(blank)))
+    out = tmp_path / "shards"
+    err = _run(["data", "convert", "--manifest", str(manifest), "--out", str(out)], capsys)
+    assert "blank_depth.png has no valid pixel" in err
+    assert not out.exists(), "a failed conversion leaves no output folder behind"
+    # A good row first, in a shard of its own: that finished shard is removed with the failure too.
+    color = shared_data / "rgbd" / TUM.format("color")
+    blank_row = manifest.read_text().splitlines()[1].replace(str(color), str(tmp_path / "blank_color.png"))
+    (tmp_path / "blank_color.png").write_bytes(color.read_bytes())
+    manifest.write_text(Path(_manifest(tmp_path, shared_data)).read_text() + blank_row + "\n")
+    args = ["data", "convert", "--manifest", str(manifest), "--out", str(out), "--shard-size", "1"]
+    err = _run(args, capsys)
+    assert "m.csv:3" in err and "has no valid pixel" in err and not out.exists()
+    assert main([*args, "--on-error", "skip"]) == 0 and [p.name for p in out.glob("*.tar")] == ["shard-000000.tar"]
+
+
 def test_eval_reads_a_manifest_with_absolute_paths(tmp_path, shared_data):
     from depthkit.eval.benchmarks import read_manifest_items
 

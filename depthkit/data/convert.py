@@ -10,9 +10,10 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from depthkit._files import write_json_atomic
 from depthkit.data.formats import IMAGE_SUFFIXES, load_image
 from depthkit.data.manifest import load_row, read_manifest, sample_key
-from depthkit.data.shards import FORMAT_VERSION, ShardWriter, encode_sample, source_image_bytes, write_json_atomic
+from depthkit.data.shards import FORMAT_VERSION, ShardWriter, encode_sample, source_image_bytes
 
 
 def write_index(out_dir: str | Path, index: dict) -> None:
@@ -23,10 +24,24 @@ def write_index(out_dir: str | Path, index: dict) -> None:
 def _write(
     samples: Iterable[tuple[dict, dict]], out_dir, *, kind: str, shard_size: int, prefix: str, skipped: list[str]
 ) -> dict:
-    """Encode `(sample, encode_kwargs)` pairs into shards and write the index."""
-    with ShardWriter(out_dir, prefix=prefix, shard_size=shard_size) as writer:
-        for sample, kwargs in samples:
-            writer.write(encode_sample(sample, **kwargs))
+    """Encode `(sample, encode_kwargs)` pairs into shards and write the index.
+
+    A failure removes the shards this call finished (a part of a dataset, without an index, is easily taken for
+    all of it) and `out_dir` when this call created it.
+    """
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    writer = ShardWriter(out_dir, prefix=prefix, shard_size=shard_size)
+    try:
+        with writer:
+            for sample, kwargs in samples:
+                writer.write(encode_sample(sample, **kwargs))
+    except BaseException:
+        for path, _ in writer.written:
+            path.unlink(missing_ok=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     index = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -49,6 +64,11 @@ def convert_manifest(
         for row in rows:
             try:
                 sample = load_row(row)
+                if not sample["valid"].any():  # a label that teaches nothing is a broken file or a wrong codec
+                    raise ValueError(
+                        f"{row.where}: depth {row.depth_path} has no valid pixel (check its depth_format, "
+                        "scale_to_metres and invalid columns)"
+                    )
             except (ValueError, FileNotFoundError) as err:
                 if on_error == "raise":
                     raise

@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -397,20 +396,6 @@ class TarWriter:
 def _member_order(name: str) -> tuple[int, str]:
     # Metadata first so streaming readers learn the kind before the payload; then the rest by name.
     return (0 if name.endswith(".json") else 1, name)
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temporary name unique to this host and process, fsync it, and rename it into place.
-
-    Several ranks may write the same file (an index); a shared temporary name would let them clobber each other.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def shard_file_name(url: str) -> str:

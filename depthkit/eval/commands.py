@@ -60,7 +60,10 @@ def register(subparsers) -> None:
     parser.add_argument("--crop", choices=CROP_CHOICES, help="override the crop")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N samples only")
     parser.add_argument(
-        "--out", default="results.json", metavar="PATH", help="result JSON (CSVs are written beside it)"
+        "--out",
+        default="results.json",
+        metavar="PATH",
+        help="result JSON (.json is added when missing: --out nyu writes nyu.json); CSVs are written beside it",
     )
     parser.add_argument("--worst", type=int, default=0, metavar="N", help="also draw the N worst images (PNG)")
     parser.add_argument("--device", default="auto", help="device for --model: auto, cpu, cuda, cuda:1, ...")

@@ -15,12 +15,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from depthkit._files import write_bytes_atomic
 from depthkit.eval.metrics import DEPTH_METRICS
 
 
@@ -36,22 +35,6 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)  # mkstemp creates 0600; give the file the mode a plain open() would
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _csv_bytes(rows: list[dict]) -> bytes:
@@ -93,12 +76,12 @@ def output_paths(out: str | Path) -> dict[str, Path]:
 def write_results(result: dict, out: str | Path) -> list[Path]:
     """Write the JSON, summary CSV, per-image CSV (and the figure when the result kept worst images)."""
     paths = output_paths(out)
-    write_atomic(paths["json"], (json.dumps(_jsonable(result), indent=2) + "\n").encode())
-    write_atomic(paths["summary_csv"], _csv_bytes(summary_rows(result)))
-    write_atomic(paths["per_image_csv"], _csv_bytes(result["per_image"]))
+    write_bytes_atomic(paths["json"], (json.dumps(_jsonable(result), indent=2) + "\n").encode())
+    write_bytes_atomic(paths["summary_csv"], _csv_bytes(summary_rows(result)))
+    write_bytes_atomic(paths["per_image_csv"], _csv_bytes(result["per_image"]))
     written = [paths["json"], paths["summary_csv"], paths["per_image_csv"]]
     if result.get("_worst"):
-        write_atomic(paths["worst_png"], worst_figure_png(result["_worst"]))
+        write_bytes_atomic(paths["worst_png"], worst_figure_png(result["_worst"]))
         written.append(paths["worst_png"])
     return written
 
@@ -139,16 +122,18 @@ def format_table(result: dict) -> str:
             accuracy = "-" if s["pair_accuracy"] is None else f"{s['pair_accuracy']:.4f}"
             lines.append(f"  {group:<24} {accuracy} ({s['num_images']} images)")
         return "\n".join(lines)
-    header = "group".ljust(24) + " " + " ".join(f"{m:>9}" for m in DEPTH_METRICS) + "  images"
-    lines += ["", header, _metric_line("all", summary, result["num_scored"])]
-    for group, s in result.get("groups", {}).items():
-        lines.append(_metric_line(group, s, s["num_images"]))
+    groups = result.get("groups", {})
+    width = max([24, *map(len, groups)])
+    header = "group".ljust(width) + " " + " ".join(f"{m:>9}" for m in DEPTH_METRICS) + "  images"
+    lines += ["", header, _metric_line("all", summary, result["num_scored"], width)]
+    for group, s in groups.items():
+        lines.append(_metric_line(group, s, s["num_images"], width))
     return "\n".join(lines)
 
 
-def _metric_line(name: str, values: dict, num_images: int) -> str:
+def _metric_line(name: str, values: dict, num_images: int, width: int) -> str:
     cells = " ".join(f"{values[m]:9.4f}" if values.get(m) is not None else f"{'-':>9}" for m in DEPTH_METRICS)
-    return f"{name[:24]:<24} {cells}  {num_images}"
+    return f"{name:<{width}} {cells}  {num_images}"
 
 
 def worst_figure_png(worst: list[dict]) -> bytes:

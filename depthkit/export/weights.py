@@ -29,7 +29,7 @@ from depthkit.models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from depthkit.models.registry import ENCODER_CONFIGS, V2_TAPS
+from depthkit.models.registry import ENCODER_CONFIGS, V2_TAPS, model_config, model_for_checkpoint_file
 
 SUFFIXES = {"official": (".pth", ".pt"), "depthkit": (".safetensors", ".pth", ".pt")}
 
@@ -70,11 +70,18 @@ def export_weights(model, out: str | os.PathLike, *, layout: str = "official") -
     """Write `model`'s weights in `layout` to `out`, verified by reading them back (see the module docstring).
 
     Raises:
-        ValueError: a bad `out` for the layout (`check_out`), or weights that do not read back identical.
+        ValueError: a bad `out` for the layout (`check_out`), the official file name of another model, or weights
+            that do not read back identical.
     """
     from depthkit.models.depth_model import DepthModel
 
     path = check_out(out, layout)
+    owner = model_for_checkpoint_file(path.name) if layout == "official" else None
+    if owner is not None and inference_config(model_config(owner)) != inference_config(model.config):
+        raise ValueError(
+            f"--out {path.name} is the official file name of {owner}, which this {model.config.name} model is not: "
+            "depthkit loads a file of that name as that model; choose another name"
+        )
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix picks the file format
     try:
         written = save_checkpoint(model, tmp, layout=layout)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from depthkit._files import replacing
 from depthkit.models.config import DepthModelConfig
 from depthkit.spaces import METRIC_DEPTH
 
@@ -370,7 +371,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """Read a `.pth`/`.pt`/`.bin` (torch), `.safetensors`, or a transformers folder (`model.safetensors` there).
 
     Returns:
-        `(state_dict, hf_config_or_None)`; the config is the folder's (or a sibling) `config.json` if present.
+        `(state_dict, config_or_None)`; the config is the folder's (or a sibling) `config.json` if present, a
+        training checkpoint's model (`training_config`), or the model an official file is by its name.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -400,7 +402,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         obj = _read(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
         found_config = training_config(obj)
         state_dict = _unwrap(obj, str(path))
+        if found_config is None:
+            found_config = _official_file_config(path)
     return state_dict, found_config
+
+
+def _official_file_config(path: Path) -> dict | None:
+    """An official weights file under its official name says which model it is: relative and metric, V1 and V2
+    files of one size have the same tensor shapes, so without this a file would load into the wrong one silently.
+    """
+    from depthkit.models.registry import model_for_checkpoint_file
+
+    name = model_for_checkpoint_file(path.name)
+    return None if name is None else {"model": name, "model_overrides": {}, "named_by": "file name"}
 
 
 def _read(load, path):
@@ -443,10 +457,15 @@ def check_training_config(found: dict, config: DepthModelConfig, source: str) ->
     built = inference_config(config)
     diffs = [f"{field}: trained {a!r}, here {b!r}" for field, a, b in _config_diffs(trained, built)]
     if diffs:
+        if found.get("named_by") == "file name":
+            is_what = f"is the official {found['model']} weights file, not for the model built here"
+        else:
+            is_what = (
+                f"was trained as {found['model']} with {found['model_overrides'] or 'no overrides'}, not as built here"
+            )
         raise ValueError(
-            f"{source} was trained as {found['model']} with {found['model_overrides'] or 'no overrides'}, not as "
-            f"built here ({'; '.join(diffs)}); load it with depthkit.models.load_model(checkpoint_path=...) (the "
-            "commands do), which builds the model the checkpoint names"
+            f"{source} {is_what} ({'; '.join(diffs)}); load it with depthkit.models.load_model(checkpoint_path=...) "
+            "(the commands do), which builds the model the checkpoint names"
         )
 
 
@@ -567,15 +586,8 @@ def save_checkpoint(model, path: str | os.PathLike, layout: str = "official") ->
 
 def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` to a temporary name beside `path`, then rename it into place: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(path, fsync=True) as tmp:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a released file should read like any other
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def encoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

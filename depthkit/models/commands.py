@@ -89,7 +89,6 @@ def _build_predictor(args: argparse.Namespace):
 
 
 def run_predict_command(args: argparse.Namespace) -> int:
-    import sys
     import time
     from pathlib import Path
 
@@ -120,10 +119,8 @@ def run_predict_command(args: argparse.Namespace) -> int:
     print(
         f"wrote {', '.join(save)} for {num_written} image(s) to {out_dir} in {seconds:.1f} s "
         f"({num_written / max(seconds, 1e-9):.2f} images/s)"
-        + (f"; skipped {len(skipped)} bad input(s)" if skipped else "")
+        + (f"; skipped {len(skipped)} bad input(s), named above" if skipped else "")
     )
-    for message in skipped:
-        print(f"  skipped: {message}", file=sys.stderr)
     if num_written == 0:
         raise ValueError(f"none of the {len(inputs)} input(s) could be read")
     return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from depthkit._files import replacing
 from depthkit.spaces import METRIC_DEPTH
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".gif")
@@ -128,15 +129,8 @@ def to_png16(values: np.ndarray, output_space: str) -> tuple[np.ndarray, dict]:
 
 
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replacing(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
 
 
 def write_outputs(
@@ -210,7 +204,7 @@ def run_predict(
                     good.append(item)
                 except Exception as err:  # noqa: BLE001 - any unreadable file is reported and skipped
                     skipped.append(f"{item.path}: {type(err).__name__}: {err}")
-                    bar.write(f"skipped {item.path}: {err}")
+                    bar.write(f"skipped {skipped[-1]}", file=sys.stderr)
                     bar.update(1)
             if not images:
                 continue

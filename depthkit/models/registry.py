@@ -70,6 +70,11 @@ def checkpoint_filename(name: str) -> str | None:
     return _CHECKPOINT_FILES.get(name)
 
 
+def model_for_checkpoint_file(filename: str) -> str | None:
+    """The registered model whose official weights file is named `filename` (None if no model's is)."""
+    return next((name for name, official in _CHECKPOINT_FILES.items() if official == filename), None)
+
+
 def _check_name(name: str) -> None:
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
@@ -138,9 +143,10 @@ def load_model(name: str | None = None, checkpoint_path: str | os.PathLike | Non
     """The model a command is pointed at: a registry name, a checkpoint, or both.
 
     A `depthkit fit` checkpoint names the model it trained (`hyper_parameters`: `model`, `model_overrides`), so it
-    needs no `name`, and the model is built as trained (e.g. a metric model fine-tuned with `max_depth=80`). Other
-    checkpoints (official `.pth`, depthkit `.pth`/`.safetensors`, transformers folders) need `name`. The file is
-    read once.
+    needs no `name`, and the model is built as trained (e.g. a metric model fine-tuned with `max_depth=80`); so does
+    an official file under its official name (`depth_anything_v2_metric_vkitti_vitl.pth`). Other checkpoints
+    (renamed official `.pth`, depthkit `.pth`/`.safetensors`, transformers folders) need `name`. The file is read
+    once.
 
     Args:
         name: A registered name; with a training checkpoint it must be the one the checkpoint names.
@@ -167,7 +173,8 @@ def load_model(name: str | None = None, checkpoint_path: str | os.PathLike | Non
     trained = found.get("model") if found is not None and "model_overrides" in found else None
     if trained is not None:
         if name is not None and name != trained:
-            raise ValueError(f"{source} holds a {trained} model (the name it was trained under), not {name}")
+            how = "its official file name" if found.get("named_by") == "file name" else "the name it was trained under"
+            raise ValueError(f"{source} holds a {trained} model ({how}), not {name}")
         config = model_config(trained, **found["model_overrides"])
     elif name is None:
         raise ValueError(f"{source} does not name its model (only `depthkit fit` checkpoints do): add --model NAME")

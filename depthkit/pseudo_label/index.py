@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from depthkit.data.shards import write_json_atomic
+from depthkit._files import write_json_atomic
 
 INDEX_NAME = "index.json"
 RECORDS_DIR = "records"

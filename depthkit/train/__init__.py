@@ -3,7 +3,7 @@
 The only package (with `depthkit.cli`) that imports lightning.
 """
 
-from depthkit.train.callbacks import ImagePanels, Preemption, ThroughputMonitor
+from depthkit.train.callbacks import ImagePanels, Preemption, ProgressBar, ThroughputMonitor
 from depthkit.train.config import LossWeights, OptimConfig
 from depthkit.train.data import DepthDataModule
 from depthkit.train.module import DepthModule, StudentModule
@@ -17,6 +17,7 @@ __all__ = [
     "LossWeights",
     "OptimConfig",
     "Preemption",
+    "ProgressBar",
     "StudentModule",
     "ThroughputMonitor",
 ]

@@ -1,4 +1,4 @@
-"""Callbacks: throughput and data-wait logging, image panels, preemption checkpoints."""
+"""Callbacks: progress bar, throughput and data-wait logging, image panels, preemption checkpoints."""
 
 from __future__ import annotations
 
@@ -13,12 +13,26 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from depthkit.train.module import logs_this_step
 
 log = logging.getLogger("depthkit.train")
 
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar without the logger's `v_num`; `depthkit fit` adds it unless the config names a bar.
+
+    Lightning's default bar is the rich one when `rich` happens to be installed; on a run bounded by `max_steps` over
+    a stream it reads "Epoch 0/-2". tqdm needs no extra package and writes plain lines into batch-job logs.
+    """
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class ThroughputMonitor(L.Callback):

@@ -8,16 +8,49 @@ are printed as one clear message before any training starts.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks.progress import ProgressBar as Bar
 from lightning.pytorch.cli import LightningCLI
 
+from depthkit.train.callbacks import ProgressBar
 from depthkit.train.data import DepthDataModule
 from depthkit.train.module import DepthModule
 
 
+class _DropAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's notices that are no concern of a depthkit user, printed on every run.
+
+    Its advert for a hosted logger; the note that its default logger is CSV without tensorboard (depthkit's
+    trainer fragments rely on that default: CSV under `default_root_dir`); and a deprecation inside its own code.
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdvert())
+    warnings.filterwarnings("ignore", message="Starting from v1.9.0, `tensorboardX` has been removed")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class DepthCLI(LightningCLI):
+    """LightningCLI with depthkit's progress bar, unless the config names a bar or turns the bar off."""
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(kwargs.get("callbacks", config.get("callbacks")) or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, Bar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, ProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+
 def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
-    return LightningCLI(
+    return DepthCLI(
         DepthModule,
         DepthDataModule,
         subclass_mode_model=True,
@@ -31,6 +64,7 @@ def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
 
 
 def run_lightning_cli(argv: list[str]) -> int:
+    quiet_lightning()
     try:
         build_cli(argv)
     except (ValueError, FileNotFoundError) as err:

@@ -173,6 +173,12 @@ def test_reports_are_written_and_printed(fake_layout, tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp"))
     table = format_table(result)
     assert "alignment    none" in table and "0.6..350 m" in table and "standard split has 771" in table
+    long_name = "scene_with_a_name_longer_than_the_column"
+    result["groups"][long_name] = result["groups"].pop("outdoor")
+    rows = format_table(result).splitlines()
+    rows = rows[rows.index(next(line for line in rows if line.startswith("group "))) :]
+    assert any(line.startswith(long_name + " ") for line in rows), "a group name is printed in full"
+    assert len({len(line.rsplit("  ", 1)[0]) for line in rows}) == 1, "the columns line up"
 
 
 def test_wandb_logging_is_offline_and_logs_a_table(fake_layout, monkeypatch):

@@ -195,6 +195,29 @@ def test_a_fit_checkpoint_builds_the_model_it_trained(tmp_path):
     assert load_model("test_dav2_metric", plain).meta.max_depth == 20.0  # plain weights: the registry's config
 
 
+def test_an_official_file_name_says_which_model_it_is(tmp_path, monkeypatch):
+    """Relative and metric (and V1, V2) files of one size have the same tensors: the official name tells them apart."""
+    from depthkit.export.weights import export_weights
+    from depthkit.models import load_model
+
+    monkeypatch.setitem(registry_module._CHECKPOINT_FILES, "test_dav2", "tiny_relative.pth")
+    monkeypatch.setitem(registry_module._CHECKPOINT_FILES, "test_dav2_metric", "tiny_metric.pth")
+    relative = _random_model("test_dav2")
+    path = save_checkpoint(relative, tmp_path / "tiny_relative.pth")
+    loaded = load_model(checkpoint_path=path)  # no --model needed
+    assert loaded.meta.name == "test_dav2"
+    _assert_same(loaded.state_dict(), relative.state_dict())
+    with pytest.raises(ValueError, match="holds a test_dav2 model \\(its official file name\\), not test_dav2_metric"):
+        load_model("test_dav2_metric", path)
+    with pytest.raises(ValueError, match="is the official test_dav2 weights file, not for the model built here"):
+        create_model("test_dav2_metric", checkpoint_path=path)
+    renamed = save_checkpoint(relative, tmp_path / "mine.pth")  # renamed, it is plain weights: the name decides
+    assert load_model("test_dav2_metric", renamed).meta.name == "test_dav2_metric"
+    with pytest.raises(ValueError, match="--out tiny_metric.pth is the official file name of test_dav2_metric"):
+        export_weights(relative, tmp_path / "tiny_metric.pth")
+    assert not (tmp_path / "tiny_metric.pth").exists()
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_model("test_dav2", checkpoint_path=tmp_path / "nope.pth")

@@ -80,6 +80,8 @@ def test_bad_images_are_skipped_and_named(tmp_path, capsys):
     assert main(["predict", str(inputs), "--out", str(out), "--save", "npy", *TINY]) == 0
     captured = capsys.readouterr()
     assert "skipped 1 bad input" in captured.out
+    named = [line for line in (captured.out + captured.err).splitlines() if "broken.jpg" in line]
+    assert len(named) == 1, f"each bad input is named once: {named}"
     assert "broken.jpg" in captured.err
     assert sorted(p.name for p in out.iterdir()) == [
         "alpha.npy",

@@ -117,6 +117,24 @@ def _metrics(run: Path) -> list[dict]:
     return list(csv.DictReader(open(path)))
 
 
+def test_fit_shows_its_own_progress_bar_unless_told_otherwise(tiny_data):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from depthkit.train import ProgressBar
+
+    base = [
+        "--trainer",
+        str(REPO / "configs/trainer/cpu.yaml"),
+        "--config",
+        str(REPO / "recipes/tiny_teacher.yaml"),
+    ]
+    base += ["--data.labeled", str(tiny_data / "labeled"), "--data.val", str(tiny_data / "val")]
+    assert type(build_cli(base, run=False).trainer.progress_bar_callback) is ProgressBar  # not "Epoch 0/-2"
+    assert build_cli([*base, "--trainer.enable_progress_bar", "false"], run=False).trainer.progress_bar_callback is None
+    rich = [*base, "--trainer.callbacks+=lightning.pytorch.callbacks.RichProgressBar"]
+    assert type(build_cli(rich, run=False).trainer.progress_bar_callback) is RichProgressBar
+
+
 @pytest.mark.parametrize("recipe", ["tiny_teacher", "tiny_metric", "tiny_student"])
 def test_one_step_of_every_recipe_type(recipe, tiny_data, tmp_path):
     run = _fit(tmp_path, tiny_data, recipe, steps=2)

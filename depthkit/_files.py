@@ -1,0 +1,50 @@
+"""Writing files so that a reader never sees a half-written one: to a temporary name beside the target, then a
+rename (atomic on POSIX within one file system). Standard library only: the torch-free runtime may use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def replacing(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without error, rename it to `path`.
+
+    The temporary name is unique to this host and process (several ranks may write one file, e.g. an index), and
+    is removed on error. The file gets the mode a plain `open()` would give (some writers, e.g. safetensors,
+    create 0600). `fsync=True` flushes it to disk before the rename, for files a crash must not truncate.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) -> None:
+    """`path.write_bytes(data)`, through `replacing`."""
+    with replacing(path, fsync=fsync) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write `obj` as indented JSON with sorted keys, synced to disk before the rename (indexes, records)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync=True)
