@@ -269,18 +269,36 @@ class ShardStream(IterableDataset):
         yield from (int(i) for i in order[global_worker::total_workers])
 
     def _raw_samples(self, global_worker: int, total_workers: int) -> Iterator[dict]:
+        empty: set[int] = set()  # shards read empty since the last sample
         for index in self._shard_order(global_worker, total_workers):
-            url = self.urls[index]
+            url, num_samples = self.urls[index], 0
             try:
                 if self.label_urls is None:
-                    yield from iter_raw_samples(url)
+                    samples = iter_raw_samples(url)
                 else:
-                    yield from _paired(iter_raw_samples(url), iter_raw_samples(self.label_urls[index]))
+                    samples = _paired(iter_raw_samples(url), iter_raw_samples(self.label_urls[index]))
+                for raw in samples:
+                    num_samples += 1
+                    yield raw
             except ShardFormatError:
                 if self.on_error == "raise":
                     raise
                 # A corrupt tar ends its shard: count one skipped sample for it and go on with the next shard.
+                num_samples += 1
                 yield {"__key__": "?", "__url__": url, "__corrupt__": True}
+            empty = set() if num_samples else empty | {index}
+            if self.resampled and len(empty) == len(self.urls):  # drawing on would spin forever
+                raise ValueError(self._no_samples_message())
+
+    def _no_samples_message(self) -> str:
+        where = f"{self.urls[0]}" + (f" and {len(self.urls) - 1} more" if len(self.urls) > 1 else "")
+        if self.label_urls is None:
+            return f"{self.kind} shards {where} hold no sample"
+        return (
+            f"{self.kind} shards {where} hold no image with a pseudo-label in {self.label_urls[0]}"
+            + (" and the rest" if len(self.urls) > 1 else "")
+            + " (were they all recorded as failed? see the pseudo-label index)"
+        )
 
     def _shuffled(self, samples: Iterator[dict], global_worker: int) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:

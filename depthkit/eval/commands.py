@@ -63,7 +63,8 @@ def register(subparsers) -> None:
         "--out",
         default="results.json",
         metavar="PATH",
-        help="result JSON (.json is added when missing: --out nyu writes nyu.json); CSVs are written beside it",
+        help="result JSON (default: results.json; .json is added when missing: --out nyu writes nyu.json); CSVs "
+        "are written beside it",
     )
     parser.add_argument("--worst", type=int, default=0, metavar="N", help="also draw the N worst images (PNG)")
     parser.add_argument("--device", default="auto", help="device for --model: auto, cpu, cuda, cuda:1, ...")
@@ -128,6 +129,12 @@ def run_eval(args: argparse.Namespace) -> int:
         num_worst=args.worst,
         progress=not args.quiet,
     )
+    if result["num_scored"] == 0:
+        reasons = sorted({row["status"] for row in result["per_image"] if row.get("status", "ok") != "ok"})
+        raise ValueError(
+            f"none of the {result['num_skipped']} image(s) could be scored ({'; '.join(reasons[:3])}); check "
+            "--min-depth, --max-depth and --crop against the data"
+        )
     if protocol.name == "manifest":
         result["dataset"] = args.dataset
     result["data_root"] = args.data_root

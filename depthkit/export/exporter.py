@@ -309,6 +309,13 @@ def export_onnx(
     size_hw = (int(size_hw[0]), int(size_hw[1]))
     if size_hw[0] % patch or size_hw[1] % patch:
         raise ValueError(f"export size {size_hw[0]}x{size_hw[1]} is not a multiple of the patch size {patch}")
+    for h, w in verify_sizes or ():
+        for axis, got, fixed in (("height", h, size_hw[0]), ("width", w, size_hw[1])):
+            if axis not in dynamic and got != fixed:
+                raise ValueError(
+                    f"verify size {h}x{w}: the graph's {axis} is static ({fixed}, the export size "
+                    f"{size_hw[0]}x{size_hw[1]}); verify at that {axis}, or make {axis} dynamic"
+                )
     precision = "fp16" if fp16 else "fp32"
     dtype = torch.float16 if fp16 else torch.float32
     num_bytes = sum(p.numel() for p in model.parameters()) * (2 if fp16 else 4)

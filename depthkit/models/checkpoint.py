@@ -391,7 +391,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state_dict = _unwrap(_read(load_file, str(path)), str(path))
+        state_dict = _unwrap(read_file(load_file, str(path)), str(path))
         config_path = path.parent / HF_CONFIG_NAME
         if config_path.is_file():
             try:
@@ -399,7 +399,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             except ValueError as err:
                 raise ValueError(f"{config_path} is not valid JSON ({err})") from None
     else:
-        obj = _read(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
+        obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
         found_config = training_config(obj)
         state_dict = _unwrap(obj, str(path))
         if found_config is None:
@@ -417,7 +417,7 @@ def _official_file_config(path: Path) -> dict | None:
     return None if name is None else {"model": name, "model_overrides": {}, "named_by": "file name"}
 
 
-def _read(load, path):
+def read_file(load, path):
     """`load(path)`, with any failure of the file's format (pickle, zip, safetensors errors of many types) turned
     into a one-line `ValueError` naming the file."""
     try:
@@ -455,7 +455,7 @@ def check_training_config(found: dict, config: DepthModelConfig, source: str) ->
 
     trained = inference_config(model_config(found["model"], **found["model_overrides"]))
     built = inference_config(config)
-    diffs = [f"{field}: trained {a!r}, here {b!r}" for field, a, b in _config_diffs(trained, built)]
+    diffs = [f"{field}: trained {a!r}, here {b!r}" for field, a, b in config_diffs(trained, built)]
     if diffs:
         if found.get("named_by") == "file name":
             is_what = f"is the official {found['model']} weights file, not for the model built here"
@@ -469,12 +469,12 @@ def check_training_config(found: dict, config: DepthModelConfig, source: str) ->
         )
 
 
-def _config_diffs(a, b, prefix: str = ""):
+def config_diffs(a, b, prefix: str = ""):
     """(dotted field, value in a, value in b) for each field of two config dataclasses that differs."""
     for field in dataclasses.fields(a):
         x, y = getattr(a, field.name), getattr(b, field.name)
         if dataclasses.is_dataclass(x):
-            yield from _config_diffs(x, y, f"{prefix}{field.name}.")
+            yield from config_diffs(x, y, f"{prefix}{field.name}.")
         elif x != y:
             yield f"{prefix}{field.name}", x, y
 

@@ -117,4 +117,9 @@ def run_pseudo_label_command(args: argparse.Namespace) -> int:
             f"output {config.output}: {index['num_samples']} label(s) in {len(index['shards'])} shard(s), "
             f"{index['num_failed']} failed key(s) listed in index.json; {state}"
         )
+        if index["num_samples"] == 0 and index["num_failed"]:
+            raise ValueError(
+                f"none of the {index['num_failed']} input image(s) could be labeled (their errors are in "
+                f"{config.output}/index.json); are the inputs image shards?"
+            )
     return 0

@@ -9,13 +9,20 @@ are printed as one clear message before any training starts.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import sys
 import warnings
+import zipfile
+from pathlib import Path
 
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar as Bar
 from lightning.pytorch.cli import LightningCLI
 
+from depthkit.models.checkpoint import config_diffs, inference_config, read_file, training_config
+from depthkit.models.registry import model_config
 from depthkit.train.callbacks import ProgressBar
 from depthkit.train.data import DepthDataModule
 from depthkit.train.module import DepthModule
@@ -39,7 +46,16 @@ def quiet_lightning() -> None:
 
 
 class DepthCLI(LightningCLI):
-    """LightningCLI with depthkit's progress bar, unless the config names a bar or turns the bar off."""
+    """LightningCLI with depthkit's progress bar (unless the config names a bar or turns the bar off), and a check
+    that `--ckpt_path` resumes a run of this very module and model before any work starts."""
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads `--ckpt_path` here and replaces the configured module's arguments with the checkpoint's:
+        # the check must come first, against the configuration as given.
+        if self.config.get("subcommand"):
+            section = self.config[self.config.subcommand]
+            check_resume(section.get("ckpt_path"), section.get("model"))
+        super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -63,11 +79,74 @@ def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
     )
 
 
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # `--ckpt_path` words Lightning resolves itself
+
+
+def check_resume(ckpt_path: str | None, module_config) -> None:
+    """Refuse a `--ckpt_path` that is no `depthkit fit` checkpoint, or one of another module or model.
+
+    `module_config` is the configured `model` section (`class_path`, `init_args`). Lightning would take a
+    teacher's run for a student's, or turn a relative teacher's configuration into the metric one of the
+    checkpoint, without a word; a weights file fails deep inside it. Read with `mmap`: the tensors stay on disk.
+    """
+    if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry"):
+        return
+    path = Path(ckpt_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--ckpt_path {path}: no such file")
+    if path.is_dir():  # a sharded (distributed) checkpoint: Lightning's strategy reads it
+        return
+    if not zipfile.is_zipfile(path):  # torch.save has written zip files since torch 1.6
+        raise ValueError(f"--ckpt_path {path} is not a checkpoint (not a torch zip file)")
+    obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True, mmap=True), path)
+    if not isinstance(obj, dict) or "pytorch-lightning_version" not in obj:
+        raise ValueError(
+            f"--ckpt_path {path} is not a `depthkit fit` checkpoint (no training state); to start a run from its "
+            "weights, set model.checkpoint_path instead"
+        )
+    if module_config is None:
+        return
+    kind, configured = (obj.get("depthkit") or {}).get("module"), str(module_config.class_path).rsplit(".", 1)[-1]
+    if kind is not None and kind != configured:
+        raise ValueError(f"--ckpt_path {path} is a {kind} run; this config trains a {configured}")
+    found, args = training_config(obj), module_config.init_args
+    if found is not None:
+        trained = inference_config(model_config(found["model"], **found["model_overrides"]))
+        built = inference_config(model_config(args.model, **dict(args.get("model_overrides") or {})))
+        diffs = [f"{field}: {a!r} there, {b!r} here" for field, a, b in config_diffs(trained, built)]
+        if diffs:
+            raise ValueError(
+                f"--ckpt_path {path} is a run of {found['model']} ({'; '.join(diffs)}); to start a run from its "
+                "weights, set model.checkpoint_path instead"
+            )
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of `err`; for an error re-raised from a DataLoader worker, the worker's own last line."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return text
+
+
+def _kill_workers() -> None:
+    """Kill this process's children: DataLoader workers ignore SIGTERM (see `ignore_preemption_signals`), so the
+    interpreter's exit, which terminates and joins them, would wait forever after a failed run."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=10)
+
+
 def run_lightning_cli(argv: list[str]) -> int:
     quiet_lightning()
     try:
         build_cli(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"depthkit {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
+        _kill_workers()
+        print(f"depthkit {argv[0] if argv else ''}: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    except BaseException:
+        _kill_workers()
+        raise
     return 0

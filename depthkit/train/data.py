@@ -31,6 +31,7 @@ class DepthDataModule(L.LightningDataModule):
         pseudo_labels: Folder of pseudo-label shards for `unlabeled` (same file names); None means the student's
             online teacher labels them.
         val: Labeled shards for validation (centre crops, no augmentation); None skips validation.
+        test: Labeled shards for `depthkit test` (as `val`).
         batch_size: Labeled images per step and device.
         ratio: Labeled:unlabeled images per step (Depth Anything: 1:2); the unlabeled batch is
             `batch_size * ratio[1] / ratio[0]`.
@@ -51,6 +52,7 @@ class DepthDataModule(L.LightningDataModule):
         unlabeled: str | list[str] | None = None,
         pseudo_labels: str | None = None,
         val: str | list[str] | None = None,
+        test: str | list[str] | None = None,
         batch_size: int = 4,
         ratio: tuple[int, int] = (1, 2),
         crop_size: int = 518,
@@ -73,7 +75,7 @@ class DepthDataModule(L.LightningDataModule):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}; expected 'raise' or 'skip'")
         # Resolve every path now: a typo fails before the first step, naming the path.
-        for name, spec in (("labeled", labeled), ("unlabeled", unlabeled), ("val", val)):
+        for name, spec in (("labeled", labeled), ("unlabeled", unlabeled), ("val", val), ("test", test)):
             if spec is not None:
                 try:
                     shard_paths(spec)
@@ -145,14 +147,20 @@ class DepthDataModule(L.LightningDataModule):
         return CombinedLoader(loaders, mode="min_size")
 
     def val_dataloader(self):
+        return [] if self.hparams.val is None else self._eval_loader(self.hparams.val)
+
+    def test_dataloader(self):
+        if self.hparams.test is None:
+            raise ValueError("depthkit test needs data.test (labeled shards)")
+        return self._eval_loader(self.hparams.test)
+
+    def _eval_loader(self, spec):
         hp = self.hparams
-        if hp.val is None:
-            return []
         transform = TransformConfig(crop_size=hp.val_crop_size or hp.crop_size, random_crop=False, hflip=False)
         # Every rank validates on all validation shards: validation sets are small, and ranks with unequal
         # (or no) shards would stall the synchronized metric reduction.
         stream = ShardStream(
-            hp.val,
+            spec,
             kind="labeled",
             batch_size=hp.batch_size,
             drop_last=False,

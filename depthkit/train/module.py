@@ -171,13 +171,22 @@ class DepthModule(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def _evaluate(self, stage: str, batch: dict) -> None:
         out, pred_BHW = self.labeled_loss(batch)
-        self.log_terms("val", out, batch_size=batch["image"].shape[0])
+        self.log_terms(stage, out, batch_size=batch["image"].shape[0])
         metrics = aligned_metrics(pred_BHW, batch, self.model.meta.output_space)
         if metrics:
             self.log_dict(
-                {f"val/{k}": v for k, v in metrics.items()}, batch_size=batch["image"].shape[0], sync_dist=True
+                {f"{stage}/{k}": v for k, v in metrics.items()}, batch_size=batch["image"].shape[0], sync_dist=True
             )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["depthkit"] = {"module": type(self).__name__}  # `--ckpt_path` checks it resumes the same kind
 
     def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
         """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import shutil
+import tarfile
 import threading
 from collections import Counter
 
@@ -192,6 +193,21 @@ def test_pseudo_labels_out_of_order_are_an_error(synth_shards, tmp_path):
     stream = ShardStream(synth_shards, kind="pseudo", labels=str(labels), batch_size=5)
     with pytest.raises(ShardFormatError, match="has no image in the same order"):
         list(stream)
+
+
+def test_a_resampled_stream_without_any_sample_is_an_error_not_a_spin(synth_shards, tmp_path):
+    """Drawing shards forever from shards that yield nothing would never return (a student that never steps)."""
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for url in shard_paths(synth_shards):
+        tarfile.open(labels / url.rsplit("/", 1)[-1], "w").close()  # every image failed in the pseudo-labeler
+    stream = ShardStream(synth_shards, kind="pseudo", labels=str(labels), batch_size=2, resampled=True)
+    with pytest.raises(ValueError, match="hold no image with a pseudo-label in .*recorded as failed"):
+        next(iter(stream))
+    _write_pseudo_labels(synth_shards, labels)  # one empty shard among good ones is no error
+    tarfile.open(labels / shard_paths(synth_shards)[0].rsplit("/", 1)[-1], "w").close()
+    batches = iter(ShardStream(synth_shards, kind="pseudo", labels=str(labels), batch_size=2, resampled=True))
+    assert all(len(next(batches)["key"]) == 2 for _ in range(40))
 
 
 def test_bad_samples_raise_or_are_counted(tmp_path, synth_shards, caplog):

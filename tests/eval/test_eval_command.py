@@ -83,6 +83,7 @@ def test_cli_reports_missing_prediction_with_its_path(kitti_with_predictions, tm
         (["--output-space", "metric_depth", "--model", "dav2_vits"], "exactly one of"),
         (["--output-space", "metric_depth", "--limit", "0"], "--limit"),
         (["--output-space", "affine_disparity", "--alignment", "median"], "cannot turn affine_disparity"),
+        (["--output-space", "affine_disparity", "--min-depth", "79.9"], "none of the .* image\\(s\\) could be scored"),
     ],
 )
 def test_user_errors_are_value_errors(kitti_with_predictions, tmp_path, extra, message):

@@ -219,6 +219,10 @@ def test_command_errors_are_clean(checkpoint, tmp_path, capsys):
         ([*base, "--out", out, "--dynamic", "batch,depth"], "subset of batch,height,width"),
         ([*base, "--out", out, "--opset", "11"], "opset 11 is not supported"),
         ([*base, "--out", out, "--size", "50x56"], "not a multiple of the patch size 14"),
+        (
+            [*base, "--out", out, "--size", "56x56", "--dynamic", "batch,width", "--verify-sizes", "56x70,42x42"],
+            "verify size 42x42: the graph's height is static (56, the export size 56x56)",
+        ),
         ([*base, "--out", str(tmp_path / "x.onx")], "must end in .onnx"),
         (["export", "onnx", "--model", "test_dav2", "--out", out], "has no official weights"),
         (["export", "onnx", "--model", "test_dav2", "--out", out], "--model test_dav2 --checkpoint PATH"),

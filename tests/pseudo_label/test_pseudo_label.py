@@ -387,3 +387,15 @@ def test_command_module_imports_no_torch():
     code = "import sys, depthkit.pseudo_label.commands; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_labeling_nothing_at_all_is_an_error(unlabeled, teacher_ckpt, tmp_path, capsys):
+    """Label shards given as input: every sample fails (no image); a run that labels nothing must not exit 0."""
+    labels_only = tmp_path / "labels_only"
+    argv = ["pseudo-label", "--checkpoint", str(teacher_ckpt), "--model", "test_dav2", "--device", "cpu",
+            "--resolution", str(RESOLUTION), "--no-progress"]  # fmt: skip
+    assert main([*argv, "--input", str(unlabeled), "--output", str(labels_only)]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--input", str(labels_only), "--output", str(tmp_path / "again")]) == 1
+    err = capsys.readouterr().err
+    assert "none of the" in err and "input image(s) could be labeled" in err and "are the inputs image shards?" in err

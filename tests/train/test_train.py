@@ -416,6 +416,7 @@ def _teacher_args(tiny_data, tmp_path, *extra: str) -> list[str]:
         (["--model.init_args.model", "dav9_vitz"], "dav9_vitz"),
         (["--data.labeled", "/nonexistent/shards"], "data.labeled"),
         (["--data.ratio", "[1, 0]"], "ratio"),
+        (["--data.val", "null", "--trainer.max_steps", "-5"], "max_steps"),
     ],
 )
 def test_bad_config_fails_before_training(override, message, tiny_data, tmp_path, capsys):
@@ -430,6 +431,69 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path, caps
     torch.save({"encoder.blocks.99.attn.qkv.weight": torch.zeros(1)}, other)
     assert main(_teacher_args(tiny_data, tmp_path, "--model.init_args.checkpoint_path", str(other))) == 1
     assert "blocks.99" in capsys.readouterr().err
+
+
+def test_ckpt_path_must_be_a_run_of_the_same_module_and_model(tiny_data, tmp_path, capsys):
+    """Lightning would put a teacher run's arguments into a student, or a relative teacher's into a metric model."""
+    run = _fit(tmp_path / "teacher", tiny_data, "tiny_teacher", steps=1)
+    (ckpt,) = run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+
+    def refused(recipe: str, ckpt_path, *extra: str) -> str:
+        args = ["fit", "--trainer", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / recipe)]
+        args += ["--data.labeled", str(tiny_data / "labeled"), *extra, "--ckpt_path", str(ckpt_path)]
+        assert main([*args, "--trainer.default_root_dir", str(tmp_path / "other")]) == 1
+        return capsys.readouterr().err
+
+    assert "is a run of test_dav2 (head.activation: 'relu' there, 'sigmoid' here" in refused(
+        "recipes/tiny_metric.yaml", ckpt
+    )
+    student = ["--data.unlabeled", str(tiny_data / "unlabeled"), "--data.pseudo_labels", str(tiny_data / "pseudo")]
+    err = refused("recipes/tiny_student.yaml", ckpt, *student)
+    assert "is a DepthModule run; this config trains a StudentModule" in err
+    weights = tmp_path / "weights.pth"
+    torch.save({"head.x": torch.zeros(1)}, weights)
+    assert "is not a `depthkit fit` checkpoint" in refused("recipes/tiny_teacher.yaml", weights)
+    weights.write_text("a,b\n")
+    assert "is not a checkpoint (not a torch zip file)" in refused("recipes/tiny_teacher.yaml", weights)
+    assert not (tmp_path / "other").exists(), "refused before any work"
+
+
+def test_test_subcommand_scores_the_test_shards(tiny_data, tmp_path):
+    run = _fit(tmp_path, tiny_data, "tiny_teacher", steps=1)
+    (ckpt,) = run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    args = [
+        "test",
+        "--trainer",
+        str(REPO / "configs/trainer/cpu.yaml"),
+        "--config",
+        str(REPO / "recipes/tiny_teacher.yaml"),
+    ]
+    args += ["--data.labeled", str(tiny_data / "labeled"), "--data.val", "null", "--data.test", str(tiny_data / "val")]
+    args += ["--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "test"), "--ckpt_path", str(ckpt)]
+    assert main(args) == 0
+    (metrics,) = (tmp_path / "test").glob("lightning_logs/version_*/metrics.csv")
+    (row,) = [r for r in csv.DictReader(open(metrics)) if r.get("test/abs_rel")]
+    assert 0 < float(row["test/abs_rel"]) < 10 and 0 <= float(row["test/delta1"]) <= 1
+
+
+def test_a_data_error_in_a_worker_ends_the_run_in_one_line(tiny_data, tmp_path):
+    """Workers ignore SIGTERM (preemption is the main process's); a failed run must still exit, not wait on them."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.tar").write_bytes(b"not a tar file at all" * 40)
+    args = _teacher_args(
+        tiny_data, tmp_path, "--data.labeled", str(bad), "--data.val", "null", "--data.num_workers", "1"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "depthkit.cli", *args, "--trainer.enable_progress_bar", "false"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"depthkit fit: error: shard {bad / 'a.tar'}: corrupt or unreadable tar"), last
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
