@@ -72,7 +72,23 @@ def test_out_paths_that_cannot_be_written(tmp_path, capsys):
         ["synth", "--out", str(tmp_path / "s"), "--num", "1", "--shard-size", "0"], capsys
     )
     assert "--seed must be >= 0" in _run(["synth", "--out", str(tmp_path / "s"), "--num", "1", "--seed", "-1"], capsys)
+    # 2**32 would render the scenes of seed 0, shifted by one: the same images under other keys.
+    err = _run(["synth", "--out", str(tmp_path / "s"), "--num", "1", "--seed", str(2**32)], capsys)
+    assert "must stay below 2**32" in err
     assert not (tmp_path / "s").exists()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(photos / "a.png")
+    for prefix in ("a/b", ""):
+        err = _run(
+            ["data", "convert", "--images", str(photos), "--out", str(tmp_path / "c"), "--prefix", prefix], capsys
+        )
+        assert f"--prefix {prefix!r}: use letters" in err
+    err = _run(["data", "convert", "--images", str(photos / "a.png"), "--out", str(tmp_path / "c")], capsys)
+    assert "a.png is a file; give the folder of photos" in err
+    assert not (tmp_path / "c").exists()
+    args = ["export", "weights", "--model", "test_dav2", "--checkpoint", str(a_file), "--layout", "hf"]
+    assert "the hf layout writes a folder" in _run([*args, "--out", str(tmp_path / "w.pth")], capsys)
     folder = tmp_path / "model.onnx"
     folder.mkdir()
     args = ["export", "onnx", "--model", "test_dav2", "--weights", str(a_file), "--out", str(folder)]
@@ -95,6 +111,8 @@ def test_manifest_mistakes_name_the_file_and_field(tmp_path, shared_data, capsys
         wrong = _manifest(tmp_path, shared_data, depth_format=fmt, scale_to_metres="1")
         err = _run(["data", "convert", "--manifest", wrong, "--out", out], capsys)
         assert f"depth_format {fmt} reads {reads} files, but this is a PNG file" in err and "TUM_depth.png" in err
+    negative = _manifest(tmp_path, shared_data, fx="-500", fy="500", cx="320", cy="240")
+    assert "fx and fy must be positive" in _run(["data", "convert", "--manifest", negative, "--out", out], capsys)
     header_only = tmp_path / "empty.csv"
     header_only.write_text(Path(zero).read_text().splitlines()[0] + "\n")
     assert "a header but no rows" in _run(["data", "convert", "--manifest", str(header_only), "--out", out], capsys)

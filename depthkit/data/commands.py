@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def register(subparsers) -> None:
@@ -77,6 +78,8 @@ def run_convert(args: argparse.Namespace) -> int:
     from depthkit.data.convert import convert_images, convert_manifest
 
     _check_positive(args, "shard_size")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.prefix):
+        raise ValueError(f"--prefix {args.prefix!r}: use letters, digits, '_', '.' and '-' (a file name, not a path)")
     _check_out(args.out, args.overwrite)
     if args.manifest:
         index = convert_manifest(
@@ -110,6 +113,8 @@ def run_synth(args: argparse.Namespace) -> int:
 
     _check_positive(args, "num", "size", "shard_size", "workers")
     _check_positive(args, "seed", "first_index", minimum=0)
+    if args.seed >= 2**32 or args.first_index + args.num > 2**32:  # SeedSequence([seed, index]) words are 32-bit
+        raise ValueError("--seed and --first-index + --num must stay below 2**32")
     _check_out(args.out, args.overwrite)
     index = write_synthetic(
         args.out,

@@ -88,6 +88,8 @@ def convert_manifest(
 
 def find_images(folder) -> list[Path]:
     folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"--images {folder} is a file; give the folder of photos")
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -11,6 +11,7 @@ column is carried into the metadata). Paths are relative to the manifest's folde
 from __future__ import annotations
 
 import csv
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,9 +83,12 @@ def _parse_intrinsics(row: dict[str, str], where: str) -> dict[str, float] | Non
         missing = [k for k, v in values.items() if not v]
         raise ValueError(f"{where}: intrinsics are partly given; missing {', '.join(missing)}")
     try:
-        return {k: float(v) for k, v in values.items()}
+        parsed = {k: float(v) for k, v in values.items()}
     except ValueError:
         raise ValueError(f"{where}: intrinsics {values} are not numbers") from None
+    if not all(math.isfinite(v) for v in parsed.values()) or parsed["fx"] <= 0 or parsed["fy"] <= 0:
+        raise ValueError(f"{where}: intrinsics {values}: fx and fy must be positive, all four finite")
+    return parsed
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:

@@ -51,6 +51,9 @@ class SceneConfig:
 
 
 def _rng(seed: int, index: int) -> np.random.Generator:
+    # SeedSequence splits larger ints into 32-bit words: [2**32, 0] would be scene 1 of seed 0.
+    if not (0 <= seed < 2**32 and 0 <= index < 2**32):
+        raise ValueError(f"scene seed {seed} and index {index} must be in [0, 2**32)")
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
 
 

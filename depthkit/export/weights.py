@@ -57,7 +57,7 @@ def check_out(out: str | os.PathLike, layout: str) -> Path:
         raise ValueError(f"--layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     path = Path(out).expanduser()
     if layout == "hf":
-        if path.is_file():
+        if path.is_file() or path.suffix in (".pth", ".pt", ".bin", ".safetensors"):
             raise ValueError(f"--out {path}: the hf layout writes a folder (config.json + model.safetensors)")
     elif path.suffix not in SUFFIXES[layout]:
         raise ValueError(f"--out {path}: the {layout} layout writes a {' or '.join(SUFFIXES[layout])} file")

@@ -398,6 +398,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 found_config = json.loads(config_path.read_text())
             except ValueError as err:
                 raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+        else:
+            found_config = _metadata_config(path)
     else:
         obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
         found_config = training_config(obj)
@@ -405,6 +407,30 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         if found_config is None:
             found_config = _official_file_config(path)
     return state_dict, found_config
+
+
+def _model_metadata(config: DepthModelConfig) -> dict[str, str]:
+    """safetensors metadata naming the model of depthkit-layout weights, when its registered name and overrides
+    rebuild the config exactly (a config built by hand has no name to give)."""
+    from depthkit.models.registry import config_overrides
+
+    overrides = config_overrides(config)
+    if overrides is None:
+        return {"format": "pt"}
+    return {"format": "pt", "depthkit_model": config.name, "depthkit_model_overrides": json.dumps(overrides)}
+
+
+def _metadata_config(path: Path) -> dict | None:
+    """The model a depthkit `.safetensors` names in its metadata (`_model_metadata`), else None."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if "depthkit_model" not in metadata:
+        return None
+    overrides = json.loads(metadata.get("depthkit_model_overrides") or "{}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return {"model": metadata["depthkit_model"], "model_overrides": overrides, "named_by": "metadata"}
 
 
 def _official_file_config(path: Path) -> dict | None:
@@ -459,6 +485,9 @@ def check_training_config(found: dict, config: DepthModelConfig, source: str) ->
     if diffs:
         if found.get("named_by") == "file name":
             is_what = f"is the official {found['model']} weights file, not for the model built here"
+        elif found.get("named_by") == "metadata":
+            overrides = found["model_overrides"] or "no overrides"
+            is_what = f"holds {found['model']} weights ({overrides}), not for the model built here"
         else:
             is_what = (
                 f"was trained as {found['model']} with {found['model_overrides'] or 'no overrides'}, not as built here"
@@ -578,7 +607,7 @@ def save_checkpoint(model, path: str | os.PathLike, layout: str = "official") ->
         from safetensors.torch import save_file
 
         tensors = {k: v.contiguous() for k, v in state_dict.items()}
-        _write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+        _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=_model_metadata(model.config)))
     else:
         _write_atomic(path, lambda tmp: torch.save(state_dict, tmp))
     return path

@@ -116,11 +116,11 @@ def run_predict_command(args: argparse.Namespace) -> int:
         predict, inputs, out_dir, save, chunk_size=4 * args.batch_size, cmap=args.cmap, progress=not args.no_progress
     )
     seconds = time.perf_counter() - start
+    if num_written == 0:
+        raise ValueError(f"none of the {len(inputs)} input(s) could be read")
     print(
         f"wrote {', '.join(save)} for {num_written} image(s) to {out_dir} in {seconds:.1f} s "
         f"({num_written / max(seconds, 1e-9):.2f} images/s)"
         + (f"; skipped {len(skipped)} bad input(s), named above" if skipped else "")
     )
-    if num_written == 0:
-        raise ValueError(f"none of the {len(inputs)} input(s) could be read")
     return 0

@@ -70,6 +70,21 @@ def checkpoint_filename(name: str) -> str | None:
     return _CHECKPOINT_FILES.get(name)
 
 
+def config_overrides(config: DepthModelConfig) -> dict | None:
+    """The overrides that rebuild `config` from its registered name (`model_config(config.name, **overrides)`), or
+    None when none do (an unregistered name, or a config built by hand)."""
+    from depthkit.models.checkpoint import config_diffs
+
+    if config.name not in _MODELS:
+        return None
+    overrides = {field.rsplit(".", 1)[-1]: value for field, _, value in config_diffs(model_config(config.name), config)}
+    try:
+        rebuilt = model_config(config.name, **overrides)
+    except ValueError:
+        return None
+    return overrides if rebuilt == config else None
+
+
 def model_for_checkpoint_file(filename: str) -> str | None:
     """The registered model whose official weights file is named `filename` (None if no model's is)."""
     return next((name for name, official in _CHECKPOINT_FILES.items() if official == filename), None)
@@ -173,7 +188,9 @@ def load_model(name: str | None = None, checkpoint_path: str | os.PathLike | Non
     trained = found.get("model") if found is not None and "model_overrides" in found else None
     if trained is not None:
         if name is not None and name != trained:
-            how = "its official file name" if found.get("named_by") == "file name" else "the name it was trained under"
+            how = {"file name": "its official file name", "metadata": "the model its metadata names"}.get(
+                found.get("named_by"), "the name it was trained under"
+            )
             raise ValueError(f"{source} holds a {trained} model ({how}), not {name}")
         config = model_config(trained, **found["model_overrides"])
     elif name is None:

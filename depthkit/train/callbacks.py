@@ -23,11 +23,28 @@ PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar without the logger's `v_num`; `depthkit fit` adds it unless the config names a bar.
+    """Lightning's tqdm bar, counting optimizer steps to `max_steps` and without the logger's `v_num`;
+    `depthkit fit` adds it unless the config names a bar.
 
-    Lightning's default bar is the rich one when `rich` happens to be installed; on a run bounded by `max_steps` over
-    a stream it reads "Epoch 0/-2". tqdm needs no extra package and writes plain lines into batch-job logs.
+    Lightning's bars count batches of the current epoch, which a stream of resampled shards never ends: its rich bar
+    reads "Epoch 0/-2", and a resumed run "Epoch 1: 130/128". tqdm needs no extra package and writes plain lines into
+    batch-job logs.
     """
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar
+        if trainer.max_steps > 0 and bar is not None:
+            bar.total, bar.initial, bar.n = trainer.max_steps, trainer.global_step, trainer.global_step
+            bar.set_description("train steps")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if trainer.max_steps <= 0 or bar is None:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._should_update(trainer.global_step, bar.total) and not bar.disable:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)

@@ -218,6 +218,23 @@ def test_an_official_file_name_says_which_model_it_is(tmp_path, monkeypatch):
     assert not (tmp_path / "tiny_metric.pth").exists()
 
 
+def test_depthkit_safetensors_name_their_model_in_the_metadata(tmp_path):
+    from depthkit.models import load_model
+
+    metric = _random_model("test_dav2_metric", max_depth=80.0)
+    path = save_checkpoint(metric, tmp_path / "metric.safetensors", layout="depthkit")
+    loaded = load_model(checkpoint_path=path)  # no --model needed, built with its override
+    assert loaded.meta.name == "test_dav2_metric" and loaded.meta.max_depth == 80.0
+    _assert_same(loaded.state_dict(), metric.state_dict())
+    with pytest.raises(ValueError, match="holds a test_dav2_metric model \\(the model its metadata names\\)"):
+        load_model("test_dav2", path)  # same tensor shapes: without the metadata it would load silently
+    with pytest.raises(ValueError, match="holds test_dav2_metric weights .*max_depth: trained 80.0, here 20.0"):
+        create_model("test_dav2_metric", checkpoint_path=path)
+    registers = _random_model("test_dav2", num_register_tokens=4)
+    path = save_checkpoint(registers, tmp_path / "registers.safetensors", layout="depthkit")
+    assert load_model(checkpoint_path=path).config == registers.config
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_model("test_dav2", checkpoint_path=tmp_path / "nope.pth")
