@@ -115,11 +115,17 @@ def run_pseudo_label_command(args: argparse.Namespace) -> int:
         state = "complete" if index.get("complete") else f"{pending} shard(s) pending (other ranks, or rerun)"
         print(
             f"output {config.output}: {index['num_samples']} label(s) in {len(index['shards'])} shard(s), "
-            f"{index['num_failed']} failed key(s) listed in index.json; {state}"
+            f"{index['num_failed']} failed key(s)"
+            + (
+                f" and {index['num_cut_short']} shard(s) cut short by an unreadable tar"
+                if index["num_cut_short"]
+                else ""
+            )
+            + f" listed in index.json; {state}"
         )
-        if index["num_samples"] == 0 and index["num_failed"]:
+        if index["num_samples"] == 0 and (index["num_failed"] or index["num_cut_short"]):
             raise ValueError(
-                f"none of the {index['num_failed']} input image(s) could be labeled (their errors are in "
-                f"{config.output}/index.json); are the inputs image shards?"
+                f"no input image could be labeled ({index['num_failed']} failed, {index['num_cut_short']} shard(s) "
+                f"unreadable; the errors are in {config.output}/index.json); are the inputs image shards?"
             )
     return 0

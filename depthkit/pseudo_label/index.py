@@ -130,7 +130,8 @@ def build_index(records: dict[str, dict], inputs: list[str] | None) -> dict:
         "format_version": INDEX_FORMAT_VERSION,
         "kind": "pseudo",
         "num_samples": sum(shards.values()),
-        "num_failed": sum(len(f) for f in failed.values()),
+        "num_failed": sum(len(set(f) - {"*"}) for f in failed.values()),
+        "num_cut_short": sum("*" in f for f in failed.values()),  # shards whose tar turned unreadable midway
         "shards": shards,
         "failed": failed,
         "teacher": settings[0] if len(settings) == 1 else ("mixed" if settings else None),
