@@ -106,6 +106,9 @@ def _reduce_pixels(loss_BHW: torch.Tensor, valid_BHW: torch.Tensor, trim: float)
     """Mean of the (kept) per-pixel losses of each image; 0 for images without valid pixels."""
     if trim > 0:
         weight_BHW, num_keep_B = trim_weights(loss_BHW, valid_BHW, trim)
+        # A NaN compares false with the threshold, so trimming would drop it: keep it, as the kernels do, so that
+        # a NaN label or prediction shows in the loss instead of passing as a perfect image.
+        weight_BHW = torch.where(valid_BHW & loss_BHW.detach().isnan(), 1.0, weight_BHW)
     else:
         weight_BHW, num_keep_B = valid_BHW.float(), _sum_hw(valid_BHW)
     # torch.where, not a product: a masked-out pixel's loss may be inf/NaN from garbage in invalid regions.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from depthkit.eval.metrics import check_scored
 from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, METRIC_DEPTH, check_space
 
 ALIGNMENTS = ("lsq_disparity", "lsq_depth", "median", "none")
@@ -99,7 +100,8 @@ def fit_scale_shift(x_N: np.ndarray, y_N: np.ndarray) -> AlignmentFit:
     The 2x2 system needs O(1) memory, so full-resolution ETH3D images (24 M pixels) fit cheaply. A constant `x`
     gives `s = 0, t = mean(y)`, flagged as degenerate.
     """
-    assert x_N.shape == y_N.shape and x_N.ndim == 1, (x_N.shape, y_N.shape)
+    if x_N.shape != y_N.shape or x_N.ndim != 1:
+        raise ValueError(f"fit_scale_shift: expected two 1-D arrays of one length, got {x_N.shape} and {y_N.shape}")
     if x_N.size == 0:
         raise ValueError("cannot fit an alignment on zero pixels")
     x = x_N.astype(np.float64)
@@ -111,7 +113,8 @@ def fit_scale_shift(x_N: np.ndarray, y_N: np.ndarray) -> AlignmentFit:
         return AlignmentFit(scale=0.0, shift=float(mean_y), degenerate=True)
     scale = float(np.dot(dx, y - mean_y)) / var_x
     shift = float(mean_y - scale * mean_x)
-    assert np.isfinite(scale) and np.isfinite(shift), (scale, shift, x.size)
+    if not (np.isfinite(scale) and np.isfinite(shift)):
+        raise ValueError(f"fit_scale_shift: non-finite fit (scale {scale}, shift {shift}): NaN or inf in the input?")
     return AlignmentFit(scale=scale, shift=shift)
 
 
@@ -157,8 +160,7 @@ def align_to_depth(
         raise ValueError(f"alignment={alignment!r}; expected one of {', '.join(ALIGNMENTS)}")
     if output_space not in ACCEPTS[alignment]:
         raise ValueError(f"alignment {alignment!r} does not accept {output_space} predictions")
-    assert pred_HW.shape == target_HW.shape == mask_HW.shape, (pred_HW.shape, target_HW.shape, mask_HW.shape)
-    assert mask_HW.dtype == bool
+    check_scored(pred_HW, target_HW, mask_HW)
     cap = max_depth if np.isfinite(max_depth) else FAR_DEPTH_CAP
     if not mask_HW.any():
         raise ValueError("cannot align a prediction with no valid ground-truth pixels")

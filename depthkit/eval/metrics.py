@@ -70,10 +70,19 @@ def evaluation_mask(
     target_HW: np.ndarray, valid_HW: np.ndarray, *, min_depth: float, max_depth: float, crop: str | None
 ) -> np.ndarray:
     """Pixels that are scored: valid, `min_depth < gt < max_depth` (strict, as BTS), and inside the crop."""
-    assert target_HW.shape == valid_HW.shape, (target_HW.shape, valid_HW.shape)
+    if target_HW.shape != valid_HW.shape:
+        raise ValueError(f"shapes differ: target {target_HW.shape}, valid {valid_HW.shape}")
     with np.errstate(invalid="ignore"):
         in_range_HW = (target_HW > min_depth) & (target_HW < max_depth)
     return valid_HW.astype(bool) & in_range_HW & crop_mask(target_HW.shape, crop)
+
+
+def check_scored(pred_HW: np.ndarray, target_HW: np.ndarray, mask_HW: np.ndarray) -> None:
+    """A `ValueError` unless prediction, target and a bool mask have one shape (an int mask would index rows)."""
+    if not (pred_HW.shape == target_HW.shape == mask_HW.shape):
+        raise ValueError(f"shapes differ: pred {pred_HW.shape}, target {target_HW.shape}, mask {mask_HW.shape}")
+    if mask_HW.dtype != np.bool_:
+        raise ValueError(f"the mask must be bool, got {mask_HW.dtype}")
 
 
 def depth_metrics(pred_HW: np.ndarray, target_HW: np.ndarray, mask_HW: np.ndarray) -> dict[str, float]:
@@ -82,7 +91,7 @@ def depth_metrics(pred_HW: np.ndarray, target_HW: np.ndarray, mask_HW: np.ndarra
     Raises:
         ValueError: no pixel is scored, or a scored prediction or target is not positive and finite.
     """
-    assert pred_HW.shape == target_HW.shape == mask_HW.shape, (pred_HW.shape, target_HW.shape, mask_HW.shape)
+    check_scored(pred_HW, target_HW, mask_HW)
     pred = pred_HW[mask_HW].astype(np.float64)
     gt = target_HW[mask_HW].astype(np.float64)
     if gt.size == 0:

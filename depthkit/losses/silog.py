@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from depthkit_kernels import IMPLS
+from depthkit_kernels import IMPLS, check_maps
 
 from .reduction import with_reduction
 
@@ -41,13 +41,7 @@ def silog_loss(
         raise ValueError(f"silog_loss: impl={impl!r} is not one of {IMPLS}")
     if impl == "triton":
         raise ValueError("silog_loss has no Triton kernel; use impl='auto' or 'torch'")
-    if pred_depth_BHW.shape != target_depth_BHW.shape or valid_BHW.shape != pred_depth_BHW.shape:
-        raise ValueError(
-            f"silog_loss: shapes differ: {tuple(pred_depth_BHW.shape)}, {tuple(target_depth_BHW.shape)}, "
-            f"{tuple(valid_BHW.shape)}"
-        )
-    if valid_BHW.dtype != torch.bool:
-        raise ValueError(f"silog_loss: valid must be a bool mask, got {valid_BHW.dtype}")
+    check_maps("silog_loss", pred_depth_BHW, target_depth_BHW, valid_BHW)  # the checks every dense loss makes
     target_BHW = target_depth_BHW.detach().float()
     valid_BHW = valid_BHW & (target_BHW > 0)
     pred_BHW = torch.where(valid_BHW, pred_depth_BHW.float(), 1.0).clamp_min(eps)

@@ -52,10 +52,21 @@ class DepthCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning reads `--ckpt_path` here and replaces the configured module's arguments with the checkpoint's:
         # the check must come first, against the configuration as given.
-        if self.config.get("subcommand"):
-            section = self.config[self.config.subcommand]
-            check_resume(section.get("ckpt_path"), section.get("model"))
+        if not self.config.get("subcommand"):
+            return super()._parse_ckpt_path()
+        section = self.config[self.config.subcommand]
+        check_resume(section.get("ckpt_path"), section.get("model"))
+        given = section.get("model").clone() if section.get("model") is not None else None
         super()._parse_ckpt_path()
+        resumed = self.config[self.config.subcommand].get("model")
+        if given is not None and resumed is not None:
+            changed = _changed_arguments(given, resumed)
+            if changed:
+                raise ValueError(
+                    f"--ckpt_path {section.ckpt_path} resumes with the run's own module arguments, but the "
+                    f"configuration changes {'; '.join(changed)}: drop the change, or start a new run from its "
+                    "weights (model.checkpoint_path)"
+                )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -119,6 +130,16 @@ def check_resume(ckpt_path: str | None, module_config) -> None:
                 f"--ckpt_path {path} is a run of {found['model']} ({'; '.join(diffs)}); to start a run from its "
                 "weights, set model.checkpoint_path instead"
             )
+
+
+def _changed_arguments(given, resumed) -> list[str]:
+    """`model.<key>: given -> checkpoint's` for each module argument the checkpoint's hyperparameters replaced."""
+    a, b = dict(given.items()), dict(resumed.items())  # flattened dotted keys
+    return [
+        f"model.{k}: {a.get(k)!r} here, {b.get(k)!r} in the run"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 def _one_line(err: BaseException) -> str:

@@ -130,3 +130,26 @@ def test_pair_accuracy_depends_on_which_way_is_closer():
     assert pair_accuracy(disparity, pairs, larger_is_closer=False) == (1, 3)
     with pytest.raises(ValueError, match="outside"):
         pair_accuracy(disparity, [((0, 0), (2, 0))], larger_is_closer=True)
+
+
+def test_a_mask_must_be_bool_and_of_the_same_shape():
+    """An integer mask would index rows (0 and 1) and score the wrong pixels without a word."""
+    from depthkit.eval.alignment import align_to_depth, fit_scale_shift
+
+    gt = np.linspace(1.0, 5.0, 12).reshape(3, 4)
+    with pytest.raises(ValueError, match="the mask must be bool, got uint8"):
+        depth_metrics(gt, gt, np.ones((3, 4), np.uint8))
+    with pytest.raises(ValueError, match="shapes differ"):
+        depth_metrics(gt, gt[:2], np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match="the mask must be bool"):
+        align_to_depth(
+            gt,
+            gt,
+            np.ones((3, 4), np.uint8),
+            alignment="none",
+            output_space="metric_depth",
+            min_depth=0.1,
+            max_depth=10,
+        )
+    with pytest.raises(ValueError, match="non-finite fit"):
+        fit_scale_shift(np.array([1.0, 2.0, np.nan]), np.array([1.0, 2.0, 3.0]))

@@ -65,3 +65,29 @@ def test_mean_is_over_images_with_valid_pixels(name):
     torch.testing.assert_close(out["loss"], expected)
     assert out["loss_per_image"][1].item() == 0.0
     assert out["num_valid"].tolist() == valid_BHW.sum(dim=(1, 2)).tolist()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("name", MAP_LOSSES)
+def test_a_nan_in_a_valid_pixel_shows_in_its_image(request, device, impl, name):
+    """A NaN label is a broken label: trimming must not drop it and score the image as perfect (both impls)."""
+    if impl == "triton":
+        request.getfixturevalue("triton_device")
+    generator = torch.Generator().manual_seed(0)
+    pred_BHW = torch.rand(2, 8, 10, generator=generator) + 0.5
+    target_BHW = torch.rand(2, 8, 10, generator=generator) + 0.5
+    target_BHW[0, 3, 4] = float("nan")
+    valid_BHW = torch.ones(2, 8, 10, dtype=torch.bool)
+    per_image = MAP_LOSSES[name](pred_BHW.to(device), target_BHW.to(device), valid_BHW.to(device), impl=impl)
+    per_image = per_image["loss_per_image"].cpu()
+    assert per_image[0].isnan() and per_image[1].isfinite(), per_image
+
+
+def test_silog_checks_its_maps_like_every_dense_loss():
+    pred_BHW, valid_BHW = torch.rand(2, 4, 5) + 0.5, torch.ones(2, 4, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="silog_loss: expected B x H x W maps"):  # B x 1 x H x W broadcast silently
+        silog_loss(pred_BHW[:, None], pred_BHW[:, None], valid_BHW[:, None])
+    with pytest.raises(ValueError, match="silog_loss: pred must be float32"):
+        silog_loss(pred_BHW.long(), pred_BHW, valid_BHW)
+    with pytest.raises(ValueError, match="silog_loss: empty input"):
+        silog_loss(pred_BHW[:0], pred_BHW[:0], valid_BHW[:0])

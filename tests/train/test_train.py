@@ -450,6 +450,9 @@ def test_ckpt_path_must_be_a_run_of_the_same_module_and_model(tiny_data, tmp_pat
     student = ["--data.unlabeled", str(tiny_data / "unlabeled"), "--data.pseudo_labels", str(tiny_data / "pseudo")]
     err = refused("recipes/tiny_student.yaml", ckpt, *student)
     assert "is a DepthModule run; this config trains a StudentModule" in err
+    # Lightning resumes with the run's module arguments: a changed one would be dropped without a word.
+    err = refused("recipes/tiny_teacher.yaml", ckpt, "--data.val", "null", "--model.optim.encoder_lr", "0.1")
+    assert "changes model.init_args.optim.encoder_lr: 0.1 here, 0.0002 in the run" in err
     weights = tmp_path / "weights.pth"
     torch.save({"head.x": torch.zeros(1)}, weights)
     assert "is not a `depthkit fit` checkpoint" in refused("recipes/tiny_teacher.yaml", weights)
@@ -537,7 +540,9 @@ def test_preemption_saves_a_checkpoint_that_resumes_the_run(name, tiny_data, tmp
     assert state["optimizer_states"] and state["lr_schedulers"][0]["last_epoch"] == step
     assert state["DepthDataModule"]["labeled"]["consumed"] == {"0": step * batch_size}
 
-    assert fit(resumed, "--ckpt_path", str(ckpt)).wait(timeout=120) == 0, log.read_text()[-3000:]
+    # The same command plus --ckpt_path, as a requeued job runs it (a changed module argument would be refused).
+    resume = fit(resumed, "--model.panel_every_n_steps", "5", "--ckpt_path", str(ckpt))
+    assert resume.wait(timeout=120) == 0, log.read_text()[-3000:]
     steps = [int(r["step"]) for r in _metrics(resumed) if r.get("train/loss")]
     assert steps == list(range(step, max_steps))
     (last,) = resumed.glob("lightning_logs/version_0/checkpoints/last.ckpt")
