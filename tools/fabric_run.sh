@@ -3,6 +3,7 @@
 # Run the same command on every node, changing NODE_RANK; MAIN_ADDR is node 0's address.
 #   NODE_RANK=0 MAIN_ADDR=10.0.0.1 NUM_NODES=2 tools/fabric_run.sh recipes/dav2_teacher_vitg.yaml configs/trainer/gpu_fsdp.yaml
 set -euo pipefail
+case "${1:-}" in -h | --help) grep '^# ' "$0" | cut -c3-; exit 0 ;; esac
 RECIPE=${1:?usage: tools/fabric_run.sh RECIPE.yaml [TRAINER.yaml]}
 TRAINER=${2:-configs/trainer/gpu_ddp.yaml}
 NUM_NODES=${NUM_NODES:-1}

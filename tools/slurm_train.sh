@@ -12,6 +12,7 @@
 # SIGUSR1 two minutes before the time limit: depthkit's Preemption callback saves `preempted.ckpt` and stops;
 # the requeued job resumes from it (model, optimizer, scheduler, step and data position).
 set -euo pipefail
+case "${1:-}" in -h | --help) grep '^# ' "$0" | cut -c3-; exit 0 ;; esac
 RECIPE=${1:?usage: sbatch tools/slurm_train.sh RECIPE.yaml [TRAINER.yaml]}
 TRAINER=${2:-configs/trainer/gpu_ddp.yaml}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}

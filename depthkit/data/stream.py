@@ -191,6 +191,10 @@ class ShardStream(IterableDataset):
             raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= cutmix_p <= 1.0:
+            raise ValueError(f"cutmix_p={cutmix_p} is not a probability in [0, 1]")
+        if world_size is not None and (world_size < 1 or rank is not None and not 0 <= rank < world_size):
+            raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
         if kind == "pseudo" and not labels:
             raise ValueError("kind='pseudo' needs labels= (the folder of pseudo-label shards)")
         self.urls = shard_paths(shards)

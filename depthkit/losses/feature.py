@@ -31,6 +31,8 @@ def feature_alignment_loss(
     Returns:
         "loss", "loss_per_image", "num_valid" (patches that entered the mean, per image).
     """
+    if not -1.0 <= tolerance <= 1.0:  # NaN fails too; above 1 no patch is ignored, below -1 every patch is
+        raise ValueError(f"feature_alignment_loss: tolerance={tolerance} is not a cosine similarity in [-1, 1]")
     out = depthkit_kernels.feature_alignment(student_BND, target_BND, tolerance=tolerance, impl=impl)
     return with_reduction(out.loss_B, out.num_included_B)
 

@@ -302,3 +302,11 @@ def test_missing_http_shard_names_the_url(synth_shards, http_root):
     url = f"{http_root}/no-such-shard-000000.tar"
     with pytest.raises(ShardFormatError, match="no-such-shard-000000.tar"):
         list(ShardStream(url, batch_size=2, drop_last=False))
+
+
+def test_bad_stream_arguments_are_named(synth_shards):
+    with pytest.raises(ValueError, match="cutmix_p=2.0 is not a probability"):
+        ShardStream(synth_shards, cutmix_p=2.0)
+    for rank, world_size in ((0, 0), (2, 2), (-1, 2)):
+        with pytest.raises(ValueError, match="expected 0 <= rank < world_size"):
+            ShardStream(synth_shards, rank=rank, world_size=world_size)

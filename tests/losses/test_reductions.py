@@ -91,3 +91,10 @@ def test_silog_checks_its_maps_like_every_dense_loss():
         silog_loss(pred_BHW.long(), pred_BHW, valid_BHW)
     with pytest.raises(ValueError, match="silog_loss: empty input"):
         silog_loss(pred_BHW[:0], pred_BHW[:0], valid_BHW[:0])
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), -2.0, 1.5])
+def test_feature_alignment_tolerance_is_a_cosine(tolerance):
+    tokens_BND = torch.randn(2, 4, 6)
+    with pytest.raises(ValueError, match="is not a cosine similarity in"):
+        feature_alignment_loss(tokens_BND, tokens_BND, tolerance=tolerance)
