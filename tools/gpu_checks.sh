@@ -262,7 +262,8 @@ print("fsdp2 checkpoint:", path, "step", state["global_step"], "->", model.meta.
 PYEOF
 }
 if selected fsdp2; then
-    run_step fsdp2 90 40 fsdp2_check
+    # `timeout` runs programs, not shell functions: hand the function to a child bash.
+    run_step fsdp2 90 40 env WORK="$WORK" PY="$PY" bash -c "$(declare -f fsdp2_check); fsdp2_check"
 fi
 
 # f. The full losses benchmark (adds torch.compile of each reference): all the time left, at least 90 s.
