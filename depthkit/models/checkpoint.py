@@ -471,17 +471,21 @@ def training_config(obj) -> dict | None:
     return {"model": hparams["model"], "model_overrides": dict(hparams.get("model_overrides") or {})}
 
 
+def found_config_diffs(found: dict, config: DepthModelConfig) -> list[tuple[str, object, object]]:
+    """(field, value in the model `found` names, value in `config`) for each field that changes outputs."""
+    from depthkit.models.registry import model_config
+
+    trained = model_config(found["model"], **found["model_overrides"])
+    return list(config_diffs(inference_config(trained), inference_config(config)))
+
+
 def check_training_config(found: dict, config: DepthModelConfig, source: str) -> None:
     """Raise a `ValueError` if a training checkpoint was trained as a different model than `config`.
 
     Tensor shapes cannot tell every difference (`max_depth`, `tap_indices`, the normalization): without this, such
     a checkpoint would load into the wrong model silently. The stochastic depth rate (training only) is ignored.
     """
-    from depthkit.models.registry import model_config
-
-    trained = inference_config(model_config(found["model"], **found["model_overrides"]))
-    built = inference_config(config)
-    diffs = [f"{field}: trained {a!r}, here {b!r}" for field, a, b in config_diffs(trained, built)]
+    diffs = [f"{field}: trained {a!r}, here {b!r}" for field, a, b in found_config_diffs(found, config)]
     if diffs:
         if found.get("named_by") == "file name":
             is_what = f"is the official {found['model']} weights file, not for the model built here"

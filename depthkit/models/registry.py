@@ -159,8 +159,9 @@ def load_model(name: str | None = None, checkpoint_path: str | os.PathLike | Non
 
     A `depthkit fit` checkpoint names the model it trained (`hyper_parameters`: `model`, `model_overrides`), so it
     needs no `name`, and the model is built as trained (e.g. a metric model fine-tuned with `max_depth=80`); so does
-    an official file under its official name (`depth_anything_v2_metric_vkitti_vitl.pth`). Other checkpoints
-    (renamed official `.pth`, depthkit `.pth`/`.safetensors`, transformers folders) need `name`. The file is read
+    an official file under its official name (`depth_anything_v2_metric_vkitti_vitl.pth`) and a depthkit
+    `.safetensors` (its metadata). Other checkpoints (renamed official `.pth`, depthkit `.pth`, transformers
+    folders) need `name`. The file is read
     once.
 
     Args:

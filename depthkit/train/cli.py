@@ -21,7 +21,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar as Bar
 from lightning.pytorch.cli import LightningCLI
 
-from depthkit.models.checkpoint import config_diffs, inference_config, read_file, training_config
+from depthkit.models.checkpoint import found_config_diffs, read_file, training_config
 from depthkit.models.registry import model_config
 from depthkit.train.callbacks import ProgressBar
 from depthkit.train.data import DepthDataModule
@@ -122,9 +122,8 @@ def check_resume(ckpt_path: str | None, module_config) -> None:
         raise ValueError(f"--ckpt_path {path} is a {kind} run; this config trains a {configured}")
     found, args = training_config(obj), module_config.init_args
     if found is not None:
-        trained = inference_config(model_config(found["model"], **found["model_overrides"]))
-        built = inference_config(model_config(args.model, **dict(args.get("model_overrides") or {})))
-        diffs = [f"{field}: {a!r} there, {b!r} here" for field, a, b in config_diffs(trained, built)]
+        built = model_config(args.model, **dict(args.get("model_overrides") or {}))
+        diffs = [f"{field}: {a!r} there, {b!r} here" for field, a, b in found_config_diffs(found, built)]
         if diffs:
             raise ValueError(
                 f"--ckpt_path {path} is a run of {found['model']} ({'; '.join(diffs)}); to start a run from its "
