@@ -622,9 +622,14 @@ def test_fsdp2_preempted_on_one_rank_resumes_as_the_uninterrupted_run(two_proces
     both take part in the save and exit. Resumed from that checkpoint, the run logs the uninterrupted run's last
     loss and ends with its parameters (model, optimizer and both ranks' data positions restored)."""
     probe = [str(Path(__file__).with_name("parallel_probe.py")), str(tiny_data)]
-    with pytest.raises(AssertionError, match="exitcode *: 138"):
-        _torchrun(*probe, str(tmp_path / "stopped"), "fsdp2", "student", "preempt", port=29521)
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521", *probe]
+    run += [str(tmp_path / "stopped"), "fsdp2", "student", "preempt"]
+    stopped = subprocess.run(run, capture_output=True, text=True, env={**os.environ, **PROCESS_ENV}, timeout=300)
+    # Both ranks passed the barrier after the save. The exit status each reports (128 + SIGUSR1: the single-process
+    # tests check it) is not checked here: torchrun names the first rank it sees end, and tears the other down.
+    assert stopped.returncode != 0
     ckpt = tmp_path / "stopped" / "preempted.ckpt"
+    assert stopped.stderr.count(f"received SIGUSR1: saved {ckpt} at step 2, exiting") == 2, stopped.stderr[-3000:]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2 and state["optimizer_states"]
     assert not any(k.startswith("frozen_encoder.") for k in state["state_dict"])  # one file, the student only
