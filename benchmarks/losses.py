@@ -18,6 +18,12 @@ Bandwidth, two ways, both divided by the GPU's peak (from `PEAK_GBPS` by device 
   the memory bandwidth, the issue's ">= 60%" measure; "%peak" is the end-to-end one, lower when a loss needs
   several passes by construction. Small per-image kernels, partial sums and L2 hits are not counted.
 
+`--cudagraph` times device work only: each call is captured in a CUDA graph and replayed
+(`triton.testing.do_bench_cudagraph`, no L2 flush), so the host's launch overhead drops out. At batch 32 the
+fused losses take well under a millisecond, and the default timing then also measures how fast Python and Triton
+launch kernels; in training the host runs ahead of the network's kernels and that overhead is hidden, so the
+device time is the one a training step pays. The CSV is then `losses_<device>-cudagraph.csv` (column `timing`).
+
 Not a unit test: nothing here asserts a speed. `tests/losses/test_benchmark_script.py` only checks that
 `--quick` runs on CPU.
 """
@@ -194,10 +200,12 @@ def kernel_bytes(name: str, inputs: tuple, mode: str) -> int:
     return forward + backward
 
 
-def time_ms(fn: Callable[[], object], *, cuda: bool, grad_to_none: list[torch.Tensor]) -> float:
+def time_ms(fn: Callable[[], object], *, cuda: bool, grad_to_none: list[torch.Tensor], graph: bool = False) -> float:
     if cuda:
         import triton.testing
 
+        if graph:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none))
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none))
     fn()
     times = []
@@ -208,7 +216,7 @@ def time_ms(fn: Callable[[], object], *, cuda: bool, grad_to_none: list[torch.Te
     return sorted(times)[1]
 
 
-def bench_case(case: Case, impl: str, mode: str, inputs: tuple, *, cuda: bool) -> float:
+def bench_case(case: Case, impl: str, mode: str, inputs: tuple, *, cuda: bool, graph: bool = False) -> float:
     inputs = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
     first = inputs[0]
     if mode == "fwd+bwd":
@@ -233,10 +241,12 @@ def bench_case(case: Case, impl: str, mode: str, inputs: tuple, *, cuda: bool) -
         def step():
             call().sum().backward()
 
-    return time_ms(step, cuda=cuda, grad_to_none=[first] if mode == "fwd+bwd" else [])
+    return time_ms(step, cuda=cuda, grad_to_none=[first] if mode == "fwd+bwd" else [], graph=graph)
 
 
-def bench_median_vs_torch(batch: int, size: int, dtype: torch.dtype, dtype_name: str, device_name: str) -> list:
+def bench_median_vs_torch(
+    batch: int, size: int, dtype: torch.dtype, dtype_name: str, device_name: str, graph: bool = False
+) -> list:
     """Our exact masked median (radix select) against `torch.median(x, dim=1)` on all-valid maps.
 
     CSV rows with op "median_vs_torch.median"; there "speedup_vs_eager" is relative to torch.median.
@@ -244,12 +254,14 @@ def bench_median_vs_torch(batch: int, size: int, dtype: torch.dtype, dtype_name:
     x_BHW = _maps(batch, size, size, dtype, "cuda")[0]
     x_BM = x_BHW.view(batch, -1)  # B x HW
     all_valid_BHW = torch.ones_like(x_BHW, dtype=torch.bool)
-    t_ours = time_ms(lambda: dk.masked_median(x_BHW, all_valid_BHW, impl="triton"), cuda=True, grad_to_none=[])
-    t_torch = time_ms(lambda: torch.median(x_BM, dim=1), cuda=True, grad_to_none=[])
+    t_ours = time_ms(lambda: dk.masked_median(x_BHW, all_valid_BHW, impl="triton"), cuda=True, grad_to_none=[],
+                     graph=graph)  # fmt: skip
+    t_torch = time_ms(lambda: torch.median(x_BM, dim=1), cuda=True, grad_to_none=[], graph=graph)
     print(f"masked_median (triton) vs torch.median(dim=1), {dtype_name}: {t_ours:.4f} ms vs {t_torch:.4f} ms "
           f"= {t_torch / t_ours:.2f}x")  # fmt: skip
     common = {"device": device_name, "op": "median_vs_torch.median", "dtype": dtype_name, "mode": "fwd",
-              "batch": batch, "height": size, "width": size}  # fmt: skip
+              "batch": batch, "height": size, "width": size,
+              "timing": "cudagraph" if graph else "do_bench"}  # fmt: skip
     return [
         {**common, "impl": "triton", "ms": t_ours, "speedup_vs_eager": t_torch / t_ours},
         {**common, "impl": "torch.median", "ms": t_torch, "speedup_vs_eager": 1.0},
@@ -265,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=",".join(c.name for c in CASES))
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth, GB/s")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--cudagraph", action="store_true", help="device time only: replay CUDA graphs (see above)")
     parser.add_argument(
         "--impls", default=None, help="comma list of triton,eager,compile (default: all on CUDA, eager on CPU)"
     )
@@ -296,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     header = f"{'op':<20} {'dtype':<5} {'mode':<8} " + " ".join(f"{i + ' ms':>11}" for i in impls)
     header += f" {'x eager':>8} {'x compile':>9} {'GB/s':>8} {'%peak':>6} {'%moved':>6}"
-    print(f"device: {device_name}, peak {peak if peak else '?'} GB/s, batch {batch}, {size}x{size}")
+    timing = "cudagraph" if args.cudagraph else ("do_bench" if cuda else "perf_counter")
+    print(f"device: {device_name}, peak {peak if peak else '?'} GB/s, batch {batch}, {size}x{size}, timing {timing}")
     print(header)
     for case in CASES:
         if case.name not in wanted_ops:
@@ -308,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                 ms = {}
                 for impl in impls:
                     try:
-                        ms[impl] = bench_case(case, impl, mode, inputs, cuda=cuda)
-                    except Exception as exc:  # a compile failure should not hide the other numbers
-                        if impl != "compile":
+                        ms[impl] = bench_case(case, impl, mode, inputs, cuda=cuda, graph=args.cudagraph)
+                    except Exception as exc:  # a compile (or capture) failure should not hide the other numbers
+                        if impl != "compile" and not args.cudagraph:
                             raise
                         print(f"  {case.name} {dtype_name} {mode} {impl}: failed: {exc!r}"[:300], file=sys.stderr)
                         ms[impl] = math.nan
@@ -336,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                             "batch": batch,
                             "height": size,
                             "width": size,
+                            "timing": timing,
                             "ms": ms[impl],
                             "speedup_vs_eager": ms["eager"] / ms[impl],
                             "speedup_vs_compile": ms["compile"] / ms[impl] if "compile" in ms else math.nan,
@@ -348,10 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
     if cuda and "masked_median" in wanted_ops:
         for dtype_name in args.dtypes.split(","):
-            rows.extend(bench_median_vs_torch(batch, size, dtypes[dtype_name], dtype_name, device_name))
+            rows.extend(bench_median_vs_torch(batch, size, dtypes[dtype_name], dtype_name, device_name, args.cudagraph))
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ("-quick" if args.quick else "")
+    tag += "-cudagraph" if args.cudagraph else ""
     out_path = args.out_dir / f"losses_{tag}.csv"
     fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
     with out_path.open("w", newline="") as f:

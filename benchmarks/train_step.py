@@ -9,6 +9,10 @@ does per step (logging every `--log-every` steps as `configs/trainer/gpu_ddp.yam
 schedule). Target: overhead < 10% (ratio >= 0.9). The first `--warmup` steps of each are not timed. The two loops
 alternate `--repeats` times; the ratio is the median of the pairs' ratios. On a GPU pass
 `--device cuda --model dav2_vits --crop 518`. `--out` appends a row to a CSV.
+
+`--find-syncs N` (CUDA) then runs N more steps of each loop with torch's sync debug mode on and prints, per loop,
+every place that made the host wait for the GPU (count and call stack): a step that syncs cannot overlap the next
+batch's host work with this one's kernels, which is where a framework loses to a hand-written loop.
 """
 
 from __future__ import annotations
@@ -18,7 +22,42 @@ import csv
 import statistics
 import tempfile
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
+
+
+class SyncFinder:
+    """Counts the host-device syncs between `start()` and `stop()` by call stack (torch's sync debug mode)."""
+
+    def __init__(self):
+        self.stacks: Counter = Counter()
+
+    def start(self) -> None:
+        import torch
+
+        self._previous, self._filters = warnings.showwarning, warnings.filters[:]
+        warnings.simplefilter("always")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self._previous, self._filters
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return self._previous(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename][-6:]
+        self.stacks[tuple(f"{f.filename.rsplit('site-packages/', 1)[-1]}:{f.lineno} {f.name}" for f in frames)] += 1
+
+    def report(self, title: str) -> None:
+        print(f"host-device syncs in {title}: {sum(self.stacks.values())}")
+        for stack, count in self.stacks.most_common(12):
+            print(f"  {count:5d} x " + "\n          <- ".join(reversed(stack)))
 
 
 def main() -> None:
@@ -32,6 +71,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="CSV file for the results")
+    parser.add_argument("--find-syncs", type=int, default=0, metavar="N", help="CUDA: list host syncs in N steps")
     args = parser.parse_args()
 
     import lightning as L
@@ -49,24 +89,33 @@ def main() -> None:
     write_synthetic(tmp, num=256, size=size, shard_size=32, workers=2)
 
     class Clock(L.Callback):
+        def __init__(self, syncs: SyncFinder | None = None):
+            self.syncs = syncs
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == args.warmup:
                 self.start = time.perf_counter()
+            if self.syncs is not None and trainer.global_step == args.warmup:
+                self.syncs.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.syncs is not None and trainer.global_step == args.warmup + args.find_syncs:
+                self.syncs.stop()
 
         def on_train_end(self, trainer, pl_module):
             if args.device != "cpu":
                 torch.cuda.synchronize()
             self.elapsed = time.perf_counter() - self.start
 
-    def fit_rate() -> float:
+    def fit_rate(syncs: SyncFinder | None = None) -> float:
         torch.manual_seed(0)
         module = DepthModule(args.model)
         data = DepthDataModule(tmp, batch_size=args.batch_size, crop_size=args.crop, num_workers=0, shuffle_buffer=0)
-        clock = Clock()
+        clock = Clock(syncs)
         trainer = L.Trainer(
             accelerator=args.device,
             devices=1,
-            max_steps=args.steps + args.warmup,
+            max_steps=(args.find_syncs if syncs else args.steps) + args.warmup,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -77,7 +126,7 @@ def main() -> None:
         trainer.fit(module, data)
         return args.steps * args.batch_size / clock.elapsed
 
-    def plain_rate() -> float:
+    def plain_rate(syncs: SyncFinder | None = None) -> float:
         torch.manual_seed(0)
         plain = DepthModule(args.model).to(args.device)
         groups = [
@@ -88,10 +137,15 @@ def main() -> None:
         transform = SampleTransform(TransformConfig(crop_size=args.crop))
         stream = ShardStream(tmp, batch_size=args.batch_size, resampled=True, transform=transform)
         start = None
+        steps = args.find_syncs if syncs else args.steps
         for step, batch in enumerate(stream):
             if step == args.warmup:
                 start = time.perf_counter()
-            if step == args.steps + args.warmup:
+                if syncs:
+                    syncs.start()
+            if step == steps + args.warmup:
+                if syncs:
+                    syncs.stop()
                 break
             batch = {k: (v.to(args.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             out, _ = plain.labeled_loss(batch)
@@ -100,7 +154,7 @@ def main() -> None:
             optimizer.step()
         if args.device != "cpu":
             torch.cuda.synchronize()
-        return args.steps * args.batch_size / (time.perf_counter() - start)
+        return steps * args.batch_size / (time.perf_counter() - start)
 
     # Alternate the two loops and take medians: a shared machine's load drifts over a run.
     rates = [(fit_rate(), plain_rate()) for _ in range(args.repeats)]
@@ -117,6 +171,11 @@ def main() -> None:
     print(f"{'depthkit fit (Lightning)':28s} {framework:10.1f}")
     print(f"{'hand-written PyTorch':28s} {handwritten:10.1f}")
     print(f"ratio {ratio:.3f} (target >= 0.9: overhead under 10%) {'ok' if ratio >= 0.9 else 'BELOW TARGET'}")
+    if args.find_syncs and args.device == "cuda":
+        for name, rate in (("depthkit fit (Lightning)", fit_rate), ("hand-written PyTorch", plain_rate)):
+            syncs = SyncFinder()
+            rate(syncs)
+            syncs.report(f"{name}, {args.find_syncs} steps")
     if args.out:  # appends a row; the header goes into a new file
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

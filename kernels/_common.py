@@ -153,8 +153,13 @@ def valid_bytes(valid_BHW: torch.Tensor) -> torch.Tensor:
     return valid_BHW.contiguous().view(torch.uint8).view(valid_BHW.shape[0], -1)  # B x HW
 
 
-def zeros_like_grad(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """An upstream gradient that autograd left as None becomes zeros (fp32, contiguous)."""
+def upstream_grad(g: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """A per-image upstream gradient as kernel arguments `(tensor, element stride, present)`, without a copy.
+
+    Autograd passes None for an output nobody used: it becomes absent (`like`, any fp32 tensor, stands in for the
+    pointer). The gradient of a `.sum()` is one value expanded (stride 0): it is read as it is, not materialized.
+    """
     if g is None:
-        return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    return g.float().contiguous()
+        return like, 0, False
+    g = g if g.dtype == torch.float32 else g.float()
+    return g, g.stride(0), True

@@ -50,9 +50,9 @@ from ._common import (
     load_maps,
     resolve,
     sign,
+    upstream_grad,
     use_triton,
     valid_bytes,
-    zeros_like_grad,
 )
 from .select import MODE_KEEP, MODE_MEDIAN, radix_select
 
@@ -351,14 +351,22 @@ def _ssi_backward_kernel(
     grad_b_ptr,
     grad_pred_ptr,
     HW,
+    grad_loss_stride,
+    grad_a_stride,
+    grad_b_stride,
     ALIGN: tl.constexpr,
     L1: tl.constexpr,
     TRIMMED: tl.constexpr,
+    HAS_GRAD_LOSS: tl.constexpr,
+    HAS_GRAD_A: tl.constexpr,
+    HAS_GRAD_B: tl.constexpr,
     IMG_FIELDS: tl.constexpr,
     AUX_FIELDS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """d(loss_B, alignment outputs)/d pred in one elementwise pass (formulas in the module docstring)."""
+    """d(loss_B, alignment outputs)/d pred in one elementwise pass (formulas in the module docstring).
+
+    An upstream gradient that is absent (HAS_GRAD_* false: its output was not used) counts as zero."""
     b, c, offs, inb, base = chunk(HW, BLOCK)
     v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     vf = v.to(tl.float32)
@@ -366,10 +374,18 @@ def _ssi_backward_kernel(
     aux = aux_ptr + b * AUX_FIELDS
     n = tl.load(img + 0)
     n_safe = tl.maximum(n, 1.0)
-    c_loss = tl.load(grad_loss_ptr + b) / tl.maximum(tl.load(aux + 0), 1.0)
+    grad_loss = 0.0
+    if HAS_GRAD_LOSS:
+        grad_loss = tl.load(grad_loss_ptr + b * grad_loss_stride)
+    grad_a = 0.0
+    if HAS_GRAD_A:
+        grad_a = tl.load(grad_a_ptr + b * grad_a_stride)
+    grad_b = 0.0
+    if HAS_GRAD_B:
+        grad_b = tl.load(grad_b_ptr + b * grad_b_stride)
+    c_loss = grad_loss / tl.maximum(tl.load(aux + 0), 1.0)
     big_g = c_loss * tl.load(aux + 1)
     big_z = c_loss * tl.load(aux + 2)
-    grad_a = tl.load(grad_a_ptr + b)
     e, z = _aligned_residual(p, d, img, ALIGN)
     _, g = _penalty(e, L1)
     if TRIMMED:
@@ -385,7 +401,6 @@ def _ssi_backward_kernel(
         var_p = tl.load(img + 3)
         scale = tl.load(img + 4)
         solved = 1.0 - tl.load(img + 6)
-        grad_b = tl.load(grad_b_ptr + b)
         k_scale = solved * (big_z + grad_a - mean_p * grad_b) / tl.where(solved > 0, var_p, 1.0)
         k_shift = solved * (scale / n_safe) * (big_g + grad_b)
         grad = q * scale + ((d - mean_d) - 2.0 * scale * z) * k_scale - k_shift
@@ -442,15 +457,15 @@ def _backward(ctx, grad_loss_B, grad_a_B, grad_b_B):
     num_images, hw = p_BM.shape
     grad_pred_BM = torch.empty_like(p_BM)
     trimmed = ctx.trim > 0
-    grad_loss_B = zeros_like_grad(grad_loss_B, aux_BA[:, 0])
-    grad_a_B = zeros_like_grad(grad_a_B, aux_BA[:, 0])
-    grad_b_B = zeros_like_grad(grad_b_B, aux_BA[:, 0])
+    grad_loss_B, loss_stride, has_loss = upstream_grad(grad_loss_B, img_BF)
+    grad_a_B, a_stride, has_a = upstream_grad(grad_a_B, img_BF)
+    grad_b_B, b_stride, has_b = upstream_grad(grad_b_B, img_BF)
     resolve(_ssi_backward_kernel)[(num_images, triton.cdiv(hw, BLOCK))](
         p_BM, d_BM, v_BM, img_BF, aux_BA,
-        lossmap_BM if trimmed else p_BM, threshold_B if trimmed else grad_loss_B,
-        grad_loss_B, grad_a_B, grad_b_B, grad_pred_BM, hw,
-        ALIGN=ctx.align, L1=ctx.l1, TRIMMED=trimmed, IMG_FIELDS=IMG_FIELDS, AUX_FIELDS=AUX_FIELDS,
-        BLOCK=BLOCK, num_warps=8,
+        lossmap_BM if trimmed else p_BM, threshold_B if trimmed else img_BF,
+        grad_loss_B, grad_a_B, grad_b_B, grad_pred_BM, hw, loss_stride, a_stride, b_stride,
+        ALIGN=ctx.align, L1=ctx.l1, TRIMMED=trimmed, HAS_GRAD_LOSS=has_loss, HAS_GRAD_A=has_a, HAS_GRAD_B=has_b,
+        IMG_FIELDS=IMG_FIELDS, AUX_FIELDS=AUX_FIELDS, BLOCK=BLOCK, num_warps=8,
     )  # fmt: skip
     return grad_pred_BM.view(ctx.shape)
 

@@ -13,16 +13,20 @@
 #
 # Steps, in priority order (each under `timeout`; a failure does not stop the next; summary at the end):
 #   setup           install .whl into /tmp/site, link depthkit + depthkit_kernels there, print versions/GPU, smoke imports
-#   tests           pytest -m gpu tests/kernels (full-size Triton kernel parity on CUDA)        needs no carried wheel
+#   tests           pytest -m gpu tests/kernels tests/pseudo_label (full-size Triton kernel parity on CUDA, the
+#                   labeler's queued copies)
 #   losses          benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager  needs no carried wheel
+#   losses_graph    the same with --cudagraph: device time only, without the host's launch overhead
 #   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 512 images 480x640, npz+f16 needs braceexpand
 #   train_step      benchmarks/train_step.py --device cuda --model dav2_vits --crop 518        needs braceexpand
+#                   (+ --find-syncs: where each loop makes the host wait for the GPU)
 #   fsdp2           depthkit fit with configs/trainer/gpu_fsdp.yaml (FSDP2, bf16), tiny teacher, 30 steps
 #   losses_compile  benchmarks/losses.py, the full run (triton, eager AND torch.compile), with whatever time is
 #                   left: ~22 inductor compiles, the slowest and least certain step, so it goes last. Its rows are
 #                   printed as they finish, so a timeout still leaves them in the log.
-# Files under $OUT (at most 8 come back): gpu_checks.log (everything), summary.tsv, pytest_kernels_gpu.xml,
-#   losses_<GPU>-triton_eager.csv, losses_<GPU>.csv (full), pseudo_label-<GPU>.csv, train_step-gpu.csv.
+# Files under $OUT (at most 8 come back): gpu_checks.log (everything), summary.tsv, pytest_gpu.xml,
+#   losses_<GPU>-triton_eager.csv, losses_<GPU>-cudagraph.csv, losses_<GPU>.csv (full), pseudo_label-<GPU>.csv,
+#   train_step-gpu.csv.
 #
 # Carried wheels: the closure of depthkit's dependencies minus what the GPU image already has, WITHOUT wandb:
 # wandb 0.31.0 and its own tree (cwevals, distro, sniffio, platformdirs, googleapis-common-protos, 8 opentelemetry
@@ -82,11 +86,11 @@ for arg in "$@"; do
         --download) download; exit $? ;;
         --dry-run) DRY_RUN=1 ;;
         -h | --help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        tests | losses | pseudo_label | train_step | fsdp2 | losses_compile) SELECTED+=("$arg") ;;
+        tests | losses | losses_graph | pseudo_label | train_step | fsdp2 | losses_compile) SELECTED+=("$arg") ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
-[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests losses pseudo_label train_step fsdp2 losses_compile)
+[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests losses losses_graph pseudo_label train_step fsdp2 losses_compile)
 
 # Overridable, for a local dry run of the control flow (GPU_CHECKS_PYTHON=.venv/bin/python GPU_CHECKS_NO_INSTALL=1
 # GPU_CHECKS_ALLOW_CPU=1): none of these is needed on the GPU machine.
@@ -205,10 +209,11 @@ SUMMARY+=("setup	$setup_rc	$((SECONDS - setup_start))	$([ "$setup_rc" -eq 0 ] &&
 log "=== [setup] rc=$setup_rc in $((SECONDS - setup_start)) s, GPU tag $GPU_TAG"
 
 # ---------------------------------------------------------------- steps
-# a. The gpu-marked kernel tests: full-size parity of the Triton kernels against the torch references.
+# a. The gpu-marked tests: full-size parity of the Triton kernels against the torch references, and the labeler's
+#    batches collected after the next launch.
 if selected tests; then
-    run_step tests 180 30 "$PY" -m pytest -q -m gpu tests/kernels -p no:cacheprovider --durations=8 \
-        --junitxml="$OUT/pytest_kernels_gpu.xml"
+    run_step tests 180 30 "$PY" -m pytest -q -m gpu tests/kernels tests/pseudo_label -p no:cacheprovider \
+        --durations=8 --junitxml="$OUT/pytest_gpu.xml"
 fi
 
 # b. Loss kernels vs eager at full size (batch 32, 518x518, fp32 and bf16): no torch.compile, so it is quick.
@@ -218,20 +223,29 @@ if selected losses; then
     for f in "$WORK"/losses_te/losses_*.csv; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" .csv)-triton_eager.csv"; done
 fi
 
+# b2. The same, timed as replayed CUDA graphs: the device's time without the host's launch overhead.
+if selected losses_graph; then
+    run_step losses_graph 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 \
+        --impls triton,eager --cudagraph --out-dir "$OUT"
+fi
+
 # c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 512 instead of 1024
-#    images, the one-at-a-time loop on 128 of them (the script scales it to --num), best of 2 instead of 3. The job
-#    runs with npz and f16 labels; label encoding is its largest CPU cost, so most of the 16 cores encode.
+#    images, the one-at-a-time loop on 64 of them (the script scales it to --num), best of 2 instead of 3. The job
+#    writes npz labels (f16 measured as fast in the first run); encoding is its largest CPU cost, so most of the 16
+#    cores encode.
 if selected pseudo_label; then
-    run_step pseudo_label 150 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 512 \
-        --size 480 640 --batch-size 32 --single-num 128 --repeat 2 --encoding npz,f16 --num-workers 4 \
+    run_step pseudo_label 130 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 512 \
+        --size 480 640 --batch-size 32 --single-num 64 --repeat 2 --encoding npz --num-workers 4 \
         --num-encoders 11 --out "$OUT/pseudo_label-$GPU_TAG.csv"
 fi
 
-# d. Lightning overhead of a training step on the GPU: 60 timed steps (after 10 warm-up) per loop, 3 pairs.
+# d. Lightning overhead of a training step on the GPU: 40 timed steps (after 10 warm-up) per loop, 2 pairs, then 5
+#    steps of each with torch's sync debug mode, listing where each loop makes the host wait for the GPU.
 if selected train_step; then
     rm -f "$OUT/train_step-gpu.csv"  # the script appends
-    run_step train_step 120 45 "$PY" benchmarks/train_step.py --device cuda --model dav2_vits --crop 518 \
-        --batch-size 8 --steps 60 --warmup 10 --repeats 3 --log-every 20 --out "$OUT/train_step-gpu.csv"
+    run_step train_step 110 45 "$PY" benchmarks/train_step.py --device cuda --model dav2_vits --crop 518 \
+        --batch-size 8 --steps 40 --warmup 10 --repeats 2 --log-every 20 --find-syncs 5 \
+        --out "$OUT/train_step-gpu.csv"
 fi
 
 # e. FSDP2 on the GPU (NCCL, bf16-mixed, DTensor weights) through the user's path: `depthkit fit` with

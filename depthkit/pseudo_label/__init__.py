@@ -32,16 +32,20 @@ _EXPORTS = {
     "Teacher": "teacher",
     "load_teacher": "teacher",
     "label_batch": "teacher",
+    "launch_batch": "teacher",
+    "PendingLabels": "teacher",
 }
 __all__ = [
     "JobSummary",
     "LabelSettings",
+    "PendingLabels",
     "PseudoLabelConfig",
     "RankSummary",
     "Teacher",
     "decode_confidence",
     "label_batch",
     "label_shards",
+    "launch_batch",
     "load_teacher",
     "read_index",
     "resolve_launch",
@@ -53,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from depthkit.pseudo_label.index import LabelSettings, read_index
     from depthkit.pseudo_label.job import PseudoLabelConfig, RankSummary, decode_confidence, label_shards
     from depthkit.pseudo_label.launch import JobSummary, resolve_launch, run_pseudo_label
-    from depthkit.pseudo_label.teacher import Teacher, label_batch, load_teacher
+    from depthkit.pseudo_label.teacher import PendingLabels, Teacher, label_batch, launch_batch, load_teacher
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

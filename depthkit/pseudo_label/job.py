@@ -62,7 +62,15 @@ from depthkit.pseudo_label.index import (
     read_records,
     write_record,
 )
-from depthkit.pseudo_label.teacher import PRECISIONS, TTA_MODES, Teacher, label_batch, load_teacher, network_size
+from depthkit.pseudo_label.teacher import (
+    PRECISIONS,
+    TTA_MODES,
+    PendingLabels,
+    Teacher,
+    launch_batch,
+    load_teacher,
+    network_size,
+)
 
 log = logging.getLogger("depthkit.pseudo_label")
 DEVICES = ("auto", "cpu", "cuda")
@@ -657,6 +665,10 @@ class _Labeler:
     Memory stays bounded: when more than `MAX_WAITING_BATCHES * batch_size` samples of a shard wait behind its
     oldest unlabeled image (a rare input size whose bucket fills slowly), that image's bucket runs early. The rule
     depends only on the shard's content and the batch size, so batches stay a deterministic function of the shard.
+
+    One batch is in flight: a full bucket is launched (`launch_batch`), and only then are the previous batch's
+    predictions collected, so on a GPU the next forward is already queued while the host hands results to the
+    writer and reads on. Collecting first wherever the order of the prefix matters keeps the batches as above.
     """
 
     MAX_WAITING_BATCHES = 4
@@ -665,6 +677,7 @@ class _Labeler:
         self.model, self.config, self.progress, self.summary, self.emit = model, config, progress, summary, emit
         self.bf16 = settings.precision == "bf16"
         self.max_waiting = self.MAX_WAITING_BATCHES * config.batch_size
+        self._in_flight: tuple[ShardWork, list[tuple[dict, torch.Tensor]], PendingLabels] | None = None
 
     def add(self, work: ShardWork, item: dict) -> None:
         slot = {"key": item["key"]}
@@ -683,16 +696,19 @@ class _Labeler:
             bucket = work.buckets.setdefault(size_hw, [])
             bucket.append((slot, image_HW3))
             if len(bucket) == self.config.batch_size:
-                self._run(size_hw, work.buckets.pop(size_hw))
+                self._launch(work, work.buckets.pop(size_hw))
         self._advance(work)
         while len(work.slots) - work.next_write > self.max_waiting:
+            if self._in_flight is not None:  # its images may be the ones waited for
+                self._collect()
+                continue
             oldest = work.slots[work.next_write]
-            self._run(oldest["size"], work.buckets.pop(oldest["size"]))
-            self._advance(work)
+            self._launch(work, work.buckets.pop(oldest["size"]))
 
     def flush(self, work: ShardWork) -> None:
         for size_hw in list(work.buckets):
-            self._run(size_hw, work.buckets.pop(size_hw))
+            self._launch(work, work.buckets.pop(size_hw))
+        self._collect()
         self._advance(work)
         assert work.next_write == len(work.slots), f"{work.name}: {len(work.slots) - work.next_write} not labeled"
 
@@ -709,19 +725,30 @@ class _Labeler:
         if ready:
             self.emit(("samples", work, ready))
 
-    def _run(self, size_hw: tuple[int, int], bucket: list[tuple[dict, torch.Tensor]]) -> None:
-        results = label_batch(
+    def _launch(self, work: ShardWork, bucket: list[tuple[dict, torch.Tensor]]) -> None:
+        """Queue a bucket's forward, then collect the batch before it (which the device has finished meanwhile)."""
+        pending = launch_batch(
             self.model,
             [image for _, image in bucket],
-            size_hw,
+            bucket[0][0]["size"],
             tta=self.config.tta,
             confidence=self.config.confidence,
             bf16=self.bf16,
         )
-        for (slot, _), (pred_HW, conf_HW) in zip(bucket, results, strict=True):
+        self._collect()
+        self._in_flight = (work, bucket, pending)
+
+    def _collect(self) -> None:
+        """Wait for the batch in flight, if any, and hand its shard's newly complete prefix to the writer."""
+        if self._in_flight is None:
+            return
+        work, bucket, pending = self._in_flight
+        self._in_flight = None
+        for (slot, _), (pred_HW, conf_HW) in zip(bucket, pending.result(), strict=True):
             slot["pred"], slot["conf"] = pred_HW, conf_HW
         self.summary.num_labeled += len(bucket)
         self.progress.update(len(bucket))
+        self._advance(work)
 
 
 class _Progress:

@@ -6,6 +6,8 @@ that share one network input size: uint8 images go to the device as they are, ar
 the models package's `resize_image` (bicubic, the official `image2tensor`), normalized with the model's metadata,
 run under `torch.inference_mode` (optionally in bf16 autocast, optionally with a horizontal-flip pass), and the
 predictions are resized back to each image's own size (bilinear, align_corners=True, as the official `infer_image`).
+`launch_batch` does the same without waiting: on CUDA it queues the work and the copy to the host and returns a
+`PendingLabels`, so a caller (the job) launches the next batch before collecting this one.
 
 Confidence (optional, needs the flip pass): with `a` the plain prediction and `b` the un-flipped prediction of the
 flipped image, at the network resolution,
@@ -109,8 +111,41 @@ def network_size(height: int, width: int, resolution: int, patch_size: int) -> t
     return official_resize_hw(height, width, resolution, patch_size)
 
 
+class PendingLabels:
+    """The predictions of one `launch_batch`, on their way to the host; `result()` waits for them.
+
+    On CUDA the device-to-host copy is queued (into pinned memory) behind the forward and `launch_batch` returns at
+    once, so the caller can prepare and launch the next batch while this one runs: the GPU is never left waiting for
+    the host between batches. On the CPU everything is already done.
+    """
+
+    def __init__(self, host: torch.Tensor, shapes: list[torch.Size], event, with_confidence: bool):
+        self._host, self._shapes, self._event, self._with_confidence = host, shapes, event, with_confidence
+
+    def done(self) -> bool:
+        """Whether the predictions are on the host (`result()` would not wait)."""
+        return self._event is None or self._event.query()
+
+    def result(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """One `(prediction_HW, confidence_HW or None)` pair of float32 numpy arrays per image, at its own size.
+
+        The arrays are views of one host buffer per batch (one copy per batch, not one per image)."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        flat = self._host.numpy()
+        maps, start = [], 0
+        for shape in self._shapes:
+            size = shape.numel()
+            maps.append(flat[start : start + size].reshape(shape))
+            start += size
+        if not self._with_confidence:
+            return [(pred_HW, None) for pred_HW in maps]
+        return list(zip(maps[0::2], maps[1::2], strict=True))
+
+
 @torch.inference_mode()
-def label_batch(
+def launch_batch(
     model: torch.nn.Module,
     images: list[torch.Tensor],
     size_hw: tuple[int, int],
@@ -118,19 +153,10 @@ def label_batch(
     tta: str = "none",
     confidence: bool = False,
     bf16: bool = False,
-) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Predict a bucket of images that share one network input size.
+) -> PendingLabels:
+    """Queue the prediction of a bucket of images that share one network input size; see `label_batch`.
 
-    Args:
-        model: A `DepthModel` in eval mode, on its device.
-        images: uint8 `H x W x 3` tensors (sizes may differ; each maps to `size_hw`), on any device.
-        size_hw: The network input size (multiples of the patch size), from `network_size`.
-        tta: "none" or "hflip" (average with the un-flipped prediction of the flipped image).
-        confidence: Also return the per-pixel confidence (needs tta="hflip"; see the module docstring).
-        bf16: Run the model under bf16 autocast (predictions come back float32).
-
-    Returns:
-        One `(prediction_HW, confidence_HW or None)` pair of float32 numpy arrays per image, at its own size.
+    Returns at once on CUDA (the work is queued on the current stream); `PendingLabels.result()` waits for it.
     """
     if tta not in TTA_MODES:
         raise ValueError(f"tta={tta!r}; expected one of {TTA_MODES}")
@@ -158,10 +184,42 @@ def label_batch(
         maps.append(_resize_back(pred_Bhw[i], original_hw))
         if conf_Bhw is not None:
             maps.append(_resize_back(conf_Bhw[i], original_hw).clamp_(0, 1))
-    maps = _to_numpy(maps)
-    if conf_Bhw is None:
-        return [(pred_HW, None) for pred_HW in maps]
-    return list(zip(maps[0::2], maps[1::2], strict=True))
+    flat = torch.cat([m.reshape(-1) for m in maps]).float()
+    event = None
+    if flat.is_cuda:
+        # Pinned memory comes from torch's caching host allocator: freed when the last numpy view of it dies.
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        host = flat
+    return PendingLabels(host, [m.shape for m in maps], event, conf_Bhw is not None)
+
+
+def label_batch(
+    model: torch.nn.Module,
+    images: list[torch.Tensor],
+    size_hw: tuple[int, int],
+    *,
+    tta: str = "none",
+    confidence: bool = False,
+    bf16: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Predict a bucket of images that share one network input size.
+
+    Args:
+        model: A `DepthModel` in eval mode, on its device.
+        images: uint8 `H x W x 3` tensors (sizes may differ; each maps to `size_hw`), on any device.
+        size_hw: The network input size (multiples of the patch size), from `network_size`.
+        tta: "none" or "hflip" (average with the un-flipped prediction of the flipped image).
+        confidence: Also return the per-pixel confidence (needs tta="hflip"; see the module docstring).
+        bf16: Run the model under bf16 autocast (predictions come back float32).
+
+    Returns:
+        One `(prediction_HW, confidence_HW or None)` pair of float32 numpy arrays per image, at its own size.
+    """
+    return launch_batch(model, images, size_hw, tta=tta, confidence=confidence, bf16=bf16).result()
 
 
 def flip_confidence(pred_Bhw: torch.Tensor, flipped_Bhw: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -174,13 +232,3 @@ def flip_confidence(pred_Bhw: torch.Tensor, flipped_Bhw: torch.Tensor, eps: floa
 
 def _resize_back(map_hw: torch.Tensor, original_hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(map_hw[None, None], size=original_hw, mode="bilinear", align_corners=True)[0, 0]
-
-
-def _to_numpy(maps: list[torch.Tensor]) -> list[np.ndarray]:
-    """float32 numpy copies of device maps, in one device-to-host copy (one sync per batch, not one per image)."""
-    flat = torch.cat([m.reshape(-1) for m in maps]).float().cpu().numpy()
-    out, start = [], 0
-    for m in maps:
-        out.append(flat[start : start + m.numel()].reshape(m.shape))
-        start += m.numel()
-    return out

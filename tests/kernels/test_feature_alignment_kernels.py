@@ -59,3 +59,15 @@ def test_zero_student_feature_is_finite(close, triton_device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_parity_full_size_cuda(close, dtype):
     check_parity(close, make_features((32, 1369, 1024), dtype, "cuda", seed=4), dtype)
+
+
+def test_gradient_of_a_plain_sum(close, triton_device):
+    """`loss_B.sum()` sends one value expanded over the batch (stride 0): the kernel reads it as it is."""
+    student_BND, target_BND = make_features((3, 9, 16), torch.float32, triton_device, seed=4)
+    grads = []
+    for impl in ("triton", "torch"):
+        student = student_BND.detach().clone().requires_grad_()
+        feature_alignment(student, target_BND, impl=impl).loss_B.sum().backward()
+        grads.append(student.grad)
+    assert grads[0].abs().sum() > 0
+    close(grads[0], grads[1], torch.float32, what="grad student")

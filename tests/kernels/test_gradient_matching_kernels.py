@@ -71,3 +71,15 @@ def test_parity_tiny_and_large_maps(close, triton_device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_parity_full_size_cuda(close, dtype):
     check_parity(close, make_maps((8, 518, 518), dtype, "cuda", seed=5), dtype, scales=True, max_mismatches=64)
+
+
+def test_gradient_of_a_plain_sum(close, triton_device):
+    """`loss_B.sum()` sends one value expanded over the batch (stride 0): the kernel reads it as it is."""
+    maps = make_maps((3, 12, 11), torch.float32, triton_device, seed=5)
+    grads = []
+    for impl in ("triton", "torch"):
+        pred_BHW = maps[0].detach().clone().requires_grad_()
+        gradient_matching(pred_BHW, *maps[1:], impl=impl).loss_B.sum().backward()
+        grads.append(pred_BHW.grad)
+    assert grads[0].abs().sum() > 0
+    close(grads[0], grads[1], torch.float32, what="grad pred")

@@ -93,6 +93,21 @@ def test_parity_several_chunks(close, triton_device, alignment):
     check_parity(close, OPS[alignment], maps, torch.float32, trim=0.1)
 
 
+@pytest.mark.parametrize(("alignment", "used"), [("lsq", 0), ("lsq", 1), ("lsq", 2), ("median", 0), ("median", 1)])
+def test_gradient_of_one_output_alone(close, triton_device, alignment, used):
+    """Backward from a single output: the others' upstream gradients are None (absent in the kernel), and the
+    `.sum()` of the loss sends one value expanded over the batch (stride 0), which the kernel reads as it is."""
+    maps = make_maps((3, 11, 10), torch.float32, triton_device, seed=9)
+    op = OPS[alignment]
+    grads = []
+    for impl in ("triton", "torch"):
+        pred_BHW = maps[0].detach().clone().requires_grad_()
+        op(pred_BHW, *maps[1:], trim=0.1, impl=impl)[used].sum().backward()
+        grads.append(pred_BHW.grad)
+    assert grads[0].abs().sum() > 0
+    close(grads[0], grads[1], torch.float32, what=f"grad of output {used} alone")
+
+
 @pytest.mark.parametrize("alignment", ["lsq", "median"])
 def test_constant_prediction_is_finite(close, triton_device, alignment):
     pred_BHW, target_BHW, valid_BHW = make_maps((3, 7, 9), torch.float32, triton_device, seed=5)

@@ -399,3 +399,23 @@ def test_labeling_nothing_at_all_is_an_error(unlabeled, teacher_ckpt, tmp_path, 
     assert main([*argv, "--input", str(labels_only), "--output", str(tmp_path / "again")]) == 1
     err = capsys.readouterr().err
     assert "no input image could be labeled (12 failed, 0 shard(s)" in err and "are the inputs image shards?" in err
+
+
+@pytest.mark.gpu
+def test_a_batch_collected_after_the_next_launch_holds_its_own_labels(teacher_ckpt):
+    """On CUDA `launch_batch` returns before the copy to the host is done: the job launches batch 2, then collects
+    batch 1. Each must hold its own images' labels (the per-image inference of the same model on the same GPU)."""
+    from depthkit.pseudo_label import launch_batch
+
+    model = _teacher(teacher_ckpt).cuda()
+    rng = np.random.default_rng(3)
+    batches = [[torch.from_numpy(rng.integers(0, 256, (30, 40, 3), np.uint8)) for _ in range(4)] for _ in range(2)]
+    size_hw = official_resize_hw(30, 40, RESOLUTION, model.meta.patch_size)
+    first = launch_batch(model, [image.pin_memory() for image in batches[0]], size_hw)
+    second = launch_batch(model, [image.pin_memory() for image in batches[1]], size_hw)
+    for pending, images in ((first, batches[0]), (second, batches[1])):
+        for (pred_HW, conf_HW), image in zip(pending.result(), images, strict=True):
+            expected = model.infer(image.numpy(), input_size=RESOLUTION).values
+            assert conf_HW is None and pred_HW.shape == image.shape[:2]
+            torch.testing.assert_close(pred_HW, expected, rtol=1e-4, atol=1e-5)
+        assert pending.done()
