@@ -24,6 +24,9 @@ fused losses take well under a millisecond, and the default timing then also mea
 launch kernels; in training the host runs ahead of the network's kernels and that overhead is hidden, so the
 device time is the one a training step pays. The CSV is then `losses_<device>-cudagraph.csv` (column `timing`).
 
+`--profile` (CUDA) also prints, for the fused kernels of each op and mode, torch.profiler's table of 20 calls:
+host time per op (Python, autograd, launches) beside device time per kernel, to tell launch-bound from slow kernels.
+
 Not a unit test: nothing here asserts a speed. `tests/losses/test_benchmark_script.py` only checks that
 `--quick` runs on CPU.
 """
@@ -244,6 +247,33 @@ def bench_case(case: Case, impl: str, mode: str, inputs: tuple, *, cuda: bool, g
     return time_ms(step, cuda=cuda, grad_to_none=[first] if mode == "fwd+bwd" else [], graph=graph)
 
 
+def profile_case(case: Case, mode: str, inputs: tuple, title: str, calls: int = 20) -> None:
+    """Print torch.profiler's table for `calls` calls of the fused op (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+    first = inputs[0]
+    if mode == "fwd+bwd":
+        first.requires_grad_(True)
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                case.run("triton", *inputs)
+        else:
+            first.grad = None
+            case.run("triton", *inputs).sum().backward()
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    print(f"--- profile: {title}, {calls} calls (times are totals over the calls)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
+
+
 def bench_median_vs_torch(
     batch: int, size: int, dtype: torch.dtype, dtype_name: str, device_name: str, graph: bool = False
 ) -> list:
@@ -278,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth, GB/s")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--cudagraph", action="store_true", help="device time only: replay CUDA graphs (see above)")
+    parser.add_argument("--profile", action="store_true", help="CUDA: torch.profiler table of the fused kernels")
     parser.add_argument(
         "--impls", default=None, help="comma list of triton,eager,compile (default: all on CUDA, eager on CPU)"
     )
@@ -339,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                 line = f"{case.name:<20} {dtype_name:<5} {mode:<8} " + " ".join(f"{ms[i]:>11.4f}" for i in impls)
                 line += f" {x_eager:>8.2f} {x_compile:>9.2f} {gbps:>8.1f} {100 * frac:>6.1f} {100 * moved_frac:>6.1f}"
                 print(line)
+                if args.profile and cuda and "triton" in impls:
+                    profile_case(case, mode, inputs, f"{case.name} {dtype_name} {mode}")
                 for impl in impls:
                     rows.append(
                         {

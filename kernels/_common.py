@@ -154,12 +154,15 @@ def valid_bytes(valid_BHW: torch.Tensor) -> torch.Tensor:
 
 
 def upstream_grad(g: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
-    """A per-image upstream gradient as kernel arguments `(tensor, element stride, present)`, without a copy.
+    """A per-image upstream gradient as kernel arguments `(tensor, element stride 0 or 1, present)`.
 
     Autograd passes None for an output nobody used: it becomes absent (`like`, any fp32 tensor, stands in for the
     pointer). The gradient of a `.sum()` is one value expanded (stride 0): it is read as it is, not materialized.
+    The stride is a kernel constexpr (0 or 1; anything else is copied), so reading it costs no register.
     """
     if g is None:
-        return like, 0, False
+        return like, 1, False
     g = g if g.dtype == torch.float32 else g.float()
+    if g.stride(0) not in (0, 1):
+        g = g.contiguous()
     return g, g.stride(0), True

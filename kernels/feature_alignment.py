@@ -94,7 +94,7 @@ def _fa_backward_kernel(
     D,
     tolerance,
     eps2,
-    grad_loss_stride,
+    GRAD_LOSS_STRIDE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -105,7 +105,7 @@ def _fa_backward_kernel(
     ss = tl.load(ss_ptr + rows, mask=row_ok, other=1.0)
     tt = tl.load(tt_ptr + rows, mask=row_ok, other=1.0)
     count = tl.load(count_ptr + img, mask=row_ok, other=1).to(tl.float32)
-    grad_loss = tl.load(grad_loss_ptr + img * grad_loss_stride, mask=row_ok, other=0.0)  # stride 0: a sum's
+    grad_loss = tl.load(grad_loss_ptr + img * GRAD_LOSS_STRIDE, mask=row_ok, other=0.0)  # stride 0: a sum's
     g = tl.where(row_ok & (cos <= tolerance), grad_loss / tl.maximum(count, 1.0), 0.0)
     norm_s = _floored_norm(ss, eps2)
     norm_t = _floored_norm(tt, eps2)
@@ -170,8 +170,8 @@ class FeatureAlignmentFunction(torch.autograd.Function):
         grad_loss_B, grad_loss_stride, _ = upstream_grad(grad_loss_B, cos_R)
         resolve(_fa_backward_kernel)[(triton.cdiv(num_rows, BLOCK_ROWS),)](
             s_RD, t_RD, cos_R, ss_R, tt_R, count_B, grad_loss_B, grad_RD,
-            num_rows, num_patches, dim, ctx.tolerance, ctx.eps2, grad_loss_stride,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=_block_d(dim), num_warps=8,
+            num_rows, num_patches, dim, ctx.tolerance, ctx.eps2,
+            GRAD_LOSS_STRIDE=grad_loss_stride, BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=_block_d(dim), num_warps=8,
         )  # fmt: skip
         return grad_RD.view(ctx.shape), None, None, None
 

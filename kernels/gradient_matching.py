@@ -28,18 +28,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (
-    check_maps,
-    chunk,
-    flat_contiguous,
-    jit_helper,
-    load_maps,
-    resolve,
-    sign,
-    upstream_grad,
-    use_triton,
-    valid_bytes,
-)
+from ._common import check_maps, chunk, flat_contiguous, jit_helper, load_maps, resolve, sign, use_triton, valid_bytes
 
 BLOCK = 2048
 BLOCK_BACKWARD = 1024  # the backward keeps 4 neighbours x scales live: 2048 spilled registers on sm_90 (ptxas -v)
@@ -134,7 +123,6 @@ def _gm_backward_kernel(
     H,
     W,
     C,
-    grad_loss_stride,
     HAS_PRED_SCALE: tl.constexpr,
     HAS_TARGET_SCALE: tl.constexpr,
     NUM_SCALES: tl.constexpr,
@@ -145,7 +133,7 @@ def _gm_backward_kernel(
     x = offs % W
     a = _factor(pred_scale_ptr, b, HAS_PRED_SCALE)
     cd = _factor(target_scale_ptr, b, HAS_TARGET_SCALE)
-    grad_loss = tl.load(grad_loss_ptr + b * grad_loss_stride)  # stride 0: the expanded gradient of a sum
+    grad_loss = tl.load(grad_loss_ptr + b)
     v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     r = a * p - cd * d
     grad_r = tl.zeros([BLOCK], dtype=tl.float32)
@@ -218,10 +206,9 @@ class GradientMatchingFunction(torch.autograd.Function):
         has_a, has_c = a_B is not None, c_B is not None
         grad_pred_BM = torch.empty_like(p_BM)
         grad_part = torch.empty((num_images, num_chunks), dtype=torch.float32, device=p_BM.device) if has_a else None
-        grad_loss_B, grad_loss_stride, _ = upstream_grad(grad_loss_B, inv_count_BK)
         resolve(_gm_backward_kernel)[(num_images, num_chunks)](
             p_BM, d_BM, v_BM, a_B if has_a else p_BM, c_B if has_c else p_BM, inv_count_BK,
-            grad_loss_B, grad_pred_BM, grad_part if has_a else p_BM, height, width, num_chunks, grad_loss_stride,
+            grad_loss_B.float().contiguous(), grad_pred_BM, grad_part if has_a else p_BM, height, width, num_chunks,
             HAS_PRED_SCALE=has_a, HAS_TARGET_SCALE=has_c, NUM_SCALES=ctx.num_scales, BLOCK=BLOCK_BACKWARD, num_warps=8,
         )  # fmt: skip
         grad_scale_B = grad_part.sum(dim=1) if has_a and ctx.needs_input_grad[3] else None

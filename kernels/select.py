@@ -2,13 +2,14 @@
 
 Used for the lower median (median/MAD SSI) and the trimming threshold (trimmed SSI). Exact, not approximate,
 and no sort: fp32 values are mapped to order-preserving uint32 keys and the key of rank k is found 8 bits at a
-time, most significant first. Each of the 4 passes is
-- a histogram kernel, grid (rows, chunks): every program histograms the current digit of the valid keys that
-  still match the prefix found so far and atomically adds its 256 counts to the row's histogram;
-- a scan kernel, grid (rows,): a cumulative sum finds the bin that holds rank k, appends the bin to the
-  prefix and makes k relative to that bin.
-After 4 passes the prefix is the exact key, decoded back to the fp32 value. Reads: 4 passes over the values
-and the mask; the atomics are integer adds, so the result is deterministic.
+time, most significant first. Each of the 4 passes is a histogram kernel, grid (rows, chunks): every program
+histograms the current digit of the valid keys that still match the prefix found so far and atomically adds its
+256 counts to the row's histogram of that pass. The prefix comes from the earlier passes' histograms: a cumulative
+sum finds the bin that holds rank k, appends the bin to the prefix and makes k relative to that bin. Every
+program redoes these few scans of 256 bins itself (from L2), so no launch sits between two passes; one scan
+kernel, grid (rows,), ends the select. The prefix is then the exact key, decoded back to the fp32 value.
+Launches: 1 memset, 4 histogram passes, 1 scan. Reads: 4 passes over the values and the mask; the atomics are
+integer adds, so the result is deterministic.
 
 Rows: one source (B rows) or two sources sharing a mask (2B rows: pred then target) in the same launches.
 The rank is computed on the device from the valid count n of each row:
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreter_enabled, resolve
+from ._common import interpreter_enabled, jit_helper, resolve
 
 MODE_MEDIAN = 0
 MODE_KEEP = 1
@@ -39,17 +40,58 @@ FORCE_CUMSUM: bool | None = None
 """Tests set this to run the compiled path's `tl.cumsum` scan in the interpreter too (None: cumsum when compiled)."""
 
 
+@jit_helper
+def _rank(hist_ptr, row, trim, MODE: tl.constexpr):
+    """The row's valid count n (the sum of the first pass's histogram, which counts every valid key) and the rank
+    k it selects (-1 for an empty row)."""
+    n = tl.sum(tl.load(hist_ptr + row * 256 + tl.arange(0, 256)), axis=0)
+    if MODE == 0:
+        k = tl.where(n > 0, (n - 1) // 2, -1)
+    else:
+        k = n - tl.floor(n.to(tl.float32) * trim).to(tl.int32) - 1
+    return n, k
+
+
+@jit_helper
+def _scan(hist_ptr, row, k, prefix, SHIFT: tl.constexpr, CUMSUM: tl.constexpr):
+    """One pass's digit: the bin of this pass's histogram that holds rank k, appended to the prefix; k made
+    relative to that bin."""
+    bins = tl.arange(0, 256)
+    counts = tl.load(hist_ptr + row * 256 + bins)
+    if CUMSUM:
+        cum = tl.cumsum(counts, axis=0)
+    else:  # the same inclusive prefix sums as a 256 x 256 masked row sum: much faster in the interpreter
+        cum = tl.sum(tl.where(bins[None, :] <= bins[:, None], counts[None, :], 0), axis=1)
+    chosen = tl.sum((cum <= k).to(tl.int32), axis=0)  # first bin whose cumulative count exceeds k
+    below = tl.sum(tl.where(bins < chosen, counts, 0), axis=0)
+    return k - below, prefix | (chosen.to(tl.uint32) << SHIFT)
+
+
+@jit_helper
+def _prefix(hist_ptr, row, num_rows, trim, PASSES: tl.constexpr, MODE: tl.constexpr, CUMSUM: tl.constexpr):
+    """The row's count n, its remaining rank k and the key bits found by the first PASSES passes. Every program
+    that needs them redoes these few scans of 256 bins (from L2) rather than wait for a launch that stores them."""
+    n, k = _rank(hist_ptr, row, trim, MODE)
+    prefix = tl.full([], 0, tl.uint32)
+    for q in tl.static_range(PASSES):
+        k, prefix = _scan(hist_ptr + q * num_rows * 256, row, k, prefix, 24 - 8 * q, CUMSUM)
+    return n, k, prefix
+
+
 @triton.jit
 def _radix_hist_kernel(
     x_ptr,  # B x HW values, source 0
     y_ptr,  # B x HW values, source 1 (ignored with one source)
     valid_ptr,  # B x HW uint8
-    state_ptr,  # R x 4 int32: n, k, prefix bits, unused
-    hist_ptr,  # R x NUM_BINS int32 for this pass, zeroed
+    hist_ptr,  # P x R x NUM_BINS int32, zeroed; this pass adds to hist[PASS]
     num_images,
+    num_rows,
     HW,
+    trim,
     PASS: tl.constexpr,
+    MODE: tl.constexpr,
     TWO_SOURCES: tl.constexpr,
+    CUMSUM: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -71,59 +113,31 @@ def _radix_hist_kernel(
     key = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)  # arithmetic shift: -1 or 0
     SHIFT: tl.constexpr = 24 - 8 * PASS
     if PASS > 0:
-        prefix = tl.load(state_ptr + row * 4 + 2).to(tl.uint32, bitcast=True)
+        _, _, prefix = _prefix(hist_ptr, row, num_rows, trim, PASS, MODE, CUMSUM)
         keep = keep & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
     digit = ((key >> SHIFT) & 0xFF).to(tl.int32)
     counts = tl.histogram(digit, 256, mask=keep)
-    tl.atomic_add(hist_ptr + row * 256 + tl.arange(0, 256), counts, sem="relaxed")
+    tl.atomic_add(hist_ptr + (PASS * num_rows + row) * 256 + tl.arange(0, 256), counts, sem="relaxed")
 
 
 @triton.jit
 def _radix_scan_kernel(
-    hist_ptr,  # R x NUM_BINS int32 for this pass
-    state_ptr,  # R x 4 int32
-    out_ptr,  # R fp32, written by the last pass
-    count_ptr,  # R int32, written by the first pass
+    hist_ptr,  # P x R x NUM_BINS int32, all passes done
+    out_ptr,  # R fp32
+    count_ptr,  # R int32
+    num_rows,
     trim,
-    PASS: tl.constexpr,
     MODE: tl.constexpr,
     CUMSUM: tl.constexpr,
 ):
+    """After the last pass: the row's exact key of rank k, decoded to its fp32 value (0 for an empty row)."""
     row = tl.program_id(0)
-    bins = tl.arange(0, 256)
-    counts = tl.load(hist_ptr + row * 256 + bins)
-    if PASS == 0:
-        n = tl.sum(counts, axis=0)
-        if MODE == 0:
-            k = (n - 1) // 2
-            k = tl.where(n > 0, k, -1)
-        else:
-            num_drop = tl.floor(n.to(tl.float32) * trim).to(tl.int32)
-            k = n - num_drop - 1
-        tl.store(state_ptr + row * 4 + 0, n)
-        tl.store(count_ptr + row, n)
-        prefix = tl.full([], 0, tl.uint32)
-    else:
-        k = tl.load(state_ptr + row * 4 + 1)
-        prefix = tl.load(state_ptr + row * 4 + 2).to(tl.uint32, bitcast=True)
-    if CUMSUM:
-        cum = tl.cumsum(counts, axis=0)
-    else:  # the same inclusive prefix sums as a 256 x 256 masked row sum: much faster in the interpreter
-        cum = tl.sum(tl.where(bins[None, :] <= bins[:, None], counts[None, :], 0), axis=1)
-    chosen = tl.sum((cum <= k).to(tl.int32), axis=0)  # first bin whose cumulative count exceeds k
-    below = tl.sum(tl.where(bins < chosen, counts, 0), axis=0)
-    k = k - below
-    SHIFT: tl.constexpr = 24 - 8 * PASS
-    prefix = prefix | (chosen.to(tl.uint32) << SHIFT)
-    tl.store(state_ptr + row * 4 + 1, k)
-    tl.store(state_ptr + row * 4 + 2, prefix.to(tl.int32, bitcast=True))
-    if PASS == 3:
-        key = prefix.to(tl.int32, bitcast=True)
-        bits = key ^ tl.where(key < 0, -2147483648, -1)
-        value = bits.to(tl.float32, bitcast=True)
-        n = tl.load(state_ptr + row * 4 + 0)
-        value = tl.where(n > 0, value, 0.0)
-        tl.store(out_ptr + row, value)
+    n, _, prefix = _prefix(hist_ptr, row, num_rows, trim, 4, MODE, CUMSUM)
+    key = prefix.to(tl.int32, bitcast=True)
+    bits = key ^ tl.where(key < 0, -2147483648, -1)
+    value = bits.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + row, tl.where(n > 0, value, 0.0))
+    tl.store(count_ptr + row, n)
 
 
 def radix_select(
@@ -142,28 +156,15 @@ def radix_select(
     num_rows = len(sources) * num_images
     device = valid_u8_BM.device
     hist_PRK = torch.zeros((NUM_PASSES, num_rows, NUM_BINS), dtype=torch.int32, device=device)
-    state_R4 = torch.zeros((num_rows, 4), dtype=torch.int32, device=device)
     values_R = torch.empty(num_rows, dtype=torch.float32, device=device)
     counts_R = torch.empty(num_rows, dtype=torch.int32, device=device)
     hist_kernel, scan_kernel = resolve(_radix_hist_kernel), resolve(_radix_scan_kernel)
     cumsum = not interpreter_enabled() if FORCE_CUMSUM is None else FORCE_CUMSUM
     grid = (num_rows, triton.cdiv(hw, SELECT_BLOCK))
-    y = sources[-1]
     for p in range(NUM_PASSES):
         hist_kernel[grid](
-            sources[0],
-            y,
-            valid_u8_BM,
-            state_R4,
-            hist_PRK[p],
-            num_images,
-            hw,
-            PASS=p,
-            TWO_SOURCES=len(sources) == 2,
-            BLOCK=SELECT_BLOCK,
-            num_warps=8,
-        )
-        scan_kernel[(num_rows,)](
-            hist_PRK[p], state_R4, values_R, counts_R, float(trim), PASS=p, MODE=mode, CUMSUM=cumsum, num_warps=4
-        )
+            sources[0], sources[-1], valid_u8_BM, hist_PRK, num_images, num_rows, hw, float(trim),
+            PASS=p, MODE=mode, TWO_SOURCES=len(sources) == 2, CUMSUM=cumsum, BLOCK=SELECT_BLOCK, num_warps=8,
+        )  # fmt: skip
+    scan_kernel[(num_rows,)](hist_PRK, values_R, counts_R, num_rows, float(trim), MODE=mode, CUMSUM=cumsum, num_warps=4)
     return values_R, counts_R[:num_images]

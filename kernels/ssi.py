@@ -6,14 +6,18 @@ Three layers, Liger style:
 3. `ssi_lsq` / `ssi_median`: the dispatch functions (`impl="auto" | "triton" | "torch"`).
 The spec is `reference.ssi_lsq_reference` / `reference.ssi_median_reference`; read those first.
 
-Passes over the B x HW maps (C = chunks of `BLOCK` pixels per image; small per-image kernels in between):
+Passes over the B x HW maps (C = chunks of `BLOCK` pixels per image). Each pass is one launch; the per-image
+step between two passes (combining the chunks, the solve) is done by every program of the next pass for its own
+image (a few hundred values from L2), not by a launch of its own: at batch 32 these losses take tenths of a
+millisecond, and every launch costs the host about as much as a pass costs the device.
 - least squares: 1 stats pass (per-chunk count, means and *centered* moments, combined exactly per image by
   the parallel-variance formula; no raw sums of squares, so no catastrophic cancellation in fp32), the 2x2
-  solve, 1 loss pass, and 1 backward pass. The MSE loss also has a closed form from the moments alone
-  (var_d - cov^2 / var_p, one pass), but it cancels catastrophically when the fit is good: in fp32 its relative
-  error grows like 1e-7 / (1 - rho^2), 1e-3 at rho^2 = 0.9999. So the loss is summed from the residuals.
+  solve (in the loss pass), 1 loss pass, 1 per-image finalize (loss, G, Z), and 1 backward pass. The MSE loss
+  also has a closed form from the moments alone (var_d - cov^2 / var_p, one pass), but it cancels
+  catastrophically when the fit is good: in fp32 its relative error grows like 1e-7 / (1 - rho^2), 1e-3 at
+  rho^2 = 0.9999. So the loss is summed from the residuals.
 - median/MAD: 4 radix-select passes (pred and target medians in the same launches, see `select.py`), 1 MAD
-  pass, 1 loss pass, 1 backward pass.
+  pass, 1 loss pass (which forms the MADs), 1 finalize, 1 backward pass.
 - trimming adds: the loss pass writes the per-pixel loss map (fp32), 4 radix-select passes find the threshold,
   1 pass sums the kept losses; the backward reads the map to recover the kept set bit-exactly.
 
@@ -71,26 +75,25 @@ def _reduce_block(C):
 
 
 @jit_helper
-def _aligned_residual(p, d, img, ALIGN: tl.constexpr):
-    """The aligned residual e and the z that Z = sum w g z weighs, from the image's fields `img` (IMG_FIELDS).
+def _aligned_residual(p, d, f1, f2, f4, f5, ALIGN: tl.constexpr):
+    """The aligned residual e and the z that Z = sum w g z weighs, from the image's fields 1, 2, 4, 5 (IMG_FIELDS).
 
     Least squares: e = scale p + shift - d, z = p - mean_p. Median/MAD: z = (p - m_p) / S_p, e = z - (d - m_d) / S_d.
     The loss passes and the backward share it, so both see the same e.
     """
-    if ALIGN == 0:
-        mean_p = tl.load(img + 1)
-        scale = tl.load(img + 4)
-        shift = tl.load(img + 5)
-        e = scale * p + shift - d
-        z = p - mean_p
-    else:
-        med_p = tl.load(img + 1)
-        med_d = tl.load(img + 2)
-        s_p = tl.load(img + 4)
-        s_d = tl.load(img + 5)
-        z = (p - med_p) / s_p
-        e = z - (d - med_d) / s_d
+    if ALIGN == 0:  # f1 mean_p, f4 scale, f5 shift
+        e = f4 * p + f5 - d
+        z = p - f1
+    else:  # f1 median_p, f2 median_d, f4 S_p, f5 S_d
+        z = (p - f1) / f4
+        e = z - (d - f2) / f5
     return e, z
+
+
+@jit_helper
+def _load_fields(img):
+    """Fields 1, 2, 4, 5 of an image (what `_aligned_residual` needs), as the first loss pass stored them."""
+    return tl.load(img + 1), tl.load(img + 2), tl.load(img + 4), tl.load(img + 5)
 
 
 @jit_helper
@@ -125,12 +128,10 @@ def _lsq_stats_kernel(pred_ptr, target_ptr, valid_ptr, part_ptr, HW, C, BLOCK: t
     tl.store(out + 4, tl.sum(pc * dc, axis=0))
 
 
-@triton.jit
-def _lsq_solve_kernel(
-    part_ptr, img_ptr, scale_ptr, shift_ptr, num_valid_ptr, C, rel_eps, IMG_FIELDS: tl.constexpr, BLOCK_C: tl.constexpr
-):
-    """Combine the chunks of one image exactly (parallel-variance formula) and solve the 2x2 system."""
-    b = tl.program_id(0)
+@jit_helper
+def _lsq_fields(part_ptr, b, C, rel_eps, BLOCK_C: tl.constexpr):
+    """Image b's least-squares fields (IMG_FIELDS order) from the stats pass's chunks: the chunks combined exactly
+    (parallel-variance formula), then the 2x2 system solved. Every program of the first loss pass computes them."""
     cs = tl.arange(0, BLOCK_C)
     m = cs < C
     src = part_ptr + (b * C + cs) * 5
@@ -148,17 +149,7 @@ def _lsq_solve_kernel(
     singular = (n < 2.0) | (var_p <= rel_eps * (var_p + n * mean_p * mean_p))
     scale = tl.where(singular, 0.0, cov / tl.where(singular, 1.0, var_p))
     shift = mean_d - scale * mean_p
-    out = img_ptr + b * IMG_FIELDS
-    tl.store(out + 0, n)
-    tl.store(out + 1, mean_p)
-    tl.store(out + 2, mean_d)
-    tl.store(out + 3, var_p)
-    tl.store(out + 4, scale)
-    tl.store(out + 5, shift)
-    tl.store(out + 6, singular.to(tl.float32))
-    tl.store(scale_ptr + b, scale)
-    tl.store(shift_ptr + b, shift)
-    tl.store(num_valid_ptr + b, n.to(tl.int32))
+    return n, mean_p, mean_d, var_p, scale, shift, singular.to(tl.float32), 0.0 * n
 
 
 @triton.jit
@@ -178,22 +169,10 @@ def _median_mad_kernel(pred_ptr, target_ptr, valid_ptr, median_ptr, part_ptr, HW
     tl.store(out + 3, tl.sum(tl.where(v & (p == med_p), 1.0, 0.0), axis=0))
 
 
-@triton.jit
-def _median_norm_kernel(
-    part_ptr,
-    median_ptr,
-    num_valid_ptr,
-    img_ptr,
-    pred_scale_ptr,
-    target_scale_ptr,
-    C,
-    num_images,
-    eps,
-    IMG_FIELDS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """Per image: the mean absolute deviations (floored at eps) and the per-image fields for the later passes."""
-    b = tl.program_id(0)
+@jit_helper
+def _median_fields(part_ptr, median_ptr, num_valid_ptr, b, C, num_images, eps, BLOCK_C: tl.constexpr):
+    """Image b's median/MAD fields (IMG_FIELDS order) from the MAD pass's chunks: the mean absolute deviations
+    (floored at eps) and what the backward needs. Every program of the first loss pass computes them."""
     cs = tl.arange(0, BLOCK_C)
     m = cs < C
     src = part_ptr + (b * C + cs) * 4
@@ -208,17 +187,9 @@ def _median_norm_kernel(
     unfloored = mad_p > eps
     s_p = tl.where(unfloored, mad_p, eps)
     s_d = tl.where(mad_d > eps, mad_d, eps)
-    out = img_ptr + b * IMG_FIELDS
-    tl.store(out + 0, n)
-    tl.store(out + 1, tl.load(median_ptr + b))
-    tl.store(out + 2, tl.load(median_ptr + num_images + b))
-    tl.store(out + 3, unfloored.to(tl.float32))
-    tl.store(out + 4, s_p)
-    tl.store(out + 5, s_d)
-    tl.store(out + 6, sum_sgn)
-    tl.store(out + 7, num_tied)
-    tl.store(pred_scale_ptr + b, 1.0 / s_p)
-    tl.store(target_scale_ptr + b, 1.0 / s_d)
+    med_p = tl.load(median_ptr + b)
+    med_d = tl.load(median_ptr + num_images + b)
+    return n, med_p, med_d, unfloored.to(tl.float32), s_p, s_d, sum_sgn, num_tied
 
 
 @triton.jit
@@ -226,22 +197,54 @@ def _ssi_pixel_kernel(
     pred_ptr,
     target_ptr,
     valid_ptr,
+    stats_ptr,
+    median_ptr,
+    num_valid_ptr,
     img_ptr,
+    out_a_ptr,
+    out_b_ptr,
     part_ptr,
     lossmap_ptr,
     HW,
     C,
+    num_images,
+    param,
     ALIGN: tl.constexpr,
     L1: tl.constexpr,
     WRITE_MAP: tl.constexpr,
     IMG_FIELDS: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """Aligned residual e and per-pixel loss l. Untrimmed: part[b, c] = (sum l, sum g, sum g z); else store l."""
+    """The first loss pass. The image's alignment comes from the stats pass's chunks (`param`: rel_eps or eps);
+    chunk 0 stores it (img, and scale / shift / num_valid or pred_scale / target_scale). Then the aligned residual
+    e and per-pixel loss l: untrimmed, part[b, c] = (sum l, sum g, sum g z); trimmed, the loss map."""
     b, c, offs, inb, base = chunk(HW, BLOCK)
+    if ALIGN == 0:
+        f0, f1, f2, f3, f4, f5, f6, f7 = _lsq_fields(stats_ptr, b, C, param, BLOCK_C)
+    else:
+        f0, f1, f2, f3, f4, f5, f6, f7 = _median_fields(
+            stats_ptr, median_ptr, num_valid_ptr, b, C, num_images, param, BLOCK_C
+        )
+    if c == 0:
+        img = img_ptr + b * IMG_FIELDS
+        tl.store(img + 0, f0)
+        tl.store(img + 1, f1)
+        tl.store(img + 2, f2)
+        tl.store(img + 3, f3)
+        tl.store(img + 4, f4)
+        tl.store(img + 5, f5)
+        tl.store(img + 6, f6)
+        tl.store(img + 7, f7)
+        if ALIGN == 0:
+            tl.store(out_a_ptr + b, f4)  # scale
+            tl.store(out_b_ptr + b, f5)  # shift
+            tl.store(num_valid_ptr + b, f0.to(tl.int32))
+        else:
+            tl.store(out_a_ptr + b, 1.0 / f4)  # pred_scale = 1 / S_p
+            tl.store(out_b_ptr + b, 1.0 / f5)  # target_scale = 1 / S_d
     v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
-    img = img_ptr + b * IMG_FIELDS
-    e, z = _aligned_residual(p, d, img, ALIGN)
+    e, z = _aligned_residual(p, d, f1, f2, f4, f5, ALIGN)
     loss, g = _penalty(e, L1)
     vf = v.to(tl.float32)
     if WRITE_MAP:
@@ -274,8 +277,8 @@ def _ssi_trimmed_kernel(
     v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     loss = tl.load(lossmap_ptr + base + offs, mask=inb, other=0.0)
     threshold = tl.load(threshold_ptr + b)
-    img = img_ptr + b * IMG_FIELDS
-    e, z = _aligned_residual(p, d, img, ALIGN)
+    f1, f2, f4, f5 = _load_fields(img_ptr + b * IMG_FIELDS)
+    e, z = _aligned_residual(p, d, f1, f2, f4, f5, ALIGN)
     _, g = _penalty(e, L1)
     below = tl.where(v & (loss < threshold), 1.0, 0.0)
     tied = tl.where(v & (loss == threshold), 1.0, 0.0)
@@ -351,12 +354,12 @@ def _ssi_backward_kernel(
     grad_b_ptr,
     grad_pred_ptr,
     HW,
-    grad_loss_stride,
-    grad_a_stride,
-    grad_b_stride,
     ALIGN: tl.constexpr,
     L1: tl.constexpr,
     TRIMMED: tl.constexpr,
+    GRAD_LOSS_STRIDE: tl.constexpr,
+    GRAD_A_STRIDE: tl.constexpr,
+    GRAD_B_STRIDE: tl.constexpr,
     HAS_GRAD_LOSS: tl.constexpr,
     HAS_GRAD_A: tl.constexpr,
     HAS_GRAD_B: tl.constexpr,
@@ -376,17 +379,18 @@ def _ssi_backward_kernel(
     n_safe = tl.maximum(n, 1.0)
     grad_loss = 0.0
     if HAS_GRAD_LOSS:
-        grad_loss = tl.load(grad_loss_ptr + b * grad_loss_stride)
+        grad_loss = tl.load(grad_loss_ptr + b * GRAD_LOSS_STRIDE)
     grad_a = 0.0
     if HAS_GRAD_A:
-        grad_a = tl.load(grad_a_ptr + b * grad_a_stride)
+        grad_a = tl.load(grad_a_ptr + b * GRAD_A_STRIDE)
     grad_b = 0.0
     if HAS_GRAD_B:
-        grad_b = tl.load(grad_b_ptr + b * grad_b_stride)
+        grad_b = tl.load(grad_b_ptr + b * GRAD_B_STRIDE)
     c_loss = grad_loss / tl.maximum(tl.load(aux + 0), 1.0)
     big_g = c_loss * tl.load(aux + 1)
     big_z = c_loss * tl.load(aux + 2)
-    e, z = _aligned_residual(p, d, img, ALIGN)
+    f1, f2, f4, f5 = _load_fields(img)
+    e, z = _aligned_residual(p, d, f1, f2, f4, f5, ALIGN)
     _, g = _penalty(e, L1)
     if TRIMMED:
         loss = tl.load(lossmap_ptr + base + offs, mask=inb, other=0.0)
@@ -417,8 +421,22 @@ def _ssi_backward_kernel(
     tl.store(grad_pred_ptr + base + offs, grad.to(grad_pred_ptr.dtype.element_ty), mask=inb)
 
 
-def _loss_passes(p_BM, d_BM, v_BM, img_BF, *, align: int, l1: bool, trim: float):
-    """Loss pass(es) after the alignment: returns (loss_B, aux_BA, lossmap_BM or None, threshold_B or None)."""
+class _Alignment(NamedTuple):
+    """What the first loss pass needs to align an image and where it stores the alignment (see `_ssi_pixel_kernel`)."""
+
+    align: int
+    stats: torch.Tensor  # B x C x (5 | 4) chunk partials of the stats / MAD pass
+    medians: torch.Tensor  # 2B medians (median/MAD), any fp32 tensor (least squares)
+    num_valid: torch.Tensor  # B int32: written (least squares) or read (median/MAD)
+    img: torch.Tensor  # B x IMG_FIELDS, written
+    out_a: torch.Tensor  # B: scale | pred_scale, written
+    out_b: torch.Tensor  # B: shift | target_scale, written
+    param: float  # rel_eps | eps
+
+
+def _loss_passes(p_BM, d_BM, v_BM, al: _Alignment, *, l1: bool, trim: float):
+    """The loss pass(es), the first one aligning each image: returns (loss_B, aux_BA, lossmap_BM or None,
+    threshold_B or None)."""
     num_images, hw = p_BM.shape
     num_chunks = triton.cdiv(hw, BLOCK)
     grid = (num_images, num_chunks)
@@ -426,27 +444,27 @@ def _loss_passes(p_BM, d_BM, v_BM, img_BF, *, align: int, l1: bool, trim: float)
     loss_B = torch.empty(num_images, dtype=torch.float32, device=device)
     aux_BA = torch.empty((num_images, AUX_FIELDS), dtype=torch.float32, device=device)
     trimmed = trim > 0
-    lossmap_BM = torch.empty((num_images, hw), dtype=torch.float32, device=device) if trimmed else None
+    if trimmed:
+        lossmap_BM = torch.empty((num_images, hw), dtype=torch.float32, device=device)
+        part = torch.empty((num_images, num_chunks, 7), dtype=torch.float32, device=device)
+    else:
+        lossmap_BM = None
+        part = torch.empty((num_images, num_chunks, 3), dtype=torch.float32, device=device)
+    resolve(_ssi_pixel_kernel)[grid](
+        p_BM, d_BM, v_BM, al.stats, al.medians, al.num_valid, al.img, al.out_a, al.out_b, part,
+        lossmap_BM if trimmed else part, hw, num_chunks, num_images, al.param,
+        ALIGN=al.align, L1=l1, WRITE_MAP=trimmed, IMG_FIELDS=IMG_FIELDS, BLOCK=BLOCK,
+        BLOCK_C=_reduce_block(num_chunks), num_warps=8,
+    )  # fmt: skip
     threshold_B = None
     if trimmed:
-        resolve(_ssi_pixel_kernel)[grid](
-            p_BM, d_BM, v_BM, img_BF, lossmap_BM, lossmap_BM, hw, num_chunks,
-            ALIGN=align, L1=l1, WRITE_MAP=True, IMG_FIELDS=IMG_FIELDS, BLOCK=BLOCK, num_warps=8,
-        )  # fmt: skip
         threshold_B, _ = radix_select([lossmap_BM], v_BM, mode=MODE_KEEP, trim=trim)
-        part = torch.empty((num_images, num_chunks, 7), dtype=torch.float32, device=device)
         resolve(_ssi_trimmed_kernel)[grid](
-            p_BM, d_BM, v_BM, img_BF, lossmap_BM, threshold_B, part, hw, num_chunks,
-            ALIGN=align, L1=l1, IMG_FIELDS=IMG_FIELDS, BLOCK=BLOCK, num_warps=8,
-        )  # fmt: skip
-    else:
-        part = torch.empty((num_images, num_chunks, 3), dtype=torch.float32, device=device)
-        resolve(_ssi_pixel_kernel)[grid](
-            p_BM, d_BM, v_BM, img_BF, part, part, hw, num_chunks,
-            ALIGN=align, L1=l1, WRITE_MAP=False, IMG_FIELDS=IMG_FIELDS, BLOCK=BLOCK, num_warps=8,
+            p_BM, d_BM, v_BM, al.img, lossmap_BM, threshold_B, part, hw, num_chunks,
+            ALIGN=al.align, L1=l1, IMG_FIELDS=IMG_FIELDS, BLOCK=BLOCK, num_warps=8,
         )  # fmt: skip
     resolve(_ssi_finalize_kernel)[(num_images,)](
-        part, img_BF, threshold_B if trimmed else loss_B, aux_BA, loss_B, num_chunks, float(trim),
+        part, al.img, threshold_B if trimmed else loss_B, aux_BA, loss_B, num_chunks, float(trim),
         TRIMMED=trimmed, IMG_FIELDS=IMG_FIELDS, AUX_FIELDS=AUX_FIELDS, BLOCK_C=_reduce_block(num_chunks),
     )  # fmt: skip
     return loss_B, aux_BA, lossmap_BM, threshold_B
@@ -463,8 +481,10 @@ def _backward(ctx, grad_loss_B, grad_a_B, grad_b_B):
     resolve(_ssi_backward_kernel)[(num_images, triton.cdiv(hw, BLOCK))](
         p_BM, d_BM, v_BM, img_BF, aux_BA,
         lossmap_BM if trimmed else p_BM, threshold_B if trimmed else img_BF,
-        grad_loss_B, grad_a_B, grad_b_B, grad_pred_BM, hw, loss_stride, a_stride, b_stride,
-        ALIGN=ctx.align, L1=ctx.l1, TRIMMED=trimmed, HAS_GRAD_LOSS=has_loss, HAS_GRAD_A=has_a, HAS_GRAD_B=has_b,
+        grad_loss_B, grad_a_B, grad_b_B, grad_pred_BM, hw,
+        ALIGN=ctx.align, L1=ctx.l1, TRIMMED=trimmed,
+        GRAD_LOSS_STRIDE=loss_stride, GRAD_A_STRIDE=a_stride, GRAD_B_STRIDE=b_stride,
+        HAS_GRAD_LOSS=has_loss, HAS_GRAD_A=has_a, HAS_GRAD_B=has_b,
         IMG_FIELDS=IMG_FIELDS, AUX_FIELDS=AUX_FIELDS, BLOCK=BLOCK, num_warps=8,
     )  # fmt: skip
     return grad_pred_BM.view(ctx.shape)
@@ -488,14 +508,9 @@ class SSILsqFunction(torch.autograd.Function):
         scale_B = torch.empty(num_images, dtype=torch.float32, device=device)
         shift_B = torch.empty(num_images, dtype=torch.float32, device=device)
         num_valid_B = torch.empty(num_images, dtype=torch.int32, device=device)
-        resolve(_lsq_solve_kernel)[(num_images,)](
-            part, img_BF, scale_B, shift_B, num_valid_B, num_chunks, reference.LSQ_REL_EPS,
-            IMG_FIELDS=IMG_FIELDS, BLOCK_C=_reduce_block(num_chunks),
-        )  # fmt: skip
+        alignment = _Alignment(ALIGN_LSQ, part, img_BF, num_valid_B, img_BF, scale_B, shift_B, reference.LSQ_REL_EPS)
         l1 = metric == "l1"
-        loss_B, aux_BA, lossmap_BM, threshold_B = _loss_passes(
-            p_BM, d_BM, v_BM, img_BF, align=ALIGN_LSQ, l1=l1, trim=trim
-        )
+        loss_B, aux_BA, lossmap_BM, threshold_B = _loss_passes(p_BM, d_BM, v_BM, alignment, l1=l1, trim=trim)
         ctx.save_for_backward(p_BM, d_BM, v_BM, img_BF, aux_BA, lossmap_BM, threshold_B)
         ctx.align, ctx.l1, ctx.trim, ctx.shape = ALIGN_LSQ, l1, trim, pred_BHW.shape
         ctx.mark_non_differentiable(num_valid_B)
@@ -525,14 +540,9 @@ class SSIMedianFunction(torch.autograd.Function):
         img_BF = torch.empty((num_images, IMG_FIELDS), dtype=torch.float32, device=device)
         pred_scale_B = torch.empty(num_images, dtype=torch.float32, device=device)
         target_scale_B = torch.empty(num_images, dtype=torch.float32, device=device)
-        resolve(_median_norm_kernel)[(num_images,)](
-            part, medians_R, num_valid_B, img_BF, pred_scale_B, target_scale_B, num_chunks, num_images, float(eps),
-            IMG_FIELDS=IMG_FIELDS, BLOCK_C=_reduce_block(num_chunks),
-        )  # fmt: skip
+        alignment = _Alignment(ALIGN_MEDIAN, part, medians_R, num_valid_B, img_BF, pred_scale_B, target_scale_B, eps)
         l1 = metric == "l1"
-        loss_B, aux_BA, lossmap_BM, threshold_B = _loss_passes(
-            p_BM, d_BM, v_BM, img_BF, align=ALIGN_MEDIAN, l1=l1, trim=trim
-        )
+        loss_B, aux_BA, lossmap_BM, threshold_B = _loss_passes(p_BM, d_BM, v_BM, alignment, l1=l1, trim=trim)
         ctx.save_for_backward(p_BM, d_BM, v_BM, img_BF, aux_BA, lossmap_BM, threshold_B)
         ctx.align, ctx.l1, ctx.trim, ctx.shape = ALIGN_MEDIAN, l1, trim, pred_BHW.shape
         pred_median_B, target_median_B = medians_R[:num_images], medians_R[num_images:]

@@ -17,6 +17,7 @@
 #                   labeler's queued copies)
 #   losses          benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager  needs no carried wheel
 #   losses_graph    the same with --cudagraph: device time only, without the host's launch overhead
+#   losses_profile  torch.profiler tables (host vs device time) of the fused SSI least-squares and trimmed median
 #   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 512 images 480x640, npz+f16 needs braceexpand
 #   train_step      benchmarks/train_step.py --device cuda --model dav2_vits --crop 518        needs braceexpand
 #                   (+ --find-syncs: where each loop makes the host wait for the GPU)
@@ -86,11 +87,12 @@ for arg in "$@"; do
         --download) download; exit $? ;;
         --dry-run) DRY_RUN=1 ;;
         -h | --help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        tests | losses | losses_graph | pseudo_label | train_step | fsdp2 | losses_compile) SELECTED+=("$arg") ;;
+        tests | losses | losses_graph | losses_profile | pseudo_label | train_step | fsdp2 | losses_compile)
+            SELECTED+=("$arg") ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
-[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests losses losses_graph pseudo_label train_step fsdp2 losses_compile)
+[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests losses losses_graph losses_profile pseudo_label train_step fsdp2 losses_compile)
 
 # Overridable, for a local dry run of the control flow (GPU_CHECKS_PYTHON=.venv/bin/python GPU_CHECKS_NO_INSTALL=1
 # GPU_CHECKS_ALLOW_CPU=1): none of these is needed on the GPU machine.
@@ -227,6 +229,12 @@ fi
 if selected losses_graph; then
     run_step losses_graph 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 \
         --impls triton,eager --cudagraph --out-dir "$OUT"
+fi
+
+# b3. Where the fused SSI losses' time goes, host against device (tables in the log only).
+if selected losses_profile; then
+    run_step losses_profile 45 20 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32 \
+        --ops ssi_lsq,ssi_median_trim0.1 --impls triton,eager --profile --out-dir "$WORK/losses_profile"
 fi
 
 # c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 512 instead of 1024

@@ -70,6 +70,8 @@ def _run_every_op():
                 (out.loss_B.sum() + out.scale_B.sum() + out.shift_B.sum()).backward()
                 out = dk.ssi_median(pred_BHW, target_BHW, valid_BHW, metric=metric, trim=trim, impl="triton")
                 (out.loss_B.sum() + out.pred_scale_B.sum()).backward()
+            for op in (dk.ssi_lsq, dk.ssi_median):  # the loss alone: the other upstream gradients are absent
+                op(pred_BHW, target_BHW, valid_BHW, trim=trim, impl="triton").loss_B.sum().backward()
         scale_B = torch.ones(2, requires_grad=True)
         for scales in ((None, None), (scale_B, torch.ones(2))):
             dk.gradient_matching(pred_BHW, target_BHW, valid_BHW, pred_scale_B=scales[0], target_scale_B=scales[1],
