@@ -237,12 +237,12 @@ if selected losses_profile; then
         --ops ssi_lsq,ssi_median_trim0.1 --impls triton,eager --profile --out-dir "$WORK/losses_profile"
 fi
 
-# c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 512 instead of 1024
+# c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 384 instead of 1024
 #    images, the one-at-a-time loop on 64 of them (the script scales it to --num), best of 2 instead of 3. The job
 #    writes npz labels (f16 measured as fast in the first run); encoding is its largest CPU cost, so most of the 16
 #    cores encode.
 if selected pseudo_label; then
-    run_step pseudo_label 130 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 512 \
+    run_step pseudo_label 110 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 384 \
         --size 480 640 --batch-size 32 --single-num 64 --repeat 2 --encoding npz --num-workers 4 \
         --num-encoders 11 --out "$OUT/pseudo_label-$GPU_TAG.csv"
 fi
