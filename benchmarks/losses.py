@@ -310,10 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cudagraph", action="store_true", help="device time only: replay CUDA graphs (see above)")
     parser.add_argument("--profile", action="store_true", help="CUDA: torch.profiler table of the fused kernels")
     parser.add_argument(
+        "--select-block", type=int, default=None, help="pixels per program of the radix select (a tuning experiment)"
+    )
+    parser.add_argument(
         "--impls", default=None, help="comma list of triton,eager,compile (default: all on CUDA, eager on CPU)"
     )
     args = parser.parse_args(argv)
 
+    if args.select_block:
+        from depthkit_kernels import select
+
+        if args.select_block & (args.select_block - 1):
+            parser.error("--select-block must be a power of two")
+        select.SELECT_BLOCK = args.select_block
+        print(f"radix select: {args.select_block} pixels per program")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if cuda:

@@ -15,13 +15,14 @@
 #   setup           install .whl into /tmp/site, link depthkit + depthkit_kernels there, print versions/GPU, smoke imports
 #   tests           pytest -m gpu tests/kernels tests/pseudo_label (full-size Triton kernel parity on CUDA, the
 #                   labeler's queued copies)
-#   losses          benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager  needs no carried wheel
-#   losses_graph    the same with --cudagraph: device time only, without the host's launch overhead
-#   losses_profile  torch.profiler tables (host vs device time) of the fused SSI least-squares and trimmed median
-#   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 512 images 480x640, npz+f16 needs braceexpand
 #   train_step      benchmarks/train_step.py --device cuda --model dav2_vits --crop 518        needs braceexpand
 #                   (+ --find-syncs: where each loop makes the host wait for the GPU)
 #   fsdp2           depthkit fit with configs/trainer/gpu_fsdp.yaml (FSDP2, bf16), tiny teacher, 30 steps
+#   losses          benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager  needs no carried wheel
+#   losses_graph    the same with --cudagraph: device time only, without the host's launch overhead
+#   losses_profile  torch.profiler tables (host vs device time) of the fused SSI least-squares and trimmed median
+#   select_sweep    masked_median device time at 2048 to 16384 pixels per radix-select program
+#   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 384 images 480x640, npz  needs braceexpand
 #   losses_compile  benchmarks/losses.py, the full run (triton, eager AND torch.compile), with whatever time is
 #                   left: ~22 inductor compiles, the slowest and least certain step, so it goes last. Its rows are
 #                   printed as they finish, so a timeout still leaves them in the log.
@@ -87,12 +88,13 @@ for arg in "$@"; do
         --download) download; exit $? ;;
         --dry-run) DRY_RUN=1 ;;
         -h | --help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        tests | losses | losses_graph | losses_profile | pseudo_label | train_step | fsdp2 | losses_compile)
+        tests | train_step | fsdp2 | losses | losses_graph | losses_profile | select_sweep | pseudo_label | losses_compile)
             SELECTED+=("$arg") ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
-[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests losses losses_graph losses_profile pseudo_label train_step fsdp2 losses_compile)
+[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests train_step fsdp2 losses losses_graph losses_profile select_sweep pseudo_label
+    losses_compile)
 
 # Overridable, for a local dry run of the control flow (GPU_CHECKS_PYTHON=.venv/bin/python GPU_CHECKS_NO_INSTALL=1
 # GPU_CHECKS_ALLOW_CPU=1): none of these is needed on the GPU machine.
@@ -218,35 +220,6 @@ if selected tests; then
         --durations=8 --junitxml="$OUT/pytest_gpu.xml"
 fi
 
-# b. Loss kernels vs eager at full size (batch 32, 518x518, fp32 and bf16): no torch.compile, so it is quick.
-if selected losses; then
-    run_step losses 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 --impls triton,eager \
-        --out-dir "$WORK/losses_te"
-    for f in "$WORK"/losses_te/losses_*.csv; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" .csv)-triton_eager.csv"; done
-fi
-
-# b2. The same, timed as replayed CUDA graphs: the device's time without the host's launch overhead.
-if selected losses_graph; then
-    run_step losses_graph 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 \
-        --impls triton,eager --cudagraph --out-dir "$OUT"
-fi
-
-# b3. Where the fused SSI losses' time goes, host against device (tables in the log only).
-if selected losses_profile; then
-    run_step losses_profile 45 20 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32 \
-        --ops ssi_lsq,ssi_median_trim0.1 --impls triton,eager --profile --out-dir "$WORK/losses_profile"
-fi
-
-# c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 384 instead of 1024
-#    images, the one-at-a-time loop on 64 of them (the script scales it to --num), best of 2 instead of 3. The job
-#    writes npz labels (f16 measured as fast in the first run); encoding is its largest CPU cost, so most of the 16
-#    cores encode.
-if selected pseudo_label; then
-    run_step pseudo_label 110 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 384 \
-        --size 480 640 --batch-size 32 --single-num 64 --repeat 2 --encoding npz --num-workers 4 \
-        --num-encoders 11 --out "$OUT/pseudo_label-$GPU_TAG.csv"
-fi
-
 # d. Lightning overhead of a training step on the GPU: 40 timed steps (after 10 warm-up) per loop, 2 pairs, then 5
 #    steps of each with torch's sync debug mode, listing where each loop makes the host wait for the GPU.
 if selected train_step; then
@@ -286,6 +259,47 @@ PYEOF
 if selected fsdp2; then
     # `timeout` runs programs, not shell functions: hand the function to a child bash.
     run_step fsdp2 90 40 env WORK="$WORK" PY="$PY" bash -c "$(declare -f fsdp2_check); fsdp2_check"
+fi
+
+# b. Loss kernels vs eager at full size (batch 32, 518x518, fp32 and bf16): no torch.compile, so it is quick.
+if selected losses; then
+    run_step losses 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 --impls triton,eager \
+        --out-dir "$WORK/losses_te"
+    for f in "$WORK"/losses_te/losses_*.csv; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" .csv)-triton_eager.csv"; done
+fi
+
+# b2. The same, timed as replayed CUDA graphs: the device's time without the host's launch overhead.
+if selected losses_graph; then
+    run_step losses_graph 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 \
+        --impls triton,eager --cudagraph --out-dir "$OUT"
+fi
+
+# b3. Where the fused SSI losses' time goes, host against device (tables in the log only).
+if selected losses_profile; then
+    run_step losses_profile 45 20 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32 \
+        --ops ssi_lsq,ssi_median_trim0.1 --impls triton,eager --profile --out-dir "$WORK/losses_profile"
+fi
+
+# b4. The radix select's pixels per program (its histogram pass is the median family's device bottleneck).
+select_sweep() {
+    local b
+    for b in 2048 4096 8192 16384; do
+        "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32 --ops masked_median --impls triton,eager \
+            --cudagraph --select-block "$b" --out-dir "$WORK/select_$b" 2>/dev/null | grep -E "radix select|masked_median"
+    done
+}
+if selected select_sweep; then
+    run_step select_sweep 60 20 env WORK="$WORK" PY="$PY" bash -c "$(declare -f select_sweep); select_sweep"
+fi
+
+# c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 384 instead of 1024
+#    images, the one-at-a-time loop on 64 of them (the script scales it to --num), best of 2 instead of 3. The job
+#    writes npz labels (f16 measured as fast in the first run); encoding is its largest CPU cost, so most of the 16
+#    cores encode.
+if selected pseudo_label; then
+    run_step pseudo_label 110 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 384 \
+        --size 480 640 --batch-size 32 --single-num 64 --repeat 2 --encoding npz --num-workers 4 \
+        --num-encoders 11 --out "$OUT/pseudo_label-$GPU_TAG.csv"
 fi
 
 # f. The full losses benchmark (adds torch.compile of each reference): all the time left, at least 90 s.
