@@ -14,7 +14,8 @@
 3. **One image at a time**, like the official `run.py`: read a sample, decode it, `model.infer` on it alone (the
    official preprocessing), encode the label (the first `--encoding`) and append it to a tar, then the next.
    Target: the job with the same encoding >= 10x this on a GPU (batching); on a CPU batching buys little, so
-   expect far less there.
+   expect far less there. Measured in the job's precision, and on bf16 runs also in fp32 as `run.py` runs it (no
+   autocast): the job against that is the issue's "like the official script" ratio.
 
 Weights are random (seeded): speed does not depend on them and nothing is downloaded. Images are procedural
 scenes of one size, stored as JPEG. On CUDA the results go to `benchmarks/results/pseudo_label-<gpu>.csv`.
@@ -146,12 +147,12 @@ def main() -> None:
 
         single_num = min(args.single_num or args.num, args.num)
 
-        def single_loop():
+        def single_loop(autocast_bf16: bool = bf16):
             tar = TarWriter(tmp / "single.tar")
             raws = (raw for url in urls for raw in iter_raw_samples(url))
             for raw in itertools.islice(raws, single_num):
                 image = decode_sample(raw)["image"]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
                     pred = model.infer(image, input_size=args.resolution)
                 meta = {"kind": "pseudo", "output_space": model.meta.output_space}
                 tar.add_sample(encode_label(raw["__key__"], pred.values, None, meta, encoding=encodings[0]))
@@ -163,6 +164,8 @@ def main() -> None:
             for encoding in encodings:
                 job(r, encoding)
             runs["single"].append(timed(single_loop) / single_num * args.num)  # per-image time, scaled to --num
+            if bf16:  # the official run.py: fp32
+                runs.setdefault("single_fp32", []).append(timed(lambda: single_loop(False)) / single_num * args.num)
         best = {name: min(times) for name, times in runs.items()}
         t_forward, t_label, t_single = best["forward"], best["label_batch"], best["single"]
 
@@ -186,6 +189,10 @@ def main() -> None:
             f"like run.py, {encodings[0]} labels, measured on {single_num} images",
         ),  # fmt: skip
     ]
+    if "single_fp32" in best:
+        rows.append(
+            ("one_at_a_time_fp32_images_per_s", args.num / best["single_fp32"], None, "the same in fp32, as run.py")
+        )
     for encoding in encodings:
         t_job, t_wall = best[f"job_{encoding}"], best[f"wall_{encoding}"]
         rows += [
@@ -201,6 +208,12 @@ def main() -> None:
             10.0 if device.type == "cuda" else None,
             "both write the same labels; target on GPU only",
         ),  # fmt: skip
+    ]
+    if "single_fp32" in best:
+        official = best["single_fp32"] / best[f"job_{encodings[0]}"]
+        target = 10.0 if device.type == "cuda" else None
+        rows.append((f"job_vs_official_loop_ratio_{encodings[0]}", official, target, "the loop in fp32, as run.py"))
+    rows += [
         *[
             (f"{enc}_encode_ms_per_image", ms, None, f"{args.size[0]}x{args.size[1]}: {mb:.2f} MB per label")
             for enc, (ms, mb) in encode.items()
