@@ -57,7 +57,7 @@ def to_float_hwc(image) -> np.ndarray:
     """One image as float32 RGB `H x W x 3` in [0, 1].
 
     Accepts a uint8 (or float in [0, 1]) numpy array `H x W`, `H x W x 1`, `H x W x 3` or `H x W x 4` (alpha is
-    dropped), or a PIL image (converted to RGB).
+    dropped), or a PIL image (converted to RGB). A float image outside [0, 1] (or with NaN) is a `ValueError`.
     """
     if not isinstance(image, np.ndarray):
         from PIL import Image
@@ -75,6 +75,12 @@ def to_float_hwc(image) -> np.ndarray:
         image_HWC = array.astype(np.float32) / np.float32(255.0)
     elif np.issubdtype(array.dtype, np.floating):
         image_HWC = array.astype(np.float32)
+        low, high = float(image_HWC.min()), float(image_HWC.max())
+        if not (low >= -1e-3 and high <= 1 + 1e-3):  # NaN fails too; the check of depthkit.models' to_float_chw
+            raise ValueError(
+                f"a float image must hold values in [0, 1], this one spans [{low:g}, {high:g}]"
+                + (" (a 0-255 image? pass it as uint8, or divide by 255)" if high > 1.5 else "")
+            )
     else:
         raise ValueError(f"image dtype {array.dtype} is not uint8 or float")
     if image_HWC.shape[2] == 1:

@@ -24,6 +24,9 @@ def to_float_chw(image) -> torch.Tensor:
     Accepts a uint8 (or float in [0, 1]) numpy array `H x W`, `H x W x 1`, `H x W x 3` or `H x W x 4` (alpha is
     dropped), a PIL image (converted to RGB), or a torch tensor `C x H x W` (uint8, or float in [0, 1]; C 1 or 3).
     Pixels are taken as given: EXIF orientation is not applied here (`depthkit predict` applies it when reading).
+
+    Raises:
+        ValueError: an unsupported type, shape or dtype, an empty image, or a float image outside [0, 1] (or NaN).
     """
     if isinstance(image, torch.Tensor):
         tensor_CHW = image
@@ -51,6 +54,13 @@ def to_float_chw(image) -> torch.Tensor:
         tensor_CHW = tensor_CHW.float() / 255.0
     elif tensor_CHW.is_floating_point():
         tensor_CHW = tensor_CHW.float()
+        if tensor_CHW.numel():
+            low, high = tensor_CHW.aminmax()
+            if not (low >= -1e-3 and high <= 1 + 1e-3):  # NaN fails too
+                raise ValueError(
+                    f"a float image must hold values in [0, 1], this one spans [{float(low):g}, {float(high):g}]"
+                    + (" (a 0-255 image? pass it as uint8, or divide by 255)" if float(high) > 1.5 else "")
+                )
     else:
         raise ValueError(f"image dtype {tensor_CHW.dtype} is not uint8 or float")
     if tensor_CHW.shape[0] == 1:

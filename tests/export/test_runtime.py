@@ -67,6 +67,10 @@ def test_images_are_converted_like_the_torch_path():
         np.testing.assert_array_equal(to_float_hwc(image), expected)
     with pytest.raises(ValueError, match="uint8 or float"):
         to_float_hwc(np.zeros((4, 4, 3), np.int32))
+    for bad in (np.full((4, 4, 3), 255, np.float32), np.full((4, 4, 3), np.nan)):  # refused by both paths alike
+        for convert in (to_float_hwc, preprocess.to_float_chw):
+            with pytest.raises(ValueError, match="must hold values in"):
+                convert(bad)
 
 
 def test_predict_onnx_matches_predict_torch(exported, checkpoint, shared_data, tmp_path):

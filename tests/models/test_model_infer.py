@@ -81,6 +81,11 @@ def test_input_conversion():
         to_float_chw(np.zeros((4, 4, 2), np.uint8))
     with pytest.raises(ValueError, match="unsupported image type"):
         to_float_chw("image.png")
+    with pytest.raises(ValueError, match=r"spans \[0, 255\] \(a 0-255 image\? pass it as uint8"):
+        to_float_chw(np.eye(20, 30, dtype=np.float32)[:, :, None].repeat(3, axis=2) * 255)
+    with pytest.raises(ValueError, match="must hold values in"):
+        to_float_chw(torch.full((3, 4, 4), float("nan")))
+    assert to_float_chw(np.ones((4, 4, 3), np.float32)).max() == 1.0  # the edges of [0, 1] are fine
 
 
 def _manual(model, image_uint8: np.ndarray, input_size: int) -> np.ndarray:
