@@ -76,7 +76,20 @@ class DepthCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+OPTIMIZER_OPTIONS = ("--optimizer", "--lr_scheduler")
+
+
 def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
+    # LightningCLI's --optimizer / --lr_scheduler would replace the module's own optimizer and schedule: the
+    # encoder / decoder learning rates would silently become one. They are turned off, with a pointer.
+    for arg in argv:
+        option = arg.split("=", 1)[0].split(".", 1)[0]
+        if option in OPTIMIZER_OPTIONS:
+            raise ValueError(
+                f"{option}: depthkit modules build their optimizer (AdamW with encoder and decoder learning rates) "
+                "and schedule from model.optim: set --model.optim.encoder_lr, --model.optim.decoder_lr, "
+                "--model.optim.weight_decay, --model.optim.warmup_steps, --model.optim.schedule"
+            )
     return DepthCLI(
         DepthModule,
         DepthDataModule,
@@ -87,6 +100,7 @@ def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
         run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "depthkit"},
+        auto_configure_optimizers=False,
     )
 
 

@@ -461,6 +461,22 @@ def test_ckpt_path_must_be_a_run_of_the_same_module_and_model(tiny_data, tmp_pat
     assert not (tmp_path / "other").exists(), "refused before any work"
 
 
+@pytest.mark.parametrize("option", [["--optimizer", "Adam"], ["--lr_scheduler.class_path=StepLR"]])
+def test_lightning_optimizer_options_are_refused_with_a_pointer(option, tmp_path, capsys):
+    """LightningCLI's own optimizer would replace the module's two learning rates with one, silently."""
+    args = [
+        "fit",
+        "--trainer",
+        str(REPO / "configs/trainer/cpu.yaml"),
+        "--config",
+        str(REPO / "recipes/tiny_teacher.yaml"),
+    ]
+    assert main([*args, *option, "--trainer.default_root_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "depthkit modules build their optimizer" in err and "--model.optim.encoder_lr" in err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_test_subcommand_scores_the_test_shards(tiny_data, tmp_path):
     run = _fit(tmp_path, tiny_data, "tiny_teacher", steps=1)
     (ckpt,) = run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
