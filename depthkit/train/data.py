@@ -25,8 +25,10 @@ def _loader(stream: ShardStream, num_workers: int):
 class DepthDataModule(L.LightningDataModule):
     """Training and validation data from WebDataset shards.
 
+    Each stage needs only its own shards (`STAGE_DATA`); they are resolved in `setup`, before the first step.
+
     Args:
-        labeled: Labeled shards (folder, glob, brace pattern, URL, or a list).
+        labeled: Labeled shards (folder, glob, brace pattern, URL, or a list); `depthkit fit` needs them.
         unlabeled: Unlabeled image shards for the student; None trains on labeled data only.
         pseudo_labels: Folder of pseudo-label shards for `unlabeled` (same file names); None means the student's
             online teacher labels them.
@@ -47,7 +49,7 @@ class DepthDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        labeled: str | list[str],
+        labeled: str | list[str] | None = None,
         *,
         unlabeled: str | list[str] | None = None,
         pseudo_labels: str | None = None,
@@ -74,16 +76,29 @@ class DepthDataModule(L.LightningDataModule):
             raise ValueError("data.pseudo_labels needs data.unlabeled (the images they label)")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}; expected 'raise' or 'skip'")
-        # Resolve every path now: a typo fails before the first step, naming the path.
-        for name, spec in (("labeled", labeled), ("unlabeled", unlabeled), ("val", val), ("test", test)):
-            if spec is not None:
+        self.unlabeled_batch_size = max(1, round(batch_size * ratio[1] / ratio[0]))
+        self.transform = TransformConfig(crop_size=crop_size)
+        self.states = {"labeled": StreamState(), "unlabeled": StreamState()}
+        self._resume: dict = {}
+
+    STAGE_DATA = {"fit": ("labeled", "unlabeled", "val"), "validate": ("val",), "test": ("test",)}
+    """The shards each stage reads: only those must exist (`depthkit test` runs where the training data is not)."""
+
+    def setup(self, stage: str) -> None:
+        """Resolve the shards this stage reads: a missing one fails before the first step, naming the option."""
+        hp, stage = self.hparams, str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+        required = {"fit": "labeled", "validate": "val", "test": "test"}.get(stage)
+        if required is not None and hp[required] is None:
+            raise ValueError(f"depthkit {stage} needs data.{required} (labeled shards)")
+        for name in self.STAGE_DATA.get(stage, ()):
+            if hp[name] is not None:
                 try:
-                    shard_paths(spec)
+                    shard_paths(hp[name])
                 except FileNotFoundError as err:
                     raise FileNotFoundError(f"data.{name}: {err}") from None
-        if pseudo_labels:
-            for url in shard_paths(unlabeled):
-                label = label_shard_url(pseudo_labels, url)
+        if stage == "fit" and hp.pseudo_labels:
+            for url in shard_paths(hp.unlabeled):
+                label = label_shard_url(hp.pseudo_labels, url)
                 if "://" not in label and not label.startswith("pipe:"):
                     try:
                         shard_paths(label)
@@ -91,10 +106,6 @@ class DepthDataModule(L.LightningDataModule):
                         raise FileNotFoundError(
                             f"data.pseudo_labels: no pseudo-label shard {label} for image shard {url}"
                         ) from None
-        self.unlabeled_batch_size = max(1, round(batch_size * ratio[1] / ratio[0]))
-        self.transform = TransformConfig(crop_size=crop_size)
-        self.states = {"labeled": StreamState(), "unlabeled": StreamState()}
-        self._resume: dict = {}
 
     # -- streams ---------------------------------------------------------------------------------------------
 
@@ -150,8 +161,6 @@ class DepthDataModule(L.LightningDataModule):
         return [] if self.hparams.val is None else self._eval_loader(self.hparams.val)
 
     def test_dataloader(self):
-        if self.hparams.test is None:
-            raise ValueError("depthkit test needs data.test (labeled shards)")
         return self._eval_loader(self.hparams.test)
 
     def _eval_loader(self, spec):

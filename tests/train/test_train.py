@@ -487,12 +487,27 @@ def test_test_subcommand_scores_the_test_shards(tiny_data, tmp_path):
         "--config",
         str(REPO / "recipes/tiny_teacher.yaml"),
     ]
-    args += ["--data.labeled", str(tiny_data / "labeled"), "--data.val", "null", "--data.test", str(tiny_data / "val")]
+    # The training shards need not be there: a test runs on another machine than the training did.
+    args += ["--data.labeled", str(tmp_path / "elsewhere"), "--data.val", "null", "--data.test", str(tiny_data / "val")]
     args += ["--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "test"), "--ckpt_path", str(ckpt)]
     assert main(args) == 0
     (metrics,) = (tmp_path / "test").glob("lightning_logs/version_*/metrics.csv")
     (row,) = [r for r in csv.DictReader(open(metrics)) if r.get("test/abs_rel")]
     assert 0 < float(row["test/abs_rel"]) < 10 and 0 <= float(row["test/delta1"]) <= 1
+
+
+def test_a_missing_data_option_or_path_is_named_before_the_first_step(tiny_data, tmp_path, capsys):
+    base = ["--trainer", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "recipes/tiny_teacher.yaml")]
+    base += ["--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "run")]
+    assert main(["fit", *base, "--data.labeled", str(tmp_path / "typo")]) == 1
+    assert f"data.labeled: shard not found: {tmp_path / 'typo'}" in capsys.readouterr().err
+    assert main(["fit", *base, "--data.labeled", str(tiny_data / "labeled"), "--data.val", str(tmp_path / "nope")]) == 1
+    assert f"data.val: shard not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert main(["fit", *base, "--data.labeled", "null"]) == 1
+    assert "depthkit fit needs data.labeled" in capsys.readouterr().err
+    assert main(["test", *base, "--data.test", "null"]) == 1
+    assert "depthkit test needs data.test" in capsys.readouterr().err
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
 def test_a_data_error_in_a_worker_ends_the_run_in_one_line(tiny_data, tmp_path):
