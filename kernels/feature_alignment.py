@@ -4,7 +4,7 @@ Three layers, Liger style: Triton kernels, `FeatureAlignmentFunction`, and the d
 `feature_alignment`. Spec: `reference.feature_alignment_reference`.
 
 Forward: one pass over the B*N rows of D channels (dot product and both squared norms per row, fp32), then a
-per-image kernel that averages 1 - cos over the patches with cos <= tolerance. Backward: one pass,
+per-image kernel that averages 1 - cos over the patches with cos <= tolerance (or NaN). Backward: one pass,
 d(1 - cos)/ds = -(t / (|s| |t|) - cos * s / |s|^2) times gL / num_included for included patches (the norm floors
 `eps` cut the |s| term, as in the reference).
 
@@ -72,7 +72,7 @@ def _fa_image_kernel(cos_ptr, loss_ptr, count_ptr, N, tolerance, BLOCK_N: tl.con
         ns = n0 + tl.arange(0, BLOCK_N)
         m = ns < N
         cos = tl.load(cos_ptr + b.to(tl.int64) * N + ns, mask=m, other=2.0)
-        inc = m & (cos <= tolerance)
+        inc = m & ((cos <= tolerance) | (cos != cos))  # NaN included, as in the reference
         total += tl.sum(tl.where(inc, 1.0 - cos, 0.0), axis=0)
         count += tl.sum(inc.to(tl.float32), axis=0)
     tl.store(loss_ptr + b, total / tl.maximum(count, 1.0))
@@ -106,7 +106,7 @@ def _fa_backward_kernel(
     tt = tl.load(tt_ptr + rows, mask=row_ok, other=1.0)
     count = tl.load(count_ptr + img, mask=row_ok, other=1).to(tl.float32)
     grad_loss = tl.load(grad_loss_ptr + img * GRAD_LOSS_STRIDE, mask=row_ok, other=0.0)  # stride 0: a sum's
-    g = tl.where(row_ok & (cos <= tolerance), grad_loss / tl.maximum(count, 1.0), 0.0)
+    g = tl.where(row_ok & ((cos <= tolerance) | (cos != cos)), grad_loss / tl.maximum(count, 1.0), 0.0)
     norm_s = _floored_norm(ss, eps2)
     norm_t = _floored_norm(tt, eps2)
     coef_t = -g / (norm_s * norm_t)

@@ -243,6 +243,7 @@ def feature_alignment_reference(
 
     cos = <s, t> / (max(|s|, eps) * max(|t|, eps)) per patch (floors carry no gradient). Patches with
     cos > tolerance are ignored; the loss of an image is the mean of 1 - cos over the remaining patches (0 if none).
+    A NaN cosine (a diverged student) is not "above the tolerance": it enters the mean, so the loss shows it.
 
     Returns:
         (loss_B, num_included_B): fp32 loss differentiable w.r.t. the student, and the int64 count of patches
@@ -257,7 +258,7 @@ def feature_alignment_reference(
     norm_s_BN = torch.where(ss_BN > eps2, ss_BN, torch.full_like(ss_BN, eps2)).sqrt()
     norm_t_BN = torch.where(tt_BN > eps2, tt_BN, torch.full_like(tt_BN, eps2)).sqrt()
     cos_BN = dot_BN / (norm_s_BN * norm_t_BN)
-    included_BN = cos_BN.detach() <= tolerance
+    included_BN = ~(cos_BN.detach() > tolerance)  # NaN included
     num_included_B = included_BN.sum(-1)
     loss_B = torch.where(included_BN, 1.0 - cos_BN, 0.0).sum(-1) / num_included_B.clamp_min(1)
     return loss_B, num_included_B

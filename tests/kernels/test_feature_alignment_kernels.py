@@ -71,3 +71,12 @@ def test_gradient_of_a_plain_sum(close, triton_device):
         grads.append(student.grad)
     assert grads[0].abs().sum() > 0
     close(grads[0], grads[1], torch.float32, what="grad student")
+
+
+def test_a_nan_student_patch_makes_the_loss_nan(triton_device):
+    """A diverged student must show in the loss: a NaN cosine is not "above the tolerance" (both impls)."""
+    student_BND, target_BND = make_features((2, 6, 16), torch.float32, triton_device, seed=6)
+    student_BND[1, 2, 0] = float("nan")
+    for impl in ("triton", "torch"):
+        out = feature_alignment(student_BND, target_BND, impl=impl)
+        assert torch.isfinite(out.loss_B[0]) and torch.isnan(out.loss_B[1]), impl
