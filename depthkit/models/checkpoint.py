@@ -76,6 +76,30 @@ def find_pretrained(filename: str, model_name: str, checkpoint_path: str | os.Pa
     )
 
 
+def locate_weights(path: str | os.PathLike, option: str) -> Path:
+    """A weights path from a configuration: as given (relative paths from the working directory), else, for a
+    relative path, its file name in the checkpoint folder (`checkpoint_dir()`, where `pretrained=True` looks).
+
+    Recipes name DINOv2 and Depth Anything weights as `checkpoints/<official file name>`: that works from the
+    repository root, and from anywhere once the files are in `$DEPTHKIT_HOME/checkpoints`.
+
+    Raises:
+        FileNotFoundError: naming `option` and every place looked in.
+    """
+    given = Path(path).expanduser()
+    if given.exists():
+        return given
+    looked = [given.absolute()]
+    if not given.is_absolute():
+        fallback = checkpoint_dir() / given.name
+        if fallback.exists():
+            return fallback
+        looked.append(fallback)
+    raise FileNotFoundError(
+        f"{option}: {path} not found (looked for {' and '.join(map(str, looked))}); depthkit never downloads"
+    )
+
+
 # --------------------------------------------------------------------------------------------- key renames
 
 _OFFICIAL_ENCODER = "pretrained."

@@ -21,6 +21,7 @@ import torch
 from depthkit.data.cutmix import mix_like
 from depthkit.losses import DepthLoss, DepthLossConfig, feature_alignment_loss, preset
 from depthkit.models import create_encoder, create_model, load_checkpoint, load_model
+from depthkit.models.checkpoint import locate_weights
 from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, METRIC_DEPTH
 from depthkit.train.config import LossWeights, OptimConfig
 
@@ -94,7 +95,8 @@ class DepthModule(L.LightningModule):
         checkpoint_path: Start from this checkpoint instead (official, depthkit or transformers layout, or a
             `depthkit fit` checkpoint, whatever config it was trained with, as long as the tensors fit).
         encoder_checkpoint: Initialise only the encoder, from DINOv2 weights (the Depth Anything recipe) or the
-            encoder of a Depth Anything checkpoint (the official metric fine-tuning starts so).
+            encoder of a Depth Anything checkpoint (the official metric fine-tuning starts so). Weights paths that
+            are relative and missing are also looked for by file name in `$DEPTHKIT_HOME/checkpoints`.
         model_overrides: Config fields of the model to change (e.g. `{"max_depth": 80.0}`).
         loss: The loss on labeled images (`depthkit.losses.DepthLossConfig`; presets in `configs/loss/`).
         optim: Optimizer and schedule.
@@ -123,9 +125,9 @@ class DepthModule(L.LightningModule):
         self.loss_config, self.optim_config = loss, optim  # typed; self.hparams holds what the CLI saw
         self.model = create_model(model, pretrained=pretrained and checkpoint_path is None, **(model_overrides or {}))
         if checkpoint_path is not None:  # a start, not this model's own weights: another config's are fine
-            load_checkpoint(self.model, checkpoint_path, check_config=False)
+            load_checkpoint(self.model, locate_weights(checkpoint_path, "model.checkpoint_path"), check_config=False)
         if encoder_checkpoint:
-            load_encoder_weights(self.model, encoder_checkpoint)
+            load_encoder_weights(self.model, locate_weights(encoder_checkpoint, "model.encoder_checkpoint"))
         self.model.encoder.set_grad_checkpointing(grad_checkpointing)
         space = self.model.meta.output_space
         if not pretrained and checkpoint_path is None and space != METRIC_DEPTH:
@@ -304,6 +306,8 @@ class StudentModule(DepthModule):
         self.teacher = None
         if teacher is not None:
             # Built as its checkpoint says it was trained; without one, random weights (for tests).
+            if teacher_checkpoint:
+                teacher_checkpoint = locate_weights(teacher_checkpoint, "model.teacher_checkpoint")
             self.teacher = load_model(teacher, teacher_checkpoint, pretrained=False).requires_grad_(False)
             if self.teacher.meta.output_space == METRIC_DEPTH:
                 raise ValueError(f"teacher {teacher!r} is metric; pseudo-labels are affine-invariant disparity")

@@ -755,3 +755,23 @@ def test_sparse_logging_writes_the_same_values_at_the_logging_steps(recipe, tiny
         assert sorted(few) == [1, 3], (key, few)
         if not key.startswith("perf/"):
             assert few == pytest.approx({step: dense[step] for step in few}, rel=1e-6), key
+
+
+def test_relative_weights_paths_are_also_found_in_the_checkpoint_folder(tmp_path, monkeypatch):
+    """Recipes say `encoder_checkpoint: checkpoints/<official name>`: from another working directory, the file in
+    $DEPTHKIT_HOME/checkpoints is taken; a path found nowhere is named with both places looked in."""
+    from depthkit.models import create_model, save_checkpoint
+
+    torch.manual_seed(3)
+    home = tmp_path / "home"
+    (home / "checkpoints").mkdir(parents=True)
+    source = create_model("test_dav2")
+    save_checkpoint(source, home / "checkpoints" / "enc.pth")  # official layout: the encoder is `pretrained.*`
+    monkeypatch.setenv("DEPTHKIT_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    module = DepthModule("test_dav2", encoder_checkpoint="checkpoints/enc.pth")
+    expected = source.encoder.state_dict()
+    for key, value in module.model.encoder.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    with pytest.raises(FileNotFoundError, match=r"model.encoder_checkpoint: checkpoints/none.pth not found \(looked"):
+        DepthModule("test_dav2", encoder_checkpoint="checkpoints/none.pth")
