@@ -8,8 +8,10 @@ are printed as one clear message before any training starts.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import multiprocessing
+import re
 import sys
 import warnings
 import zipfile
@@ -99,7 +101,8 @@ def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
         args=None if argv == sys.argv[1:] else argv,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "depthkit"},
+        # A bad option raises (ArgumentError) rather than print the whole usage: `run_lightning_cli` says it in a line.
+        parser_kwargs={"prog": "depthkit", "exit_on_error": False},
         auto_configure_optimizers=False,
     )
 
@@ -156,12 +159,45 @@ def _changed_arguments(given, resumed) -> list[str]:
 
 
 def _one_line(err: BaseException) -> str:
-    """The message of `err`; for an error re-raised from a DataLoader worker, the worker's own last line."""
+    """The message of `err`; for an error re-raised from a DataLoader worker, the worker's own last line; for a
+    module that refused its arguments (jsonargparse wraps the error in its union message), the module's own."""
     text = str(err)
     if "Original Traceback" in text:
         last = text.strip().splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    if _PARSE_NOISE[0] in text:
+        return condense_parse_error(text)
     return text
+
+
+_PARSE_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Problem with given class_path",
+    "Expected a <class 'NoneType'>",
+)
+
+
+def condense_parse_error(message: str) -> str:
+    """jsonargparse's message for a bad option, in one line: the dotted option and the innermost reason.
+
+    A module argument fails inside a union (`model` is a class path or None), so the message nests the real key
+    and reason under lines about subtypes; e.g. `model.optim.schedule: Expected a typing.Literal['poly', ...].
+    Got value: foo` instead of ten lines after the whole usage.
+    """
+    keys, reason = [], None
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        match = re.match(r'Parser key "([^"]+)":?\s*(.*)$', line)
+        if match:
+            keys.append(match.group(1))
+            reason = match.group(2) or reason
+        elif line and reason is None and not line.startswith(_PARSE_NOISE):
+            reason = line
+    reason = reason or message.strip().splitlines()[0]
+    return f"{'.'.join(keys)}: {reason}" if keys else reason
 
 
 def _kill_workers() -> None:
@@ -176,6 +212,12 @@ def run_lightning_cli(argv: list[str]) -> int:
     quiet_lightning()
     try:
         build_cli(argv)
+    except argparse.ArgumentError as err:
+        _kill_workers()
+        command = argv[0] if argv else ""
+        print(f"depthkit {command}: error: {condense_parse_error(str(err))} (see depthkit {command} --help)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         _kill_workers()
         print(f"depthkit {argv[0] if argv else ''}: error: {_one_line(err)}", file=sys.stderr)

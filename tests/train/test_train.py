@@ -477,6 +477,30 @@ def test_lightning_optimizer_options_are_refused_with_a_pointer(option, tmp_path
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("option", "code", "message"),
+    [
+        (["--model.optim.schedule", "foo"], 2, "model.optim.schedule: Expected a typing.Literal['poly', 'cosine', "),
+        (["--data.batch_size", "x"], 2, "data.batch_size: Expected a <class 'int'>. Got value: x"),
+        (["--nope", "3"], 2, "unrecognized arguments: --nope 3"),
+        (["--model.optim.encoder_lr", "-1"], 1, "optim: learning rates must be positive"),  # the module's own check
+    ],
+)
+def test_a_bad_option_is_one_line_naming_it(option, code, message, tmp_path, capsys):
+    """Not the whole usage, nor jsonargparse's nested union message: the option and the reason."""
+    args = [
+        "fit",
+        "--trainer",
+        str(REPO / "configs/trainer/cpu.yaml"),
+        "--config",
+        str(REPO / "recipes/tiny_teacher.yaml"),
+    ]
+    assert main([*args, *option, "--trainer.default_root_dir", str(tmp_path)]) == code
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("depthkit fit: error: ") and message in line
+
+
 def test_test_subcommand_scores_the_test_shards(tiny_data, tmp_path):
     run = _fit(tmp_path, tiny_data, "tiny_teacher", steps=1)
     (ckpt,) = run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
