@@ -103,6 +103,7 @@ BUDGET_S=${GPU_CHECKS_BUDGET_S:-510}
 SITE=${GPU_CHECKS_SITE:-/tmp/site}
 OUT=${OUT:-/tmp/gpu_checks_out}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks.XXXXXX")
+[ "$DRY_RUN" -eq 1 ] && OUT="$WORK/out"  # a dry run leaves a real run's log and files alone
 mkdir -p "$OUT"
 LOG="$OUT/gpu_checks.log"
 : >"$LOG"
