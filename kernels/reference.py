@@ -52,8 +52,7 @@ def masked_lower_median(x_BHW: torch.Tensor, valid_BHW: torch.Tensor) -> torch.T
     x_BHW = x_BHW.float()
     num_valid_B = _sum_hw(valid_BHW)
     rank_B = (num_valid_B - 1).clamp_min(0) // 2
-    inf = torch.tensor(float("inf"), device=x_BHW.device)
-    sorted_BM = torch.where(valid_BHW, x_BHW.detach(), inf).flatten(1).sort(dim=1).values  # B x HW
+    sorted_BM = torch.where(valid_BHW, x_BHW.detach(), float("inf")).flatten(1).sort(dim=1).values  # B x HW
     median_B = sorted_BM.gather(1, rank_B[:, None]).squeeze(1)
     median_B = torch.where(num_valid_B > 0, median_B, torch.zeros_like(median_B))
     # Exact value, gradient spread over the tied valid elements: (x - median) is exactly 0 where they are equal.
@@ -64,8 +63,7 @@ def masked_lower_median(x_BHW: torch.Tensor, valid_BHW: torch.Tensor) -> torch.T
 
 def masked_kth_smallest(x_BHW: torch.Tensor, valid_BHW: torch.Tensor, rank_B: torch.Tensor) -> torch.Tensor:
     """The value of 0-based rank `rank_B` among the valid values of each image (0 where rank < 0). No gradient."""
-    inf = torch.tensor(float("inf"), device=x_BHW.device)
-    sorted_BM = torch.where(valid_BHW, x_BHW.detach().float(), inf).flatten(1).sort(dim=1).values  # B x HW
+    sorted_BM = torch.where(valid_BHW, x_BHW.detach().float(), float("inf")).flatten(1).sort(dim=1).values
     kth_B = sorted_BM.gather(1, rank_B.clamp_min(0).long()[:, None]).squeeze(1)
     return torch.where(rank_B >= 0, kth_B, torch.zeros_like(kth_B))
 

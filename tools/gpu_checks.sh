@@ -23,7 +23,8 @@
 #   losses_profile  torch.profiler tables (host vs device time) of the fused SSI least-squares and trimmed median
 #   select_sweep    masked_median device time at 2048 to 16384 pixels per radix-select program
 #   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 384 images 480x640, npz  needs braceexpand
-#   losses_compile  benchmarks/losses.py, the full run (triton, eager AND torch.compile), with whatever time is
+#   losses_compile  benchmarks/losses.py --cudagraph, the full run (triton, eager AND torch.compile: device time,
+#                   the fair measure against compiled code; it replaces losses_graph's CSV), with whatever time is
 #                   left: ~22 inductor compiles, the slowest and least certain step, so it goes last. Its rows are
 #                   printed as they finish, so a timeout still leaves them in the log.
 # Files under $OUT (at most 8 come back): gpu_checks.log (everything), summary.tsv, pytest_gpu.xml,
@@ -305,7 +306,7 @@ fi
 
 # f. The full losses benchmark (adds torch.compile of each reference): all the time left, at least 90 s.
 if selected losses_compile; then
-    run_step losses_compile 0 90 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 \
+    run_step losses_compile 0 90 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 --cudagraph \
         --out-dir "$OUT"
 fi
 
