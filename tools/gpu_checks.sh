@@ -20,7 +20,7 @@
 #   fsdp2           depthkit fit with configs/trainer/gpu_fsdp.yaml (FSDP2, bf16), tiny teacher, 30 steps
 #   losses          benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager  needs no carried wheel
 #   losses_graph    the same with --cudagraph: device time only, without the host's launch overhead
-#   losses_profile  torch.profiler tables (host vs device time) of the fused SSI least-squares and trimmed median
+#   losses_profile  torch.profiler tables (host vs device time): SSI least squares, trimmed median, gradient matching
 #   select_sweep    masked_median device time at 2048 to 16384 pixels per radix-select program
 #   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 384 images 480x640, npz  needs braceexpand
 #   losses_compile  benchmarks/losses.py --cudagraph, the full run (triton, eager AND torch.compile: device time,
@@ -279,7 +279,7 @@ fi
 # b3. Where the fused SSI losses' time goes, host against device (tables in the log only).
 if selected losses_profile; then
     run_step losses_profile 45 20 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32 \
-        --ops ssi_lsq,ssi_median_trim0.1 --impls triton,eager --profile --out-dir "$WORK/losses_profile"
+        --ops ssi_lsq,ssi_median_trim0.1,gradient_matching --impls triton,eager --profile --out-dir "$WORK/losses_profile"
 fi
 
 # b4. The radix select's pixels per program (its histogram pass is the median family's device bottleneck).
