@@ -279,7 +279,8 @@ fi
 # b3. Where the fused SSI losses' time goes, host against device (tables in the log only).
 if selected losses_profile; then
     run_step losses_profile 45 20 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32 \
-        --ops ssi_lsq,ssi_median_trim0.1,gradient_matching --impls triton,eager --profile --out-dir "$WORK/losses_profile"
+        --ops ssi_lsq,ssi_median_trim0.1,gradient_matching --impls triton,eager --profile \
+        --out-dir "$WORK/losses_profile"
 fi
 
 # b4. The radix select's pixels per program (its histogram pass is the median family's device bottleneck).
