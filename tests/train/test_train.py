@@ -461,16 +461,14 @@ def test_ckpt_path_must_be_a_run_of_the_same_module_and_model(tiny_data, tmp_pat
     assert not (tmp_path / "other").exists(), "refused before any work"
 
 
+def _tiny_teacher_args() -> list[str]:
+    return ["--trainer", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "recipes/tiny_teacher.yaml")]
+
+
 @pytest.mark.parametrize("option", [["--optimizer", "Adam"], ["--lr_scheduler.class_path=StepLR"]])
 def test_lightning_optimizer_options_are_refused_with_a_pointer(option, tmp_path, capsys):
     """LightningCLI's own optimizer would replace the module's two learning rates with one, silently."""
-    args = [
-        "fit",
-        "--trainer",
-        str(REPO / "configs/trainer/cpu.yaml"),
-        "--config",
-        str(REPO / "recipes/tiny_teacher.yaml"),
-    ]
+    args = ["fit", *_tiny_teacher_args()]
     assert main([*args, *option, "--trainer.default_root_dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "depthkit modules build their optimizer" in err and "--model.optim.encoder_lr" in err
@@ -488,13 +486,7 @@ def test_lightning_optimizer_options_are_refused_with_a_pointer(option, tmp_path
 )
 def test_a_bad_option_is_one_line_naming_it(option, code, message, tmp_path, capsys):
     """Not the whole usage, nor jsonargparse's nested union message: the option and the reason."""
-    args = [
-        "fit",
-        "--trainer",
-        str(REPO / "configs/trainer/cpu.yaml"),
-        "--config",
-        str(REPO / "recipes/tiny_teacher.yaml"),
-    ]
+    args = ["fit", *_tiny_teacher_args()]
     assert main([*args, *option, "--trainer.default_root_dir", str(tmp_path)]) == code
     err = capsys.readouterr().err
     (line,) = err.strip().splitlines()
@@ -521,8 +513,7 @@ def test_test_subcommand_scores_the_test_shards(tiny_data, tmp_path):
 
 
 def test_a_missing_data_option_or_path_is_named_before_the_first_step(tiny_data, tmp_path, capsys):
-    base = ["--trainer", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "recipes/tiny_teacher.yaml")]
-    base += ["--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "run")]
+    base = [*_tiny_teacher_args(), "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "run")]
     assert main(["fit", *base, "--data.labeled", str(tmp_path / "typo")]) == 1
     assert f"data.labeled: shard not found: {tmp_path / 'typo'}" in capsys.readouterr().err
     assert main(["fit", *base, "--data.labeled", str(tiny_data / "labeled"), "--data.val", str(tmp_path / "nope")]) == 1
