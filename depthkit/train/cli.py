@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from depthkit.models.checkpoint import found_config_diffs, read_file, training_config
 from depthkit.models.registry import model_config
 from depthkit.train.callbacks import ProgressBar
-from depthkit.train.data import DepthDataModule
+from depthkit.train.data import STAGE_DATA, DepthDataModule, check_stage_data
 from depthkit.train.module import DepthModule
 
 
@@ -54,14 +54,23 @@ class DepthCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning reads `--ckpt_path` here and replaces the configured module's arguments with the checkpoint's:
         # the check must come first, against the configuration as given.
-        if not self.config.get("subcommand"):
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
             return super()._parse_ckpt_path()
-        section = self.config[self.config.subcommand]
+        section = self.config[subcommand]
         check_resume(section.get("ckpt_path"), section.get("model"))
+        if subcommand in ("validate", "test") and section.get("ckpt_path") is None:
+            weights = section.get("model") and section.model.get("init_args")
+            if weights is not None and not weights.get("pretrained") and weights.get("checkpoint_path") is None:
+                raise ValueError(
+                    f"depthkit {subcommand} would score an untrained model: pass --ckpt_path RUN.ckpt (a depthkit fit "
+                    "checkpoint), or weights as model.checkpoint_path or model.pretrained"
+                )
         given = section.get("model").clone() if section.get("model") is not None else None
         super()._parse_ckpt_path()
-        resumed = self.config[self.config.subcommand].get("model")
-        if given is not None and resumed is not None:
+        resumed = self.config[subcommand].get("model")
+        # validate / test score the run as it was trained: the checkpoint's arguments are the point, not a change.
+        if subcommand == "fit" and given is not None and resumed is not None:
             changed = _changed_arguments(given, resumed)
             if changed:
                 raise ValueError(
@@ -69,6 +78,12 @@ class DepthCLI(LightningCLI):
                     f"configuration changes {'; '.join(changed)}: drop the change, or start a new run from its "
                     "weights (model.checkpoint_path)"
                 )
+
+    def before_instantiate_classes(self) -> None:
+        # The stage's data first: a typo in a shard path is named before the model, the trainer or a log folder.
+        subcommand = self.config.get("subcommand")
+        if subcommand in STAGE_DATA:
+            check_stage_data(subcommand, self.config[subcommand].get("data") or {})
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -122,7 +137,9 @@ def check_resume(ckpt_path: str | None, module_config) -> None:
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--ckpt_path {path}: no such file")
-    if path.is_dir():  # a sharded (distributed) checkpoint: Lightning's strategy reads it
+    if path.is_dir():  # a sharded (distributed) checkpoint, which torch.distributed.checkpoint marks: the strategy's
+        if not (path / ".metadata").is_file():
+            raise ValueError(f"--ckpt_path {path} is a folder, not a checkpoint (nor a sharded one: no .metadata)")
         return
     if not zipfile.is_zipfile(path):  # torch.save has written zip files since torch 1.6
         raise ValueError(f"--ckpt_path {path} is not a checkpoint (not a torch zip file)")
@@ -218,7 +235,7 @@ def run_lightning_cli(argv: list[str]) -> int:
         print(f"depthkit {command}: error: {condense_parse_error(str(err))} (see depthkit {command} --help)",
               file=sys.stderr)  # fmt: skip
         return 2
-    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
+    except (ValueError, OSError, MisconfigurationException) as err:
         _kill_workers()
         print(f"depthkit {argv[0] if argv else ''}: error: {_one_line(err)}", file=sys.stderr)
         return 1

@@ -22,10 +22,44 @@ def _loader(stream: ShardStream, num_workers: int):
     return make_loader(stream, num_workers=num_workers, worker_init_fn=ignore_preemption_signals)
 
 
+STAGE_DATA = {"fit": ("labeled", "unlabeled", "val"), "validate": ("val",), "test": ("test",)}
+"""The shards each stage reads: only those must exist (`depthkit test` runs where the training data is not)."""
+
+
+def check_stage_data(stage: str, data) -> None:
+    """Resolve the shards `stage` reads from `data` (the data module's arguments, a mapping): a missing option or
+    shard is an error naming the option. `depthkit fit | validate | test` call it before building the model and
+    the trainer; `DepthDataModule.setup` again, for Python users.
+
+    Raises:
+        ValueError: the stage's own data option is not set.
+        FileNotFoundError: a shard (or a pseudo-label shard of an unlabeled one) does not exist.
+    """
+    required = {"fit": "labeled", "validate": "val", "test": "test"}.get(stage)
+    if required is not None and data.get(required) is None:
+        raise ValueError(f"depthkit {stage} needs data.{required} (labeled shards)")
+    for name in STAGE_DATA.get(stage, ()):
+        if data.get(name) is not None:
+            try:
+                shard_paths(data[name])
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"data.{name}: {err}") from None
+    if stage == "fit" and data.get("pseudo_labels"):
+        for url in shard_paths(data["unlabeled"]):
+            label = label_shard_url(data["pseudo_labels"], url)
+            if "://" not in label and not label.startswith("pipe:"):
+                try:
+                    shard_paths(label)
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"data.pseudo_labels: no pseudo-label shard {label} for image shard {url}"
+                    ) from None
+
+
 class DepthDataModule(L.LightningDataModule):
     """Training and validation data from WebDataset shards.
 
-    Each stage needs only its own shards (`STAGE_DATA`); they are resolved in `setup`, before the first step.
+    Each stage needs only its own shards (`STAGE_DATA`); they are resolved in `setup` (`check_stage_data`).
 
     Args:
         labeled: Labeled shards (folder, glob, brace pattern, URL, or a list); `depthkit fit` needs them.
@@ -81,31 +115,9 @@ class DepthDataModule(L.LightningDataModule):
         self.states = {"labeled": StreamState(), "unlabeled": StreamState()}
         self._resume: dict = {}
 
-    STAGE_DATA = {"fit": ("labeled", "unlabeled", "val"), "validate": ("val",), "test": ("test",)}
-    """The shards each stage reads: only those must exist (`depthkit test` runs where the training data is not)."""
-
     def setup(self, stage: str) -> None:
-        """Resolve the shards this stage reads: a missing one fails before the first step, naming the option."""
-        hp, stage = self.hparams, str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
-        required = {"fit": "labeled", "validate": "val", "test": "test"}.get(stage)
-        if required is not None and hp[required] is None:
-            raise ValueError(f"depthkit {stage} needs data.{required} (labeled shards)")
-        for name in self.STAGE_DATA.get(stage, ()):
-            if hp[name] is not None:
-                try:
-                    shard_paths(hp[name])
-                except FileNotFoundError as err:
-                    raise FileNotFoundError(f"data.{name}: {err}") from None
-        if stage == "fit" and hp.pseudo_labels:
-            for url in shard_paths(hp.unlabeled):
-                label = label_shard_url(hp.pseudo_labels, url)
-                if "://" not in label and not label.startswith("pipe:"):
-                    try:
-                        shard_paths(label)
-                    except FileNotFoundError:
-                        raise FileNotFoundError(
-                            f"data.pseudo_labels: no pseudo-label shard {label} for image shard {url}"
-                        ) from None
+        """Resolve the shards this stage reads (`check_stage_data`; `depthkit` did so before building anything)."""
+        check_stage_data(str(getattr(stage, "value", stage)), self.hparams)  # Lightning passes a TrainerFn
 
     # -- streams ---------------------------------------------------------------------------------------------
 

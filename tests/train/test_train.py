@@ -458,6 +458,7 @@ def test_ckpt_path_must_be_a_run_of_the_same_module_and_model(tiny_data, tmp_pat
     assert "is not a `depthkit fit` checkpoint" in refused("recipes/tiny_teacher.yaml", weights)
     weights.write_text("a,b\n")
     assert "is not a checkpoint (not a torch zip file)" in refused("recipes/tiny_teacher.yaml", weights)
+    assert "is a folder, not a checkpoint" in refused("recipes/tiny_teacher.yaml", tmp_path)
     assert not (tmp_path / "other").exists(), "refused before any work"
 
 
@@ -493,26 +494,23 @@ def test_a_bad_option_is_one_line_naming_it(option, code, message, tmp_path, cap
     assert line.startswith("depthkit fit: error: ") and message in line
 
 
-def test_test_subcommand_scores_the_test_shards(tiny_data, tmp_path):
-    run = _fit(tmp_path, tiny_data, "tiny_teacher", steps=1)
+def test_test_subcommand_scores_the_test_shards(tiny_data, tmp_path, capsys):
+    # Trained with an override the test command does not repeat: a test scores the run as it was trained.
+    run = _fit(tmp_path, tiny_data, "tiny_teacher", "--model.optim.encoder_lr", "0.001", steps=1)
     (ckpt,) = run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
-    args = [
-        "test",
-        "--trainer",
-        str(REPO / "configs/trainer/cpu.yaml"),
-        "--config",
-        str(REPO / "recipes/tiny_teacher.yaml"),
-    ]
+    args = ["test", *_tiny_teacher_args()]
     # The training shards need not be there: a test runs on another machine than the training did.
     args += ["--data.labeled", str(tmp_path / "elsewhere"), "--data.val", "null", "--data.test", str(tiny_data / "val")]
-    args += ["--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "test"), "--ckpt_path", str(ckpt)]
-    assert main(args) == 0
+    args += ["--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "test")]
+    assert main(args) == 1  # no weights at all: random ones would be scored
+    assert "depthkit test would score an untrained model: pass --ckpt_path" in capsys.readouterr().err
+    assert main([*args, "--ckpt_path", str(ckpt)]) == 0
     (metrics,) = (tmp_path / "test").glob("lightning_logs/version_*/metrics.csv")
     (row,) = [r for r in csv.DictReader(open(metrics)) if r.get("test/abs_rel")]
     assert 0 < float(row["test/abs_rel"]) < 10 and 0 <= float(row["test/delta1"]) <= 1
 
 
-def test_a_missing_data_option_or_path_is_named_before_the_first_step(tiny_data, tmp_path, capsys):
+def test_a_missing_data_option_or_path_is_named_before_anything_is_built(tiny_data, tmp_path, capsys):
     base = [*_tiny_teacher_args(), "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "run")]
     assert main(["fit", *base, "--data.labeled", str(tmp_path / "typo")]) == 1
     assert f"data.labeled: shard not found: {tmp_path / 'typo'}" in capsys.readouterr().err
@@ -522,7 +520,7 @@ def test_a_missing_data_option_or_path_is_named_before_the_first_step(tiny_data,
     assert "depthkit fit needs data.labeled" in capsys.readouterr().err
     assert main(["test", *base, "--data.test", "null"]) == 1
     assert "depthkit test needs data.test" in capsys.readouterr().err
-    assert not list((tmp_path / "run").rglob("*.ckpt"))
+    assert not (tmp_path / "run").exists(), "refused before the trainer made a log folder"
 
 
 def test_a_data_error_in_a_worker_ends_the_run_in_one_line(tiny_data, tmp_path):
