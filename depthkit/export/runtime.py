@@ -64,7 +64,9 @@ def to_float_hwc(image) -> np.ndarray:
 
         if not isinstance(image, Image.Image):
             raise ValueError(f"unsupported image type {type(image).__name__}; pass a numpy array or a PIL image")
-        image = np.asarray(image.convert("RGB"))
+        from depthkit.models.predict import pil_to_rgb
+
+        image = pil_to_rgb(image)
     array = image[:, :, None] if image.ndim == 2 else image
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise ValueError(f"a numpy image must be H x W x C with C 1, 3 or 4, got shape {image.shape}")

@@ -89,16 +89,26 @@ def collect_inputs(inputs: Sequence[str]) -> list[InputImage]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """uint8 RGB `H x W x 3`, EXIF orientation applied; greyscale, palette and RGBA images become RGB."""
+    """RGB `H x W x 3` (see `pil_to_rgb`), EXIF orientation applied."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits, don't clip
-            array = np.asarray(image, dtype=np.float64)
-            array = array / max(array.max(), 1.0) * 255.0
-            image = Image.fromarray(array.round().astype(np.uint8))
-        return np.asarray(image.convert("RGB"))
+        return pil_to_rgb(ImageOps.exif_transpose(image))
+
+
+def pil_to_rgb(image) -> np.ndarray:
+    """A PIL image as an RGB numpy `H x W x 3`: uint8, except float32 for a float image (mode F, whose values the
+    models take in [0, 1]). Greyscale, palette and RGBA images become RGB; 16- and 32-bit integer greyscale is
+    scaled to 8 bits by its maximum, never clipped (PIL's own conversion clips it to white, or a float to black)."""
+    from PIL import Image
+
+    if image.mode == "F":
+        return np.repeat(np.asarray(image, dtype=np.float32)[:, :, None], 3, axis=2)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        array = array / max(array.max(), 1.0) * 255.0
+        image = Image.fromarray(array.clip(0, 255).round().astype(np.uint8))
+    return np.asarray(image.convert("RGB"))
 
 
 def colorize(values: np.ndarray, output_space: str, cmap: str = "inferno") -> np.ndarray:

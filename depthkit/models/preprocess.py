@@ -41,7 +41,9 @@ def to_float_chw(image) -> torch.Tensor:
             except ImportError:  # pragma: no cover - pillow is a dependency
                 Image = None
             if Image is not None and isinstance(image, Image.Image):
-                image = np.asarray(image.convert("RGB"))
+                from depthkit.models.predict import pil_to_rgb
+
+                image = pil_to_rgb(image)
             else:
                 raise ValueError(f"unsupported image type {type(image).__name__}; pass numpy, PIL or torch")
         array = image

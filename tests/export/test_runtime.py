@@ -73,6 +73,22 @@ def test_images_are_converted_like_the_torch_path():
                 convert(bad)
 
 
+def test_pil_float_and_16_bit_images_are_read_not_clipped():
+    """PIL's convert("RGB") turns a float image in [0, 1] black and clips 16-bit greyscale to white."""
+    from PIL import Image
+
+    grey = np.random.default_rng(4).integers(0, 256, (9, 7)).astype(np.uint8)
+    grey[0, 0] = 255  # 16-bit greyscale is scaled by its maximum: 255 * 257 = 65535 maps back to 255
+    expected = to_float_hwc(grey)
+    float_image = Image.fromarray(grey.astype(np.float32) / 255)  # mode F
+    wide_image = Image.fromarray(grey.astype(np.uint16) * 257)  # mode I;16
+    for convert in (to_float_hwc, lambda image: preprocess.to_float_chw(image).permute(1, 2, 0).numpy()):
+        np.testing.assert_allclose(convert(float_image), expected, atol=1e-6)
+        np.testing.assert_array_equal(convert(wide_image), expected)
+        with pytest.raises(ValueError, match="must hold values in"):
+            convert(Image.fromarray(grey.astype(np.float32)))  # a float image in 0-255
+
+
 def test_predict_onnx_matches_predict_torch(exported, checkpoint, shared_data, tmp_path):
     """Every photo of ../shared/data/unlabeled (the folder, as a user passes it) through both paths."""
     from depthkit.models.predict import IMAGE_SUFFIXES
