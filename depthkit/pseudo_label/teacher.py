@@ -162,6 +162,14 @@ def launch_batch(
         raise ValueError(f"tta={tta!r}; expected one of {TTA_MODES}")
     if confidence and tta != "hflip":
         raise ValueError("confidence comes from the flip pass: it needs tta='hflip'")
+    if not images:
+        raise ValueError("no images to label")
+    for i, image in enumerate(images):
+        if not (
+            isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[2] == 3
+        ):
+            got = f"{image.dtype} {tuple(image.shape)}" if hasattr(image, "shape") else type(image).__name__
+            raise ValueError(f"image {i}: expected a uint8 torch tensor H x W x 3 (as the job decodes), got {got}")
     device = next(model.parameters()).device
     image01_BCHW = torch.stack(
         [

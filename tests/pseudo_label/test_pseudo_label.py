@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -419,3 +420,24 @@ def test_a_batch_collected_after_the_next_launch_holds_its_own_labels(teacher_ck
             assert conf_HW is None and pred_HW.shape == image.shape[:2]
             torch.testing.assert_close(pred_HW, expected, rtol=1e-4, atol=1e-5)
         assert pending.done()
+
+
+def test_label_batch_refuses_images_it_would_misread(teacher_ckpt):
+    """A float [0, 1] tensor would be divided by 255 again; the rest failed deep inside torch."""
+    from depthkit.pseudo_label import label_batch
+
+    model = _teacher(teacher_ckpt)
+    image = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (30, 40, 3), np.uint8))
+    size_hw = official_resize_hw(30, 40, RESOLUTION, model.meta.patch_size)
+    for bad, what in [
+        (image.float() / 255, "torch.float32 (30, 40, 3)"),
+        (image.numpy(), "uint8 (30, 40, 3)"),
+        (image[:, :, 0], "torch.uint8 (30, 40)"),
+        (image.permute(2, 0, 1), "torch.uint8 (3, 30, 40)"),
+    ]:
+        with pytest.raises(
+            ValueError, match=rf"image 1: expected a uint8 torch tensor H x W x 3.*got {re.escape(what)}"
+        ):
+            label_batch(model, [image, bad], size_hw)
+    with pytest.raises(ValueError, match="no images to label"):
+        label_batch(model, [], size_hw)
