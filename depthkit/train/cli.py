@@ -209,11 +209,14 @@ def condense_parse_error(message: str) -> str:
         line = raw.strip().removeprefix("- ").strip()
         match = re.match(r'Parser key "([^"]+)":?\s*(.*)$', line)
         if match:
-            keys.append(match.group(1))
+            if not keys or keys[-1] != match.group(1):  # `--trainer FILE` nests "trainer" in "trainer"
+                keys.append(match.group(1))
             reason = match.group(2) or reason
         elif line and reason is None and not line.startswith(_PARSE_NOISE):
             reason = line
     reason = reason or message.strip().splitlines()[0]
+    if re.search(r"\b(optimizer|lr_scheduler)\b", reason):  # e.g. an `optimizer:` section in a YAML config
+        reason += "; depthkit modules take their optimizer and schedule from model.optim"
     return f"{'.'.join(keys)}: {reason}" if keys else reason
 
 

@@ -482,12 +482,13 @@ def test_lightning_optimizer_options_are_refused_with_a_pointer(option, tmp_path
         (["--model.optim.schedule", "foo"], 2, "model.optim.schedule: Expected a typing.Literal['poly', 'cosine', "),
         (["--data.batch_size", "x"], 2, "data.batch_size: Expected a <class 'int'>. Got value: x"),
         (["--nope", "3"], 2, "unrecognized arguments: --nope 3"),
+        (["--trainer", "nothere.yaml"], 2, 'error: trainer: Unable to load config "nothere.yaml"'),
         (["--model.optim.encoder_lr", "-1"], 1, "optim: learning rates must be positive"),  # the module's own check
     ],
 )
-def test_a_bad_option_is_one_line_naming_it(option, code, message, tmp_path, capsys):
+def test_a_bad_option_is_one_line_naming_it(option, code, message, tiny_data, tmp_path, capsys):
     """Not the whole usage, nor jsonargparse's nested union message: the option and the reason."""
-    args = ["fit", *_tiny_teacher_args()]
+    args = ["fit", *_tiny_teacher_args(), "--data.labeled", str(tiny_data / "labeled"), "--data.val", "null"]
     assert main([*args, *option, "--trainer.default_root_dir", str(tmp_path)]) == code
     err = capsys.readouterr().err
     (line,) = err.strip().splitlines()
