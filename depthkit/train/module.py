@@ -20,7 +20,7 @@ import torch
 
 from depthkit.data.cutmix import mix_like
 from depthkit.losses import DepthLoss, DepthLossConfig, feature_alignment_loss, preset
-from depthkit.models import create_encoder, create_model, load_checkpoint, load_model
+from depthkit.models import create_encoder, create_model, list_models, load_checkpoint, load_model
 from depthkit.models.checkpoint import locate_weights
 from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, METRIC_DEPTH
 from depthkit.train.config import LossWeights, OptimConfig
@@ -123,6 +123,8 @@ class DepthModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.loss_config, self.optim_config = loss, optim  # typed; self.hparams holds what the CLI saw
+        if model not in list_models():
+            raise ValueError(f"model.model: unknown model {model!r}; registered: {', '.join(list_models())}")
         self.model = create_model(model, pretrained=pretrained and checkpoint_path is None, **(model_overrides or {}))
         if checkpoint_path is not None:  # a start, not this model's own weights: another config's are fine
             load_checkpoint(self.model, locate_weights(checkpoint_path, "model.checkpoint_path"), check_config=False)

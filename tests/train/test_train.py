@@ -484,6 +484,7 @@ def test_lightning_optimizer_options_are_refused_with_a_pointer(option, tmp_path
         (["--nope", "3"], 2, "unrecognized arguments: --nope 3"),
         (["--trainer", "nothere.yaml"], 2, 'error: trainer: Unable to load config "nothere.yaml"'),
         (["--model.optim.encoder_lr", "-1"], 1, "optim: learning rates must be positive"),  # the module's own check
+        (["--model.model", "test_dav3"], 1, "model.model: unknown model 'test_dav3'; registered: "),
     ],
 )
 def test_a_bad_option_is_one_line_naming_it(option, code, message, tiny_data, tmp_path, capsys):
