@@ -399,6 +399,7 @@ def test_wandb_offline_run_holds_metrics_and_panels(tiny_data, tmp_path, monkeyp
 
 def _teacher_args(tiny_data, tmp_path, *extra: str) -> list[str]:
     recipe = ["--config", str(REPO / "recipes/tiny_teacher.yaml"), "--data.labeled", str(tiny_data / "labeled")]
+    recipe += ["--data.val", str(tiny_data / "val")]  # the recipe's own shards are not here: checked first
     return [
         "fit",
         "--trainer",
@@ -520,7 +521,8 @@ def test_a_missing_data_option_or_path_is_named_before_anything_is_built(tiny_da
     assert f"data.val: shard not found: {tmp_path / 'nope'}" in capsys.readouterr().err
     assert main(["fit", *base, "--data.labeled", "null"]) == 1
     assert "depthkit fit needs data.labeled" in capsys.readouterr().err
-    assert main(["test", *base, "--data.test", "null"]) == 1
+    weights = ["--model.checkpoint_path", str(tmp_path / "weights.pth")]  # never read: the data is checked first
+    assert main(["test", *base, *weights, "--data.test", "null"]) == 1
     assert "depthkit test needs data.test" in capsys.readouterr().err
     assert not (tmp_path / "run").exists(), "refused before the trainer made a log folder"
 
