@@ -199,6 +199,8 @@ def make_plan(config: PseudoLabelConfig) -> Plan:
     seen: dict[str, str] = {}
     for url, name in zip(urls, names, strict=True):
         if name in seen:
+            if seen[name] == url:
+                raise ValueError(f"input shard {url} is given twice (check --input)")
             raise ValueError(
                 f"input shards {seen[name]} and {url} share the file name {name!r}; output shards "
                 "are named after their inputs, so names must be unique"

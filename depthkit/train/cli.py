@@ -217,6 +217,8 @@ def condense_parse_error(message: str) -> str:
     reason = reason or message.strip().splitlines()[0]
     if re.search(r"\b(optimizer|lr_scheduler)\b", reason):  # e.g. an `optimizer:` section in a YAML config
         reason += "; depthkit modules take their optimizer and schedule from model.optim"
+    if re.search(r"arguments are required: \w+\.model\b", reason):  # no model, so most likely no config at all
+        reason += " (give a recipe: --config recipes/NAME.yaml, and a --trainer configs/trainer/*.yaml)"
     return f"{'.'.join(keys)}: {reason}" if keys else reason
 
 

@@ -348,6 +348,8 @@ def test_start_errors_are_clear_and_come_before_any_work(unlabeled, teacher_ckpt
         run_pseudo_label(_config(unlabeled, out, tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="would overwrite the input shard"):
         run_pseudo_label(_config(unlabeled, unlabeled, teacher_ckpt))
+    with pytest.raises(ValueError, match=r"input shard .*-000000.tar is given twice \(check --input\)"):
+        run_pseudo_label(_config([unlabeled, unlabeled], out, teacher_ckpt))
     assert not out.exists()
     argv = ["pseudo-label", "--checkpoint", str(garbage), "--model", "test_dav2", "--input", str(unlabeled),
             "--output", str(out), "--device", "cpu", "--devices", "2"]  # fmt: skip

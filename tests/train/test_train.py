@@ -477,6 +477,11 @@ def test_lightning_optimizer_options_are_refused_with_a_pointer(option, tmp_path
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+def test_a_bare_command_points_at_the_recipes(capsys):
+    assert main(["fit"]) == 2
+    assert "give a recipe: --config recipes/NAME.yaml" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("option", "code", "message"),
     [
