@@ -76,13 +76,10 @@ def to_float_hwc(image) -> np.ndarray:
     if array.dtype == np.uint8:
         image_HWC = array.astype(np.float32) / np.float32(255.0)
     elif np.issubdtype(array.dtype, np.floating):
+        from depthkit.models.predict import check_unit_range
+
         image_HWC = array.astype(np.float32)
-        low, high = float(image_HWC.min()), float(image_HWC.max())
-        if not (low >= -1e-3 and high <= 1 + 1e-3):  # NaN fails too; the check of depthkit.models' to_float_chw
-            raise ValueError(
-                f"a float image must hold values in [0, 1], this one spans [{low:g}, {high:g}]"
-                + (" (a 0-255 image? pass it as uint8, or divide by 255)" if high > 1.5 else "")
-            )
+        check_unit_range(float(image_HWC.min()), float(image_HWC.max()))
     else:
         raise ValueError(f"image dtype {array.dtype} is not uint8 or float")
     if image_HWC.shape[2] == 1:

@@ -111,6 +111,16 @@ def pil_to_rgb(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def check_unit_range(low: float, high: float) -> None:
+    """A `ValueError` unless a float image's values (its minimum and maximum) lie in [0, 1]; NaN fails too. The
+    torch and the ONNX `infer` share it: a 0-255 float image would otherwise give a silent wrong prediction."""
+    if not (low >= -1e-3 and high <= 1 + 1e-3):
+        raise ValueError(
+            f"a float image must hold values in [0, 1], this one spans [{low:g}, {high:g}]"
+            + (" (a 0-255 image? pass it as uint8, or divide by 255)" if high > 1.5 else "")
+        )
+
+
 def colorize(values: np.ndarray, output_space: str, cmap: str = "inferno") -> np.ndarray:
     """uint8 RGB `H x W x 3`: per-image min-max, near bright (metric depth inverted), through `cmap`."""
     import matplotlib

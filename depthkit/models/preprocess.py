@@ -57,12 +57,10 @@ def to_float_chw(image) -> torch.Tensor:
     elif tensor_CHW.is_floating_point():
         tensor_CHW = tensor_CHW.float()
         if tensor_CHW.numel():
+            from depthkit.models.predict import check_unit_range
+
             low, high = tensor_CHW.aminmax()
-            if not (low >= -1e-3 and high <= 1 + 1e-3):  # NaN fails too
-                raise ValueError(
-                    f"a float image must hold values in [0, 1], this one spans [{float(low):g}, {float(high):g}]"
-                    + (" (a 0-255 image? pass it as uint8, or divide by 255)" if float(high) > 1.5 else "")
-                )
+            check_unit_range(float(low), float(high))
     else:
         raise ValueError(f"image dtype {tensor_CHW.dtype} is not uint8 or float")
     if tensor_CHW.shape[0] == 1:
