@@ -12,7 +12,8 @@ alternate `--repeats` times; the ratio is the median of the pairs' ratios. On a 
 
 `--find-syncs N` (CUDA) then runs N more steps of each loop with torch's sync debug mode on and prints, per loop,
 every place that made the host wait for the GPU (count and call stack): a step that syncs cannot overlap the next
-batch's host work with this one's kernels, which is where a framework loses to a hand-written loop.
+batch's host work with this one's kernels, which is where a framework loses to a hand-written loop. The fit loop is
+watched from the step after its first logging step (N < `--log-every`), from batch transfer to batch transfer.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="CSV file for the results")
     parser.add_argument("--find-syncs", type=int, default=0, metavar="N", help="CUDA: list host syncs in N steps")
     args = parser.parse_args()
+    if args.find_syncs >= args.log_every:
+        parser.error(
+            f"--find-syncs {args.find_syncs} must be below --log-every {args.log_every}: "
+            "the watched steps lie between two logging steps"
+        )
 
     import lightning as L
     import torch
@@ -88,6 +94,10 @@ def main() -> None:
     size = (max(96, args.crop + 14), max(128, args.crop + 28))
     write_synthetic(tmp, num=256, size=size, shard_size=32, workers=2)
 
+    # The fit loop's syncs are looked for in the steps after its first logging step (step log_every - 1): values
+    # logged there stay in Lightning's bookkeeping and are read again after every later step.
+    sync_window = (args.log_every, args.log_every + args.find_syncs)
+
     class Clock(L.Callback):
         def __init__(self, syncs: SyncFinder | None = None):
             self.syncs = syncs
@@ -95,11 +105,9 @@ def main() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == args.warmup:
                 self.start = time.perf_counter()
-            if self.syncs is not None and trainer.global_step == args.warmup:
+            if self.syncs is not None and trainer.global_step == sync_window[0]:
                 self.syncs.start()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.syncs is not None and trainer.global_step == args.warmup + args.find_syncs:
+            if self.syncs is not None and trainer.global_step == sync_window[1]:
                 self.syncs.stop()
 
         def on_train_end(self, trainer, pl_module):
@@ -115,7 +123,7 @@ def main() -> None:
         trainer = L.Trainer(
             accelerator=args.device,
             devices=1,
-            max_steps=(args.find_syncs if syncs else args.steps) + args.warmup,
+            max_steps=sync_window[1] + 1 if syncs else args.steps + args.warmup,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,

@@ -13,8 +13,8 @@
 #
 # Steps, in priority order (each under `timeout`; a failure does not stop the next; summary at the end):
 #   setup           install .whl into /tmp/site, link depthkit + depthkit_kernels there, print versions/GPU, smoke imports
-#   tests           pytest -m gpu tests/kernels tests/pseudo_label (full-size Triton kernel parity on CUDA, the
-#                   labeler's queued copies)
+#   tests           pytest -m gpu tests/kernels tests/pseudo_label tests/train (full-size Triton kernel parity on
+#                   CUDA, the labeler's queued copies, no host-GPU waits between logging steps of depthkit fit)
 #   train_step      benchmarks/train_step.py --device cuda --model dav2_vits --crop 518        needs braceexpand
 #                   (+ --find-syncs: where each loop makes the host wait for the GPU)
 #   fsdp2           depthkit fit with configs/trainer/gpu_fsdp.yaml (FSDP2, bf16), tiny teacher, 30 steps
@@ -215,10 +215,10 @@ SUMMARY+=("setup	$setup_rc	$((SECONDS - setup_start))	$([ "$setup_rc" -eq 0 ] &&
 log "=== [setup] rc=$setup_rc in $((SECONDS - setup_start)) s, GPU tag $GPU_TAG"
 
 # ---------------------------------------------------------------- steps
-# a. The gpu-marked tests: full-size parity of the Triton kernels against the torch references, and the labeler's
-#    batches collected after the next launch.
+# a. The gpu-marked tests: full-size parity of the Triton kernels against the torch references, the labeler's
+#    batches collected after the next launch, and training steps that never wait for the GPU between logging steps.
 if selected tests; then
-    run_step tests 180 30 "$PY" -m pytest -q -m gpu tests/kernels tests/pseudo_label -p no:cacheprovider \
+    run_step tests 180 30 "$PY" -m pytest -q -m gpu tests/kernels tests/pseudo_label tests/train -p no:cacheprovider \
         --durations=8 --junitxml="$OUT/pytest_gpu.xml"
 fi
 

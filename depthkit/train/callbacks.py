@@ -79,10 +79,14 @@ class ThroughputMonitor(L.Callback):
         self._step_end = now
         if not logs_this_step(trainer):
             return
+        # Host tensors: Lightning would copy a Python number to the device, and that copy waits for the step.
         images, wait, total = self._window
         if total > 0:
             pl_module.log_dict(
-                {"perf/images_per_s": images / total, "perf/data_wait_fraction": wait / total},
+                {
+                    "perf/images_per_s": torch.tensor(images / total),
+                    "perf/data_wait_fraction": torch.tensor(wait / total),
+                },
                 on_step=True,
                 on_epoch=False,
                 batch_size=1,
@@ -90,7 +94,7 @@ class ThroughputMonitor(L.Callback):
             self._window = [0, 0.0, 0.0]
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "num_skipped"):
-            pl_module.log("data/skipped", float(datamodule.num_skipped), on_step=True, batch_size=1)
+            pl_module.log("data/skipped", torch.tensor(float(datamodule.num_skipped)), on_step=True, batch_size=1)
 
 
 def colorize(values_HW: np.ndarray, valid_HW: np.ndarray | None = None, cmap: str = "Spectral_r") -> np.ndarray:

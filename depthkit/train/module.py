@@ -42,6 +42,14 @@ def logs_this_step(trainer) -> bool:
     return connector is None or bool(trainer.fast_dev_run) or connector.should_update_logs
 
 
+def on_host(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached scalar tensors copied to the host in one transfer: one wait for the device, not one per value."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()]).cpu()
+    return dict(zip(values, stacked.unbind(), strict=True))
+
+
 def targets_in_space(batch: dict, output_space: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's targets in the model's output space: `(target_BHW, valid_BHW)`.
 
@@ -194,18 +202,28 @@ class DepthModule(L.LightningModule):
 
     def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
         """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""
-        if stage == "train" and not logs_this_step(self._trainer):
-            return
-        for key, value in out.items():
-            if value.dim() != 0 or key == "num_valid":
-                continue
+        terms = {f"{prefix}{k}": v for k, v in out.items() if v.dim() == 0 and k != "num_valid"}
+        self.log_scalars(stage, terms, batch_size=batch_size)
+
+    def log_scalars(self, stage: str, values: dict[str, torch.Tensor], *, batch_size: int) -> None:
+        """Log scalar tensors as `<stage>/<name>`; the one named "loss" also on the progress bar.
+
+        Training values are logged only at logging steps (`logs_this_step`), and from the host (`on_host`): Lightning
+        reads the progress-bar value with `.item()` after every step, the last logged one included, and on a GPU
+        each such read waits for the step's kernels, so the host could not prepare the next batch meanwhile.
+        """
+        if stage == "train":
+            if not logs_this_step(self._trainer):
+                return
+            values = on_host(values)
+        for name, value in values.items():
             # Every rank sees the same validation data (see DepthDataModule.val_dataloader), so the epoch-end sync
             # of validation values changes nothing; it makes checkpoint monitors provably agree across ranks.
             self.log(
-                f"{stage}/{prefix}{key}",
+                f"{stage}/{name}",
                 value.detach(),
                 batch_size=batch_size,
-                prog_bar=not prefix and key == "loss",
+                prog_bar=name == "loss",
                 sync_dist=stage != "train",
             )
 
@@ -366,12 +384,10 @@ class StudentModule(DepthModule):
             total = total / (w.labeled + w.unlabeled + (w.feature if "feature" in logs else 0.0))
         n = labeled["image"].shape[0] + image_B3HW.shape[0]
         self.keep_panel(labeled, pred_l_BHW)
-        if not logs_this_step(self._trainer):
-            return total
-        self.log_terms("train", out_l, batch_size=labeled["image"].shape[0], prefix="labeled/")
-        self.log_terms("train", out_u, batch_size=image_B3HW.shape[0], prefix="unlabeled/")
-        self.log_dict({f"train/term/{k}": v.detach() for k, v in logs.items()}, batch_size=n)
-        self.log("train/loss", total.detach(), batch_size=n, prog_bar=True)
+        values = {f"labeled/{k}": v for k, v in out_l.items() if v.dim() == 0 and k != "num_valid"}
+        values |= {f"unlabeled/{k}": v for k, v in out_u.items() if v.dim() == 0 and k != "num_valid"}
+        values |= {f"term/{k}": v for k, v in logs.items()} | {"loss": total}
+        self.log_scalars("train", values, batch_size=n)
         return total
 
 

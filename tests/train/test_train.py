@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -797,3 +798,70 @@ def test_relative_weights_paths_are_also_found_in_the_checkpoint_folder(tmp_path
         torch.testing.assert_close(value, expected[key], msg=key)
     with pytest.raises(FileNotFoundError, match=r"model.encoder_checkpoint: checkpoints/none.pth not found \(looked"):
         DepthModule("test_dav2", encoder_checkpoint="checkpoints/none.pth")
+
+
+def test_on_host_copies_the_scalars_once_and_keeps_their_names_and_values():
+    from depthkit.train.module import on_host
+
+    values = {"loss": torch.tensor(0.5, requires_grad=True) * 2, "term/a": torch.tensor(3.0, dtype=torch.bfloat16)}
+    host = on_host(values)
+    assert list(host) == ["loss", "term/a"]
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 and not v.requires_grad for v in host.values())
+    assert host["loss"].item() == 1.0 and host["term/a"].item() == 3.0
+    assert on_host({}) == {}
+
+
+class _NoWaitingBetween(L.Callback):
+    """Turns torch's CUDA sync debug mode to "error" from the start of step `first` to the start of step `last`."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.checked = first, last, 0
+
+    def on_train_batch_start(self, trainer, *args):
+        strict = self.first <= trainer.global_step < self.last
+        torch.cuda.set_sync_debug_mode("error" if strict else "default")
+        self.checked += strict
+
+    def on_train_end(self, trainer, *args):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("student", [False, True], ids=["teacher", "student"])
+def test_steps_between_logging_steps_never_wait_for_the_gpu(student, tiny_data, tmp_path):
+    """A step that waits for the GPU (`.item()`, a copy to the host) keeps the host from preparing the next batch
+    while the GPU computes: `depthkit fit` then trails a hand-written loop (`benchmarks/train_step.py`). Between two
+    logging steps nothing in the loop may wait, Lightning's progress-bar bookkeeping included (steps 5-8 here; steps
+    4 and 9 log)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from depthkit.train import StudentModule, ThroughputMonitor
+    from depthkit.train.callbacks import ProgressBar
+
+    if student:
+        module = StudentModule("test_dav2", panel_every_n_steps=0)
+        data = DepthDataModule(
+            str(tiny_data / "labeled"),
+            unlabeled=str(tiny_data / "unlabeled"),
+            pseudo_labels=str(tiny_data / "pseudo"),
+            batch_size=2,
+            crop_size=56,
+            num_workers=0,
+        )
+    else:
+        module = DepthModule("test_dav2", panel_every_n_steps=0)
+        data = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=56, num_workers=0)
+    strict = _NoWaitingBetween(5, 9)
+    trainer = L.Trainer(
+        accelerator="cuda",
+        devices=1,
+        max_steps=11,
+        log_every_n_steps=5,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[ProgressBar(), ThroughputMonitor(), strict],
+    )
+    trainer.fit(module, data)
+    assert strict.checked == 4
+    assert {4, 9} <= set(_logged(tmp_path, "train/loss"))

@@ -1,0 +1,23 @@
+"""benchmarks/pseudo_label.py runs in its CI-sized CPU form and writes every ratio. It is never a timed test."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pseudo_label.py"
+
+
+def test_quick_pseudo_label_benchmark_writes_its_ratios(tmp_path):
+    out = tmp_path / "pseudo_label.csv"
+    args = [sys.executable, str(SCRIPT), "--quick", "--repeat", "1", "--single-num", "4", "--encoding", "npz"]
+    result = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["metric"]: r for r in csv.DictReader(out.open())}
+    for metric in ("pure_forward_images_per_s", "one_at_a_time_images_per_s", "job_images_per_s_npz"):
+        assert float(rows[metric]["value"]) > 0, metric
+    assert float(rows["job_vs_pure_forward_ratio_npz"]["target"]) == 0.8
+    assert 0 < float(rows["job_vs_pure_forward_ratio_npz"]["value"]) < 10
+    assert "model test_dav2, device cpu" in rows["pure_forward_images_per_s"]["setup"]
