@@ -17,9 +17,9 @@ from depthkit.data.transforms import SampleTransform, TransformConfig
 from depthkit.train.callbacks import ignore_preemption_signals
 
 
-def _loader(stream: ShardStream, num_workers: int):
+def _loader(stream: ShardStream, num_workers: int, *, pin_memory: bool = False):
     """A loader whose workers leave the preemption signals to the main process (`Preemption` saves, then exits)."""
-    return make_loader(stream, num_workers=num_workers, worker_init_fn=ignore_preemption_signals)
+    return make_loader(stream, num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_preemption_signals)
 
 
 STAGE_DATA = {"fit": ("labeled", "unlabeled", "val"), "validate": ("val",), "test": ("test",)}
@@ -121,6 +121,12 @@ class DepthDataModule(L.LightningDataModule):
 
     # -- streams ---------------------------------------------------------------------------------------------
 
+    def _on_cuda(self) -> bool:
+        """Training batches go to a CUDA device: then the loaders pin them, and Lightning's copy to the device is
+        asynchronous (from pageable memory the driver stages the copy, and the host may wait for the device)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _topology(self) -> tuple[int | None, int | None]:
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (None, None)
@@ -152,7 +158,8 @@ class DepthDataModule(L.LightningDataModule):
             transform=self.transform,
             resampled=hp.resampled,
         )
-        loaders = {"labeled": _loader(labeled, hp.num_workers)}
+        pin = self._on_cuda()
+        loaders = {"labeled": _loader(labeled, hp.num_workers, pin_memory=pin)}
         if hp.unlabeled is None:
             return loaders["labeled"]
         strong = TransformConfig(crop_size=hp.crop_size, strong=True)
@@ -166,7 +173,7 @@ class DepthDataModule(L.LightningDataModule):
             resampled=hp.resampled,
             cutmix_p=hp.cutmix_p,
         )
-        loaders["unlabeled"] = _loader(unlabeled, hp.num_workers)
+        loaders["unlabeled"] = _loader(unlabeled, hp.num_workers, pin_memory=pin)
         return CombinedLoader(loaders, mode="min_size")
 
     def val_dataloader(self):

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from depthkit.data.cutmix import mix_like
 from depthkit.losses import DepthLoss, DepthLossConfig, feature_alignment_loss, preset
@@ -345,6 +347,12 @@ class StudentModule(DepthModule):
         if self.teacher is not None:
             self.teacher.eval()
         return self
+
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode at the start of training; the frozen networks are, by
+        # design. Only their exact count is silenced, so a module left in eval mode by mistake still warns.
+        frozen = sum(len(list(net.modules())) for net in (self.frozen_encoder, self.teacher) if net is not None)
+        warnings.filterwarnings("ignore", rf"Found {frozen} module\(s\) in eval mode", PossibleUserWarning)
 
     def unlabeled_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo-labels of the clean images: from the shards, or from the online teacher."""

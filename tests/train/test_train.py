@@ -168,6 +168,36 @@ def test_student_with_online_teacher_takes_a_step(tiny_data, tmp_path):
     assert any(r.get("train/term/unlabeled") for r in _metrics(run))
 
 
+@pytest.mark.parametrize("stray_eval", [False, True], ids=["frozen_only", "stray_module"])
+def test_only_the_frozen_networks_in_eval_mode_go_unwarned(stray_eval, tiny_data, tmp_path):
+    """Lightning warns about modules in eval mode at the start of training. The student's frozen DINOv2 and
+    teacher are so by design and do not warn; any other module left in eval mode still does."""
+    import warnings
+
+    from depthkit.train import StudentModule
+
+    module = StudentModule("test_dav2", teacher="test_dav2", panel_every_n_steps=0)
+    if stray_eval:
+        module.model.head.eval()
+    data = DepthDataModule(
+        str(tiny_data / "labeled"), unlabeled=str(tiny_data / "unlabeled"), batch_size=2, crop_size=56, num_workers=0
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, data)
+    eval_mode = [str(w.message) for w in caught if "in eval mode" in str(w.message)]
+    assert len(eval_mode) == stray_eval, eval_mode
+
+
 def test_teacher_learns_depth_on_held_out_scenes(tiny_data):
     """A few hundred steps beat the untrained start on held-out scenes, by the evaluation metric (not the loss)."""
     from depthkit.data.stream import ShardStream
@@ -832,7 +862,7 @@ def test_steps_between_logging_steps_never_wait_for_the_gpu(student, tiny_data, 
     """A step that waits for the GPU (`.item()`, a copy to the host) keeps the host from preparing the next batch
     while the GPU computes: `depthkit fit` then trails a hand-written loop (`benchmarks/train_step.py`). Between two
     logging steps nothing in the loop may wait, Lightning's progress-bar bookkeeping included (steps 5-8 here; steps
-    4 and 9 log)."""
+    4 and 9 log). The loaders pin the batches, so that Lightning's copies to the device do not wait either."""
     from lightning.pytorch.loggers import CSVLogger
 
     from depthkit.train import StudentModule, ThroughputMonitor
@@ -864,4 +894,6 @@ def test_steps_between_logging_steps_never_wait_for_the_gpu(student, tiny_data, 
     )
     trainer.fit(module, data)
     assert strict.checked == 4
+    loader = data.train_dataloader()  # batches for a CUDA device come in pinned memory (asynchronous copies)
+    assert all(dl.pin_memory for dl in (loader.iterables.values() if student else [loader]))
     assert {4, 9} <= set(_logged(tmp_path, "train/loss"))
