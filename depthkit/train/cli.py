@@ -90,7 +90,22 @@ class DepthCLI(LightningCLI):
         callbacks = list(kwargs.get("callbacks", config.get("callbacks")) or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, Bar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, ProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:
+            # Lightning's message may not name the option ("No supported gpu backend found!"): say what was asked.
+            raise MisconfigurationException(f"trainer ({_hardware_options(config)}): {err}") from None
+
+
+def _hardware_options(trainer_config) -> str:
+    """`accelerator=gpu, devices=0, ...`: the trainer options that pick the hardware, as given."""
+    given = []
+    for key in ("accelerator", "devices", "num_nodes", "strategy", "precision"):
+        value = trainer_config.get(key)
+        if value is not None:
+            shown = value if isinstance(value, str | int | float | list) else type(value).__name__
+            given.append(f"{key}={shown}")
+    return ", ".join(given)
 
 
 OPTIMIZER_OPTIONS = ("--optimizer", "--lr_scheduler")

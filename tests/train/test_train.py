@@ -522,6 +522,11 @@ def test_a_bare_command_points_at_the_recipes(capsys):
         (["--trainer", "nothere.yaml"], 2, 'error: trainer: Unable to load config "nothere.yaml"'),
         (["--model.optim.encoder_lr", "-1"], 1, "optim: learning rates must be positive"),  # the module's own check
         (["--model.model", "test_dav3"], 1, "model.model: unknown model 'test_dav3'; registered: "),
+        (
+            ["--trainer.devices", "0"],
+            1,
+            "trainer (accelerator=cpu, devices=0, num_nodes=1, strategy=auto, precision=32-true): `Trainer(",
+        ),
     ],
 )
 def test_a_bad_option_is_one_line_naming_it(option, code, message, tiny_data, tmp_path, capsys):
