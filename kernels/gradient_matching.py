@@ -4,18 +4,21 @@ Three layers, Liger style: Triton kernels (`_gm_forward_kernel`, `_gm_finalize_k
 `GradientMatchingFunction`, and the dispatch function `gradient_matching`. Spec:
 `reference.gradient_matching_reference`.
 
-All scales in one pass: each program takes a chunk of `BLOCK` full-resolution pixels of one image; for scale k
-a pixel (y, x) takes part when y and x are multiples of 2**k, and its right / lower neighbour at distance 2**k
-is loaded directly (mostly cache hits). Per chunk it writes (sum of |differences|, number of valid subsampled
-pixels) per scale; a per-image kernel combines them. The residual is r = a * pred - c * target with optional
-per-image scales a (differentiable) and c (constant), so an SSI alignment can be applied on the fly without
-writing the aligned prediction; shifts cancel in differences and are not inputs.
+All scales in one pass over 2D tiles: each program takes a TILE x TILE square of one image. Scale k works on the
+tile's pixels whose y and x are multiples of 2**k, loaded directly as a compact (TILE >> k)-square block (strided
+rows and columns, so no lane idles and no index is divided); each pixel's right / lower neighbour at distance
+2**k is loaded at an offset (mostly cache hits). Scales coarser than the tile see only the tile's origin, on their
+grid or not. Per tile it writes (sum of |differences|, number of valid subsampled pixels) per scale; a per-image
+kernel combines them. The residual is r = a * pred - c * target with optional per-image scales a (differentiable)
+and c (constant), so an SSI alignment can be applied on the fly without writing the aligned prediction; shifts
+cancel in differences and are not inputs.
 
-Backward, one elementwise pass: dL/dr_j = sum_k gL / M_k * [j on the grid of scale k] * sum over its four
-neighbours at distance 2**k that are valid of sgn(r_j - r_neighbour); dL/dpred_j = a * dL/dr_j and
-dL/da = sum_j dL/dr_j * pred_j (per-chunk partial sums).
+Backward, one pass: dL/dr_j = sum_k gL / M_k * [j on the grid of scale k] * sum over its four neighbours at
+distance 2**k that are valid of sgn(r_j - r_neighbour); dL/dpred_j = a * dL/dr_j and dL/da = sum_j dL/dr_j * pred_j
+(per-tile partial sums). The scales run coarsest first: each one's block of dL/dr is spread onto the next finer
+block (every other row and column; zeros between) and added there, so the full-resolution tile is stored once.
 
-Shapes: B images, H x W pixels (`_BM` = B x H*W flattened), C chunks per image, K scales. Non-contiguous inputs
+Shapes: B images, H x W pixels (`_BM` = B x H*W flattened), C tiles per image, K scales. Non-contiguous inputs
 are copied.
 """
 
@@ -28,10 +31,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import check_maps, chunk, flat_contiguous, jit_helper, load_maps, resolve, sign, use_triton, valid_bytes
+from ._common import check_maps, flat_contiguous, jit_helper, load_maps, resolve, sign, use_triton, valid_bytes
 
-BLOCK = 2048
-BLOCK_BACKWARD = 1024  # the backward keeps 4 neighbours x scales live: 2048 spilled registers on sm_90 (ptxas -v)
+TILE = 32  # 32 x 32 pixels per program: rows of 128 bytes (fp32); scale 3 is still a 4 x 4 block
 MAX_SCALES = 8
 
 
@@ -53,6 +55,36 @@ def _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, delta, mask, a, cd):
     return v_n, a * p_n - cd * d_n
 
 
+@jit_helper
+def _scale_block(b, t, H, W, TILES_W, K: tl.constexpr, TILE: tl.constexpr):
+    """Scale 2**K's pixels in tile t of image b: a SIDE x SIDE block (SIDE = TILE >> K, at least 1) of rows ys and
+    columns xs 2**K apart, their offsets in the image, whether each is in the image and on the scale's grid, and
+    the image's start in the B x HW maps."""
+    STEP: tl.constexpr = 1 << K
+    SIDE: tl.constexpr = TILE >> K if (TILE >> K) > 0 else 1
+    y0 = (t // TILES_W) * TILE
+    x0 = (t % TILES_W) * TILE
+    ys = y0 + tl.arange(0, SIDE) * STEP
+    xs = x0 + tl.arange(0, SIDE) * STEP
+    on_grid = ((y0 % STEP) == 0) & ((x0 % STEP) == 0)  # always, unless the scale is coarser than the tile
+    inb = (ys[:, None] < H) & (xs[None, :] < W) & on_grid
+    offs = ys[:, None] * W + xs[None, :]
+    base = b.to(tl.int64) * H * W
+    return ys, xs, offs, inb, base
+
+
+@jit_helper
+def _onto_finer(g, K: tl.constexpr, TILE: tl.constexpr):
+    """Scale 2**(K+1)'s block of values as scale 2**K's: on its even rows and columns, zeros elsewhere. When both
+    scales are coarser than the tile, both blocks are the tile's origin alone: the same pixel, unchanged."""
+    SIDE: tl.constexpr = TILE >> (K + 1) if (TILE >> (K + 1)) > 0 else 1
+    if (TILE >> K) >= 2:
+        cols = tl.reshape(tl.join(g, tl.zeros_like(g)), (SIDE, 2 * SIDE))  # g00 0 g01 0 ... per row
+        rows = tl.permute(tl.join(cols, tl.zeros_like(cols)), (0, 2, 1))  # SIDE x 2 x 2 SIDE: a row, then zeros
+        g = tl.reshape(rows, (2 * SIDE, 2 * SIDE))
+    return g
+
+
 @triton.jit
 def _gm_forward_kernel(
     pred_ptr,
@@ -64,29 +96,30 @@ def _gm_forward_kernel(
     H,
     W,
     C,
+    TILES_W,
     HAS_PRED_SCALE: tl.constexpr,
     HAS_TARGET_SCALE: tl.constexpr,
     NUM_SCALES: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TILE: tl.constexpr,
 ):
-    b, c, offs, inb, base = chunk(H * W, BLOCK)
-    y = offs // W
-    x = offs % W
+    b = tl.program_id(0)
+    t = tl.program_id(1)
     a = _factor(pred_scale_ptr, b, HAS_PRED_SCALE)
     cd = _factor(target_scale_ptr, b, HAS_TARGET_SCALE)
-    v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
-    r = a * p - cd * d
-    out = part_ptr + (b * C + c) * (2 * NUM_SCALES)
+    out = part_ptr + (b * C + t) * (2 * NUM_SCALES)
     for k in tl.static_range(NUM_SCALES):
-        step = 1 << k
-        on_grid = v & ((y % step) == 0) & ((x % step) == 0)
+        STEP = 1 << k
+        ys, xs, offs, inb, base = _scale_block(b, t, H, W, TILES_W, k, TILE)
+        v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
+        r = a * p - cd * d
         # right neighbour (y, x + step), lower neighbour (y + step, x)
-        v_r, r_r = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, step, on_grid & (x + step < W), a, cd)
-        diff_r = tl.where(v_r, tl.abs(r_r - r), 0.0)
-        v_d, r_d = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, step * W, on_grid & (y + step < H), a, cd)
-        diff_d = tl.where(v_d, tl.abs(r_d - r), 0.0)
-        tl.store(out + 2 * k, tl.sum(diff_r + diff_d, axis=0))
-        tl.store(out + 2 * k + 1, tl.sum(on_grid.to(tl.float32), axis=0))
+        v_r, r_r = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, STEP, v & (xs[None, :] + STEP < W), a, cd)
+        v_d, r_d = _neighbour(
+            pred_ptr, target_ptr, valid_ptr, base, offs, STEP * W, v & (ys[:, None] + STEP < H), a, cd
+        )
+        diff = tl.where(v_r, tl.abs(r_r - r), 0.0) + tl.where(v_d, tl.abs(r_d - r), 0.0)
+        tl.store(out + 2 * k, tl.sum(tl.sum(diff, axis=1), axis=0))
+        tl.store(out + 2 * k + 1, tl.sum(tl.sum(v.to(tl.float32), axis=1), axis=0))
 
 
 @triton.jit
@@ -123,45 +156,52 @@ def _gm_backward_kernel(
     H,
     W,
     C,
+    TILES_W,
     HAS_PRED_SCALE: tl.constexpr,
     HAS_TARGET_SCALE: tl.constexpr,
     NUM_SCALES: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TILE: tl.constexpr,
 ):
-    b, c, offs, inb, base = chunk(H * W, BLOCK)
-    y = offs // W
-    x = offs % W
+    b = tl.program_id(0)
+    t = tl.program_id(1)
     a = _factor(pred_scale_ptr, b, HAS_PRED_SCALE)
     cd = _factor(target_scale_ptr, b, HAS_TARGET_SCALE)
     grad_loss = tl.load(grad_loss_ptr + b)
-    v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
-    r = a * p - cd * d
-    grad_r = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in tl.static_range(NUM_SCALES):
-        step = 1 << k
-        weight = grad_loss * tl.load(inv_count_ptr + b * NUM_SCALES + k)
-        on_grid = v & ((y % step) == 0) & ((x % step) == 0)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    grad_a = 0.0
+    SIDE_C: tl.constexpr = TILE >> (NUM_SCALES - 1) if (TILE >> (NUM_SCALES - 1)) > 0 else 1
+    grad_r = tl.zeros([SIDE_C, SIDE_C], dtype=tl.float32)  # dL/dr of the scales done so far, on this block
+    for k in tl.static_range(NUM_SCALES - 1, -1, -1):  # coarsest first
+        STEP = 1 << k
+        if k < NUM_SCALES - 1:
+            grad_r = _onto_finer(grad_r, k, TILE)
+        ys, xs, offs, inb, base = _scale_block(b, t, H, W, TILES_W, k, TILE)
+        v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
+        r = a * p - cd * d
+        acc = tl.zeros_like(r)
         for nb in tl.static_range(4):
             # neighbours: 0 right, 1 left, 2 below, 3 above
             if nb == 0:
-                m_n = on_grid & (x + step < W)
-                delta = step
+                m_n = v & (xs[None, :] + STEP < W)
+                delta = STEP
             elif nb == 1:
-                m_n = on_grid & (x >= step)
-                delta = -step
+                m_n = v & (xs[None, :] >= STEP)
+                delta = -STEP
             elif nb == 2:
-                m_n = on_grid & (y + step < H)
-                delta = step * W
+                m_n = v & (ys[:, None] + STEP < H)
+                delta = STEP * W
             else:
-                m_n = on_grid & (y >= step)
-                delta = -step * W
+                m_n = v & (ys[:, None] >= STEP)
+                delta = -STEP * W
             v_n, r_n = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, delta, m_n, a, cd)
             acc += tl.where(v_n, sign(r - r_n), 0.0)
-        grad_r += weight * acc
+        grad_k = grad_loss * tl.load(inv_count_ptr + b * NUM_SCALES + k) * acc
+        grad_r += grad_k
+        if HAS_PRED_SCALE:  # dL/da = sum_j dL/dr_j * pred_j, taken scale by scale on its own pixels
+            grad_a += tl.sum(tl.sum(grad_k * p, axis=1), axis=0)
+    # The last scale was scale 0: grad_r, offs and inb are the full-resolution tile's
     tl.store(grad_pred_ptr + base + offs, (a * grad_r).to(grad_pred_ptr.dtype.element_ty), mask=inb)
     if HAS_PRED_SCALE:
-        tl.store(grad_scale_part_ptr + b * C + c, tl.sum(grad_r * p, axis=0))
+        tl.store(grad_scale_part_ptr + b * C + t, grad_a)
 
 
 class GradientMatchingFunction(torch.autograd.Function):
@@ -171,16 +211,16 @@ class GradientMatchingFunction(torch.autograd.Function):
     def forward(ctx, pred_BHW, target_BHW, valid_BHW, pred_scale_B, target_scale_B, num_scales):
         num_images, height, width = pred_BHW.shape
         p_BM, d_BM, v_BM = flat_contiguous(pred_BHW), flat_contiguous(target_BHW), valid_bytes(valid_BHW)
-        hw = height * width
-        num_chunks = triton.cdiv(hw, BLOCK)
+        tiles_w = triton.cdiv(width, TILE)
+        num_chunks = triton.cdiv(height, TILE) * tiles_w
         device = p_BM.device
         has_a, has_c = pred_scale_B is not None, target_scale_B is not None
         a_B = pred_scale_B.detach().float().contiguous() if has_a else p_BM
         c_B = target_scale_B.detach().float().contiguous() if has_c else p_BM
         part = torch.empty((num_images, num_chunks, 2 * num_scales), dtype=torch.float32, device=device)
         resolve(_gm_forward_kernel)[(num_images, num_chunks)](
-            p_BM, d_BM, v_BM, a_B, c_B, part, height, width, num_chunks,
-            HAS_PRED_SCALE=has_a, HAS_TARGET_SCALE=has_c, NUM_SCALES=num_scales, BLOCK=BLOCK, num_warps=8,
+            p_BM, d_BM, v_BM, a_B, c_B, part, height, width, num_chunks, tiles_w,
+            HAS_PRED_SCALE=has_a, HAS_TARGET_SCALE=has_c, NUM_SCALES=num_scales, TILE=TILE, num_warps=4,
         )  # fmt: skip
         loss_B = torch.empty(num_images, dtype=torch.float32, device=device)
         inv_count_BK = torch.empty((num_images, num_scales), dtype=torch.float32, device=device)
@@ -201,15 +241,15 @@ class GradientMatchingFunction(torch.autograd.Function):
         if grad_loss_B is None:
             return None, None, None, None, None, None
         num_images, height, width = ctx.shape
-        hw = height * width
-        num_chunks = triton.cdiv(hw, BLOCK_BACKWARD)
+        tiles_w = triton.cdiv(width, TILE)
+        num_chunks = triton.cdiv(height, TILE) * tiles_w
         has_a, has_c = a_B is not None, c_B is not None
         grad_pred_BM = torch.empty_like(p_BM)
         grad_part = torch.empty((num_images, num_chunks), dtype=torch.float32, device=p_BM.device) if has_a else None
         resolve(_gm_backward_kernel)[(num_images, num_chunks)](
             p_BM, d_BM, v_BM, a_B if has_a else p_BM, c_B if has_c else p_BM, inv_count_BK,
             grad_loss_B.float().contiguous(), grad_pred_BM, grad_part if has_a else p_BM, height, width, num_chunks,
-            HAS_PRED_SCALE=has_a, HAS_TARGET_SCALE=has_c, NUM_SCALES=ctx.num_scales, BLOCK=BLOCK_BACKWARD, num_warps=8,
+            tiles_w, HAS_PRED_SCALE=has_a, HAS_TARGET_SCALE=has_c, NUM_SCALES=ctx.num_scales, TILE=TILE, num_warps=4,
         )  # fmt: skip
         grad_scale_B = grad_part.sum(dim=1) if has_a and ctx.needs_input_grad[3] else None
         return grad_pred_BM.view(ctx.shape), None, None, grad_scale_B, None, None

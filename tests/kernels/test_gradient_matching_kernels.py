@@ -62,9 +62,16 @@ def test_parity_num_scales(close, triton_device, num_scales):
 
 
 def test_parity_tiny_and_large_maps(close, triton_device):
-    """Scales coarser than the map (3 x 2), and more pixels than one block (2048)."""
+    """Scales coarser than the map (3 x 2), and maps of several 32 x 32 tiles down and across."""
     check_parity(close, make_maps((2, 3, 2), torch.float32, triton_device, seed=3), torch.float32, scales=True)
     check_parity(close, make_maps((1, 50, 45), torch.float32, triton_device, seed=4), torch.float32, scales=True)
+    check_parity(close, make_maps((2, 33, 97), torch.float32, triton_device, seed=6), torch.float32, scales=True)
+
+
+def test_parity_scales_coarser_than_a_tile(close, triton_device):
+    """8 scales: strides 64 and 128 exceed the 32 x 32 tile, so only some tiles' origins are on their grids."""
+    maps = make_maps((1, 70, 140), torch.float32, triton_device, seed=7)
+    check_parity(close, maps, torch.float32, scales=True, num_scales=8)
 
 
 @pytest.mark.gpu
