@@ -17,12 +17,13 @@
 #                   CUDA, the labeler's queued copies, no host-GPU waits between logging steps of depthkit fit)
 #   train_step      benchmarks/train_step.py --device cuda --model dav2_vits --crop 518        needs braceexpand
 #                   (+ --find-syncs: where each loop makes the host wait for the GPU)
+#   losses_graph    benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager --cudagraph: device
+#                   time only, without the host's launch overhead                           needs no carried wheel
+#   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 384 images 480x640, npz  needs braceexpand
 #   fsdp2           depthkit fit with configs/trainer/gpu_fsdp.yaml (FSDP2, bf16), tiny teacher, 30 steps
-#   losses          benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager  needs no carried wheel
-#   losses_graph    the same with --cudagraph: device time only, without the host's launch overhead
 #   losses_profile  torch.profiler tables (host vs device time): SSI least squares, trimmed median, gradient matching
 #   select_sweep    masked_median device time at 2048 to 16384 pixels per radix-select program
-#   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 384 images 480x640, npz  needs braceexpand
+#   losses          losses_graph's run timed with do_bench (host launch overhead included)
 #   losses_compile  benchmarks/losses.py --cudagraph, the full run (triton, eager AND torch.compile: device time,
 #                   the fair measure against compiled code; it replaces losses_graph's CSV), with whatever time is
 #                   left: ~22 inductor compiles, the slowest and least certain step, so it goes last. Its rows are
@@ -94,7 +95,7 @@ for arg in "$@"; do
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
-[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests train_step fsdp2 losses losses_graph losses_profile select_sweep pseudo_label
+[ ${#SELECTED[@]} -eq 0 ] && SELECTED=(tests train_step losses_graph pseudo_label fsdp2 losses_profile select_sweep losses
     losses_compile)
 
 # Overridable, for a local dry run of the control flow (GPU_CHECKS_PYTHON=.venv/bin/python GPU_CHECKS_NO_INSTALL=1
@@ -231,6 +232,22 @@ if selected train_step; then
         --out "$OUT/train_step-gpu.csv"
 fi
 
+# b2. The same, timed as replayed CUDA graphs: the device's time without the host's launch overhead.
+if selected losses_graph; then
+    run_step losses_graph 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 \
+        --impls triton,eager --cudagraph --out-dir "$OUT"
+fi
+
+# c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 384 instead of 1024
+#    images, the one-at-a-time loop on 64 of them (the script scales it to --num), best of 2 instead of 3. The job
+#    writes npz labels (f16 measured as fast in the first run); encoding is its largest CPU cost, so most of the 16
+#    cores encode.
+if selected pseudo_label; then
+    run_step pseudo_label 110 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 384 \
+        --size 480 640 --batch-size 32 --single-num 64 --repeat 2 --encoding npz --num-workers 4 \
+        --num-encoders 11 --out "$OUT/pseudo_label-$GPU_TAG.csv"
+fi
+
 # e. FSDP2 on the GPU (NCCL, bf16-mixed, DTensor weights) through the user's path: `depthkit fit` with
 #    configs/trainer/gpu_fsdp.yaml on synthetic shards, 30 steps of the tiny teacher on the one GPU, then the
 #    losses it logged (finite, lower at the end) and the full checkpoint it saved (loads with create_model).
@@ -263,19 +280,6 @@ if selected fsdp2; then
     run_step fsdp2 90 40 env WORK="$WORK" PY="$PY" bash -c "$(declare -f fsdp2_check); fsdp2_check"
 fi
 
-# b. Loss kernels vs eager at full size (batch 32, 518x518, fp32 and bf16): no torch.compile, so it is quick.
-if selected losses; then
-    run_step losses 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 --impls triton,eager \
-        --out-dir "$WORK/losses_te"
-    for f in "$WORK"/losses_te/losses_*.csv; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" .csv)-triton_eager.csv"; done
-fi
-
-# b2. The same, timed as replayed CUDA graphs: the device's time without the host's launch overhead.
-if selected losses_graph; then
-    run_step losses_graph 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 \
-        --impls triton,eager --cudagraph --out-dir "$OUT"
-fi
-
 # b3. Where the fused SSI losses' time goes, host against device (tables in the log only).
 if selected losses_profile; then
     run_step losses_profile 45 20 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32 \
@@ -295,14 +299,11 @@ if selected select_sweep; then
     run_step select_sweep 60 20 env WORK="$WORK" PY="$PY" bash -c "$(declare -f select_sweep); select_sweep"
 fi
 
-# c. Pseudo-labeling throughput: the docstring's GPU sizes (dav2_vitl, 480x640, batch 32) with 384 instead of 1024
-#    images, the one-at-a-time loop on 64 of them (the script scales it to --num), best of 2 instead of 3. The job
-#    writes npz labels (f16 measured as fast in the first run); encoding is its largest CPU cost, so most of the 16
-#    cores encode.
-if selected pseudo_label; then
-    run_step pseudo_label 110 45 "$PY" benchmarks/pseudo_label.py --device cuda --model dav2_vitl --num 384 \
-        --size 480 640 --batch-size 32 --single-num 64 --repeat 2 --encoding npz --num-workers 4 \
-        --num-encoders 11 --out "$OUT/pseudo_label-$GPU_TAG.csv"
+# b. Loss kernels vs eager at full size (batch 32, 518x518, fp32 and bf16): no torch.compile, so it is quick.
+if selected losses; then
+    run_step losses 100 30 "$PY" benchmarks/losses.py --batch 32 --size 518 --dtypes fp32,bf16 --impls triton,eager \
+        --out-dir "$WORK/losses_te"
+    for f in "$WORK"/losses_te/losses_*.csv; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" .csv)-triton_eager.csv"; done
 fi
 
 # f. The full losses benchmark (adds torch.compile of each reference): all the time left, at least 90 s.
