@@ -113,6 +113,12 @@ def _fit(tmp_path, data_root, recipe: str, *extra: str, steps: int = 1) -> Path:
     return tmp_path
 
 
+def _bare_trainer(tmp_path, **options) -> L.Trainer:
+    """A trainer for tests that call `fit` themselves: one step, no logger, checkpoints, bar or summary."""
+    bare = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    return L.Trainer(**{"max_steps": 1, "default_root_dir": tmp_path, **bare, **options})
+
+
 def _metrics(run: Path) -> list[dict]:
     (path,) = run.glob("lightning_logs/version_*/metrics.csv")
     return list(csv.DictReader(open(path)))
@@ -182,15 +188,7 @@ def test_only_the_frozen_networks_in_eval_mode_go_unwarned(stray_eval, tiny_data
     data = DepthDataModule(
         str(tiny_data / "labeled"), unlabeled=str(tiny_data / "unlabeled"), batch_size=2, crop_size=56, num_workers=0
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = _bare_trainer(tmp_path, accelerator="cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, data)
@@ -376,18 +374,9 @@ def test_grad_checkpointing_recomputes_the_blocks_and_keeps_the_gradients():
 
 def test_checkpoint_of_a_module_built_in_python_opens_with_weights_only(tiny_data, tmp_path):
     """Hyperparameters then hold config dataclasses: they are allowlisted for torch's safe (weights-only) loading."""
-    import lightning as L
-
     module = DepthModule("test_dav2", loss=preset("dav2"), optim=OptimConfig(encoder_lr=1e-4))
     data = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=0)
-    trainer = L.Trainer(
-        max_steps=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _bare_trainer(tmp_path)
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     state = torch.load(tmp_path / "run.ckpt", weights_only=True)
@@ -887,14 +876,14 @@ def test_steps_between_logging_steps_never_wait_for_the_gpu(student, tiny_data, 
         module = DepthModule("test_dav2", panel_every_n_steps=0)
         data = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=56, num_workers=0)
     strict = _NoWaitingBetween(5, 9)
-    trainer = L.Trainer(
+    trainer = _bare_trainer(
+        tmp_path,
         accelerator="cuda",
         devices=1,
         max_steps=11,
         log_every_n_steps=5,
         logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_model_summary=False,
+        enable_progress_bar=True,
         callbacks=[ProgressBar(), ThroughputMonitor(), strict],
     )
     trainer.fit(module, data)
