@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,12 @@ import torch
 # imported, so this must happen before any test module imports depthkit_kernels (directly or via depthkit.losses).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The repository's `kernels/` folder is installed as `depthkit_kernels`. Under its folder name it would shadow PyPI's
+# `kernels`, which transformers imports, and `python -m pytest` puts the working directory (the repository) on
+# sys.path: take the repository off it. depthkit and depthkit_kernels come from the install.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
 
 # Tests never reach a model hub: transformers (a dev dependency, for the layout round trips) stays offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,7 +70,6 @@ def triton_device() -> str:
     return DEVICE
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
