@@ -102,6 +102,11 @@ class DPTHead(nn.Module):
             last_act,
         )
         self.scratch = scratch
+        if config.activation == "relu":
+            # A random ReLU head can be negative before its activation at every pixel (likely for narrow heads): it
+            # then predicts zeros and passes no gradient. A bias of 1 starts every pixel in the ReLU's linear part.
+            # Only the initial value changes; loaded weights replace it.
+            nn.init.constant_(self.prediction_layer.bias, 1.0)
 
     @property
     def prediction_layer(self) -> nn.Conv2d:

@@ -77,19 +77,6 @@ def targets_in_space(batch: dict, output_space: str) -> tuple[torch.Tensor, torc
     return target_BHW, valid_BHW
 
 
-def start_output_positive(model) -> None:
-    """Give a freshly initialised relative head a positive output bias.
-
-    The head ends in conv -> ReLU; with random weights its pre-activation can be negative at every pixel (likely
-    for narrow heads), and then no gradient ever flows. A bias of 1 starts every pixel in the ReLU's linear part.
-    Only the initial value changes, not the layout, so official checkpoints load as before.
-    """
-    last_conv = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    if last_conv.bias is not None:
-        with torch.no_grad():
-            last_conv.bias.fill_(1.0)
-
-
 def load_encoder_weights(model, checkpoint_path: str) -> None:
     """Initialise `model.encoder` from DINOv2 (or any encoder) weights, as Depth Anything students start."""
     encoder = create_encoder(model.meta.name, checkpoint_path=checkpoint_path)
@@ -142,8 +129,6 @@ class DepthModule(L.LightningModule):
             load_encoder_weights(self.model, locate_weights(encoder_checkpoint, "model.encoder_checkpoint"))
         self.model.encoder.set_grad_checkpointing(grad_checkpointing)
         space = self.model.meta.output_space
-        if not pretrained and checkpoint_path is None and space != METRIC_DEPTH:
-            start_output_positive(self.model)
         if (loss.objective == "silog") != (space == METRIC_DEPTH):
             raise ValueError(
                 f"loss objective {loss.objective!r} does not fit model {model!r} ({space}): metric models train "

@@ -155,3 +155,15 @@ def test_prediction_stays_fp32_under_bf16_autocast(name):
     assert mixed.dtype == torch.float32
     assert (mixed != mixed.bfloat16().float()).float().mean() > 0.5  # not on the bf16 grid
     torch.testing.assert_close(mixed, reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("name", ["test_dav2", "test_dav1"])
+def test_a_random_relative_model_predicts_a_varying_positive_map(name):
+    """The ReLU head starts with bias 1: random weights give a map that varies over the image, not ReLU zeros (a
+    random-weight smoke run of predict, export or pseudo-label would otherwise compare constant maps)."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    with torch.no_grad():
+        pred_BHW = model(model.normalize(torch.rand(2, 3, 56, 70, generator=torch.Generator().manual_seed(1))))
+    assert (pred_BHW > 0).all() and pred_BHW.std() > 0
+    assert model.head.prediction_layer.bias.item() == 1.0
