@@ -57,8 +57,8 @@ def convert_manifest(
     manifest, out_dir, *, shard_size: int = 1000, prefix: str = "shard", licence: str = "", on_error: str = "raise"
 ) -> dict:
     """Convert a manifest of RGB-D pairs into labeled shards; returns the index."""
-    rows = read_manifest(manifest)
     skipped: list[str] = []
+    rows = read_manifest(manifest, skipped=skipped if on_error == "skip" else None)
 
     def samples() -> Iterator[tuple[dict, dict]]:
         for row in rows:

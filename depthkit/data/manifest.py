@@ -91,22 +91,32 @@ def _parse_intrinsics(row: dict[str, str], where: str) -> dict[str, float] | Non
     return parsed
 
 
-def read_manifest(path: str | Path) -> list[ManifestRow]:
-    """Parse and validate a manifest; every problem names the file and line."""
+def read_manifest(path: str | Path, *, skipped: list[str] | None = None) -> list[ManifestRow]:
+    """Parse and validate a manifest; every problem names the file and line.
+
+    Args:
+        path: The manifest CSV.
+        skipped: When given, a row with a bad field (missing path, repeated key, unknown `depth_format`, bad scale,
+            invalid value or intrinsics) is left out and its message appended here, instead of raising. Problems of
+            the whole file (missing, not UTF-8, missing columns, no rows) always raise.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     root = path.parent
     try:
-        rows = _read_rows(path, root)
+        rows, num_records = _read_rows(path, root, skipped)
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a UTF-8 text CSV ({err.reason} at byte {err.start})") from None
-    if not rows:
+    if not num_records:
         raise ValueError(f"{path}: the manifest has a header but no rows")
+    if not rows:
+        raise ValueError(f"{path}: all {num_records} rows are bad; the first: {skipped[0]}")
     return rows
 
 
-def _read_rows(path: Path, root: Path) -> list[ManifestRow]:
+def _read_rows(path: Path, root: Path, skipped: list[str] | None) -> tuple[list[ManifestRow], int]:
+    """The good rows, and how many records the file holds."""
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
@@ -114,30 +124,41 @@ def _read_rows(path: Path, root: Path) -> list[ManifestRow]:
             raise ValueError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
         rows: list[ManifestRow] = []
         seen: dict[str, int] = {}
+        num_records = 0
         for line, record in enumerate(reader, start=2):
-            where = f"{path}:{line}"
-            record = {k: (v or "") for k, v in record.items() if k is not None}
-            if not record["rgb"].strip() or not record["depth"].strip():
-                raise ValueError(f"{where}: 'rgb' and 'depth' must both be given")
-            key = sample_key(record["rgb"].strip())
-            if key in seen:
-                raise ValueError(f"{where}: sample key {key!r} repeats line {seen[key]} (same rgb path?)")
-            seen[key] = line
-            codec = parse_codec(record["depth_format"], record["scale_to_metres"], record["invalid"], where=where)
-            text_fields = {k: v.strip() for k, v in record.items() if k not in ("rgb", "depth", "fx", "fy", "cx", "cy")}
-            rows.append(
-                ManifestRow(
-                    key=key,
-                    line=line,
-                    manifest=path,
-                    rgb_path=root / record["rgb"].strip(),
-                    depth_path=root / record["depth"].strip(),
-                    codec=codec,
-                    intrinsics=_parse_intrinsics(record, where),
-                    fields=text_fields,
-                )
-            )
-    return rows
+            num_records += 1
+            try:
+                rows.append(_parse_row(path, root, line, record, seen))
+            except ValueError as err:
+                if skipped is None:
+                    raise
+                skipped.append(str(err))
+    return rows, num_records
+
+
+def _parse_row(path: Path, root: Path, line: int, record: dict, seen: dict[str, int]) -> ManifestRow:
+    """One CSV record as a `ManifestRow`; `seen` maps the keys of earlier rows to their lines."""
+    where = f"{path}:{line}"
+    record = {k: (v or "") for k, v in record.items() if k is not None}
+    if not record["rgb"].strip() or not record["depth"].strip():
+        raise ValueError(f"{where}: 'rgb' and 'depth' must both be given")
+    key = sample_key(record["rgb"].strip())
+    if key in seen:
+        raise ValueError(f"{where}: sample key {key!r} repeats line {seen[key]} (same rgb path?)")
+    codec = parse_codec(record["depth_format"], record["scale_to_metres"], record["invalid"], where=where)
+    text_fields = {k: v.strip() for k, v in record.items() if k not in ("rgb", "depth", "fx", "fy", "cx", "cy")}
+    row = ManifestRow(
+        key=key,
+        line=line,
+        manifest=path,
+        rgb_path=root / record["rgb"].strip(),
+        depth_path=root / record["depth"].strip(),
+        codec=codec,
+        intrinsics=_parse_intrinsics(record, where),
+        fields=text_fields,
+    )
+    seen[key] = line
+    return row
 
 
 def load_row(row: ManifestRow) -> dict:
@@ -186,7 +207,11 @@ def iter_manifest(path: str | Path, *, on_error: str = "raise", stats: dict | No
     stats = {} if stats is None else stats
     stats.setdefault("skipped", 0)
     stats.setdefault("errors", [])
-    for row in read_manifest(path):
+    bad_rows: list[str] = []
+    rows = read_manifest(path, skipped=bad_rows if on_error == "skip" else None)
+    stats["skipped"] += len(bad_rows)
+    stats["errors"].extend(bad_rows)
+    for row in rows:
         try:
             sample = load_row(row)
         except (ValueError, FileNotFoundError) as err:

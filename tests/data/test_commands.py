@@ -74,3 +74,29 @@ def test_bad_manifest_gives_a_clean_error(tmp_path):
     assert result.returncode == 1
     assert "m.csv: manifest lacks column(s) depth_format" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_on_error_skip_drops_rows_with_bad_fields_and_counts_them(tmp_path, capsys):
+    """docs/data.md: under `--on-error skip` a bad manifest field or an unknown depth_format drops that row, counted
+    in the index; without it the first such row stops the run, naming its line."""
+    import numpy as np
+    from PIL import Image
+
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.full((8, 10, 3), 90, np.uint8)).save(tmp_path / f"{name}.png")
+        Image.fromarray(np.full((8, 10), 2000, np.uint16)).save(tmp_path / f"{name}_depth.png")
+    header = "source,rgb,depth,depth_format,scale_to_metres,invalid,fx,fy,cx,cy,domain,gt_type,notes"
+    rows = [
+        "s,a.png,a_depth.png,uint16_pngx,0.001,0,,,,,indoor,x,",  # unknown depth_format
+        "s,b.png,b_depth.png,uint16_png,abc,0,,,,,indoor,x,",  # scale is not a number
+        "s,c.png,c_depth.png,uint16_png,0.001,0,,,,,indoor,x,",
+    ]
+    (tmp_path / "manifest.csv").write_text("\n".join([header, *rows]) + "\n")
+    args = ["data", "convert", "--manifest", str(tmp_path / "manifest.csv"), "--out"]
+    assert main([*args, str(tmp_path / "strict")]) == 1
+    assert "manifest.csv:2: unknown depth_format 'uint16_pngx'" in capsys.readouterr().err
+    assert not (tmp_path / "strict").exists()
+    assert main([*args, str(tmp_path / "lenient"), "--on-error", "skip"]) == 0
+    index = json.loads((tmp_path / "lenient" / "index.json").read_text())
+    assert index["num_samples"] == 1
+    assert [m.split(": ", 1)[0].rsplit("/", 1)[-1] for m in index["skipped"]] == ["manifest.csv:2", "manifest.csv:3"]
