@@ -16,7 +16,8 @@ Sizes that are not multiples of the patch size: `infer` never makes them (it res
 H, W >= 1; the graph itself zero-pads the normalized input at the bottom and right to the next multiple and crops the
 output back to H x W (`non_multiple_policy` "pad", see `depthkit.export.exporter`). A graph exported without dynamic
 height and width takes only its traced size: `__call__` refuses other sizes with a `ValueError`, and `infer` resizes
-every image to that size (aspect ratio not kept).
+every image to that size (aspect ratio not kept). With only one of them dynamic, `infer` resizes to the static side
+and sizes the other by the image's aspect ratio.
 
 Shape legend: B batch, C channels, H/W an image's original size, h/w the network input size.
 """
@@ -217,9 +218,18 @@ class OnnxDepthModel:
         return self.session.run([self.output_name], feed)[0]
 
     def network_size(self, height: int, width: int, input_size: int = 518) -> tuple[int, int]:
-        """The network input size `infer` uses for an image: the official rule, or the graph's static size."""
-        static = self.static_size_hw
-        return static if static is not None else official_resize_hw(height, width, input_size, self.meta.patch_size)
+        """The network input size `infer` uses for an image: the official rule when height and width are dynamic,
+        the graph's size when both are static; with one static, that side, and the other by the image's aspect
+        ratio (a multiple of the patch size, at least one patch)."""
+        static_h, static_w = (side if isinstance(side, int) else None for side in self.input_shape[2:])
+        if static_h is None and static_w is None:
+            return official_resize_hw(height, width, input_size, self.meta.patch_size)
+        patch = self.meta.patch_size
+        if static_h is None:
+            static_h = max(patch, round(height * static_w / width / patch) * patch)
+        elif static_w is None:
+            static_w = max(patch, round(width * static_h / height / patch) * patch)
+        return static_h, static_w
 
     def infer(self, images, input_size: int = 518, batch_size: int = 8) -> Prediction | list[Prediction]:
         """Official preprocessing, batched graph runs and resize back: `DepthModel.infer` without torch.
@@ -228,7 +238,7 @@ class OnnxDepthModel:
             images: One image or a list: uint8 `H x W x 3` numpy arrays (greyscale / RGBA are converted) or PIL
                 images; sizes may differ.
             input_size: Short-side target size (518 is what Depth Anything was trained at); ignored by a graph
-                with a static height and width (every image is resized to that size).
+                with a static height or width (see `network_size`).
             batch_size: Most images per graph run (a graph with a static batch runs them one at a time).
 
         Returns:

@@ -211,6 +211,20 @@ def test_command_static_graph(checkpoint, export_dir, photos, capsys):
     assert prediction.values.shape == (30, 100)
 
 
+def test_a_graph_with_one_static_side_keeps_it_and_sizes_the_other_by_aspect(checkpoint, export_dir, capsys):
+    """`--dynamic height` (docs/export.md: any subset): `infer`, and so `depthkit predict --onnx`, resizes to the
+    static width and gives the height the image's aspect ratio, in patch multiples."""
+    out = export_dir / "dynamic_height.onnx"
+    args = ["export", "onnx", "--model", "test_dav2", "--weights", str(checkpoint), "--out", str(out)]
+    assert main([*args, "--dynamic", "height", "--size", "56x56", "--opset", "18"]) == 0
+    capsys.readouterr()
+    session = OnnxDepthModel(out)
+    assert session.static_size_hw is None
+    assert session.network_size(300, 100) == (168, 56) and session.network_size(10, 1000) == (14, 56)
+    prediction = session.infer(np.full((90, 30, 3), 120, np.uint8))  # a 168 x 56 graph run, and back
+    assert prediction.values.shape == (90, 30) and np.isfinite(prediction.values).all()
+
+
 def test_command_errors_are_clean(checkpoint, tmp_path, capsys):
     out = str(tmp_path / "x.onnx")
     base = ["export", "onnx", "--model", "test_dav2", "--weights", str(checkpoint), "--no-verify"]
