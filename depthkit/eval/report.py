@@ -112,8 +112,11 @@ def format_table(result: dict) -> str:
         )
     expected = protocol.get("num_expected")
     count = f"images       {result['num_scored']} scored, {result['num_skipped']} skipped"
+    limit = result.get("limit")
     if expected and result["num_images"] != expected:
         count += f"  (the standard split has {expected}: not comparable to published numbers)"
+    elif limit is not None and result["num_images"] >= limit:  # a set without a known size, cut by --limit
+        count += f"  (--limit {limit}: part of the set, not comparable to published numbers)"
     lines.append(count)
     summary = result["summary"]
     if protocol["kind"] == "pairs":

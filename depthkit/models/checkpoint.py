@@ -72,7 +72,8 @@ def find_pretrained(filename: str, model_name: str, checkpoint_path: str | os.Pa
     looked = ", ".join(str(p) for p in candidates)
     raise FileNotFoundError(
         f"no weights for {model_name}: looked for {looked}. depthkit never downloads; put the official file "
-        f"{filename!r} there, or set DEPTHKIT_HOME, or load your own weights file (Python: checkpoint_path=...)"
+        f"{filename!r} there, or set DEPTHKIT_HOME, or give your own weights file (commands: --checkpoint PATH; "
+        "Python: checkpoint_path=...)"
     )
 
 

@@ -79,7 +79,7 @@ def _build_predictor(args: argparse.Namespace):
     except FileNotFoundError as err:
         if args.checkpoint:
             raise
-        raise FileNotFoundError(f"{err}; here: --checkpoint PATH, or --random-weights to try the command") from None
+        raise FileNotFoundError(f"{err}; or --random-weights to try the command") from None
     model = model.to(device)
 
     def predict(images):

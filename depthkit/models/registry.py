@@ -195,7 +195,10 @@ def load_model(name: str | None = None, checkpoint_path: str | os.PathLike | Non
             raise ValueError(f"{source} holds a {trained} model ({how}), not {name}")
         config = model_config(trained, **found["model_overrides"])
     elif name is None:
-        raise ValueError(f"{source} does not name its model (only `depthkit fit` checkpoints do): add --model NAME")
+        raise ValueError(
+            f"{source} does not name its model (`depthkit fit` checkpoints, official files under their official "
+            "name and depthkit .safetensors do): add --model NAME"
+        )
     else:
         config = model_config(name)
     return ckpt.load_state_dict(DepthModel(config), state_dict, source, found).eval()

@@ -173,6 +173,10 @@ def test_reports_are_written_and_printed(fake_layout, tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp"))
     table = format_table(result)
     assert "alignment    none" in table and "0.6..350 m" in table and "standard split has 771" in table
+    # A set of no known size (DA-2K) cut by --limit says so too; uncut, nothing is said.
+    unsized = {**result, "protocol": {**result["protocol"], "num_expected": None}}
+    assert "(--limit 2: part of the set" in format_table({**unsized, "limit": 2})  # 2 images scored
+    assert "not comparable" not in format_table({**unsized, "limit": None})
     long_name = "scene_with_a_name_longer_than_the_column"
     result["groups"][long_name] = result["groups"].pop("outdoor")
     rows = format_table(result).splitlines()
