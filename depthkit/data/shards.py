@@ -419,7 +419,12 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict]:
 
 
 def shard_paths(spec: str | Path | list) -> list[str]:
-    """Expand shard specs: a folder (its `*.tar`), a glob, a brace pattern, a URL, or a list of those."""
+    """Expand shard specs: a folder (its `*.tar`), a glob, a brace pattern, a URL, or a list of those.
+
+    Raises:
+        FileNotFoundError: a folder without shards, a pattern that matches nothing, a missing file.
+        ValueError: a folder a depthkit writer never finished (`*.tar.tmp` files and no `index.json`).
+    """
     import glob
 
     import braceexpand
@@ -431,6 +436,14 @@ def shard_paths(spec: str | Path | list) -> list[str]:
         return list(braceexpand.braceexpand(spec))
     if os.path.isdir(spec):
         found = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        unfinished = sorted(glob.glob(os.path.join(spec, "*.tar.tmp")))
+        if unfinished and not os.path.exists(os.path.join(spec, "index.json")):
+            # depthkit's writers (synth, data convert) write the index last: without it, a killed run's part.
+            raise ValueError(
+                f"folder {spec} holds {len(unfinished)} unfinished shard(s) ({os.path.basename(unfinished[0])}) and no "
+                "index.json: the run that wrote it was killed (or is still running), so its shards are only part of "
+                "the data; rerun it (synth / data convert: --overwrite)"
+            )
         if not found:
             raise FileNotFoundError(f"no .tar shards in folder {spec}")
         return found

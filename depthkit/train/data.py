@@ -32,7 +32,8 @@ def check_stage_data(stage: str, data) -> None:
     the trainer; `DepthDataModule.setup` again, for Python users.
 
     Raises:
-        ValueError: the stage's own data option is not set.
+        ValueError: the stage's own data option is not set, or a shard folder is a killed writer's part
+            (`shard_paths`).
         FileNotFoundError: a shard (or a pseudo-label shard of an unlabeled one) does not exist.
     """
     required = {"fit": "labeled", "validate": "val", "test": "test"}.get(stage)
@@ -42,8 +43,8 @@ def check_stage_data(stage: str, data) -> None:
         if data.get(name) is not None:
             try:
                 shard_paths(data[name])
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"data.{name}: {err}") from None
+            except (FileNotFoundError, ValueError) as err:
+                raise type(err)(f"data.{name}: {err}") from None
     if stage == "fit" and data.get("pseudo_labels"):
         for url in shard_paths(data["unlabeled"]):
             label = label_shard_url(data["pseudo_labels"], url)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from depthkit.cli import main
 from depthkit.data.shards import decode_sample, iter_tar_samples, shard_paths
 
@@ -100,3 +102,22 @@ def test_on_error_skip_drops_rows_with_bad_fields_and_counts_them(tmp_path, caps
     index = json.loads((tmp_path / "lenient" / "index.json").read_text())
     assert index["num_samples"] == 1
     assert [m.split(": ", 1)[0].rsplit("/", 1)[-1] for m in index["skipped"]] == ["manifest.csv:2", "manifest.csv:3"]
+
+
+def test_a_killed_synth_leaves_a_folder_that_readers_refuse_until_rerun(tmp_path, capsys):
+    """A writer killed mid-run (SIGKILL: no cleanup) leaves finished shards, a `.tar.tmp` and no index.json. Reading
+    that folder would silently train on a part of the data: readers refuse it, naming the folder, until a rerun."""
+    from depthkit.data.stream import ShardStream
+
+    out = tmp_path / "synth"
+    assert main(["synth", "--out", str(out), "--num", "4", "--size", "28", "28", "--shard-size", "2"]) == 0
+    (out / "index.json").unlink()  # as a killed run leaves it: the index is written last
+    (out / "synth-000002.tar.tmp").write_bytes(b"half a shard")
+    with pytest.raises(ValueError, match=r"synth holds 1 unfinished shard\(s\) \(synth-000002.tar.tmp\) and no index"):
+        shard_paths(out)
+    with pytest.raises(ValueError, match="unfinished shard"):
+        next(iter(ShardStream(str(out), batch_size=2)))
+    assert main(["synth", "--out", str(out), "--num", "4", "--size", "28", "28", "--shard-size", "2"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["synth", "--out", str(out), "--num", "4", "--size", "28", "28", "--overwrite"]) == 0
+    assert len(shard_paths(out)) == 1 and not list(out.glob("*.tmp"))
