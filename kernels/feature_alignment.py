@@ -211,6 +211,10 @@ def feature_alignment(
         raise ValueError("feature_alignment: tensors are on different devices")
     if student_BND.numel() == 0:
         raise ValueError(f"feature_alignment: empty input of shape {tuple(student_BND.shape)}")
+    if tolerance != tolerance:  # NaN: the two impls would disagree on which patches it keeps
+        raise ValueError("feature_alignment: tolerance is NaN")
+    if not 0 < eps < float("inf"):
+        raise ValueError(f"feature_alignment: eps must be positive and finite, got {eps}")
     if use_triton("feature_alignment", impl, student_BND, target_BND):
         return FeatureAlignmentOutput(*FeatureAlignmentFunction.apply(student_BND, target_BND, tolerance, eps))
     loss_B, count_B = reference.feature_alignment_reference(student_BND, target_BND, tolerance=tolerance, eps=eps)

@@ -284,8 +284,8 @@ def gradient_matching(
         impl: "auto" | "triton" | "torch".
     """
     check_maps("gradient_matching", pred_BHW, target_BHW, valid_BHW)
-    if not 1 <= num_scales <= MAX_SCALES:
-        raise ValueError(f"gradient_matching: num_scales={num_scales} must be in [1, {MAX_SCALES}]")
+    if isinstance(num_scales, bool) or not isinstance(num_scales, int) or not 1 <= num_scales <= MAX_SCALES:
+        raise ValueError(f"gradient_matching: num_scales={num_scales!r} must be an integer in [1, {MAX_SCALES}]")
     for name, s in (("pred_scale_B", pred_scale_B), ("target_scale_B", target_scale_B)):
         if s is not None and s.shape != (pred_BHW.shape[0],):
             raise ValueError(f"gradient_matching: {name} must have shape ({pred_BHW.shape[0]},), got {tuple(s.shape)}")

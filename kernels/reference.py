@@ -58,7 +58,8 @@ def masked_lower_median(x_BHW: torch.Tensor, valid_BHW: torch.Tensor) -> torch.T
     # Exact value, gradient spread over the tied valid elements: (x - median) is exactly 0 where they are equal.
     tied_BHW = valid_BHW & (x_BHW.detach() == median_B[:, None, None])
     num_tied_B = _sum_hw(tied_BHW).clamp_min(1)
-    return median_B + _sum_hw((x_BHW - median_B[:, None, None]) * tied_BHW) / num_tied_B
+    # `where`, not a product with the mask: inf or NaN at an untied pixel must not reach the sum (inf * 0 is NaN).
+    return median_B + _sum_hw(torch.where(tied_BHW, x_BHW - median_B[:, None, None], 0.0)) / num_tied_B
 
 
 def masked_kth_smallest(x_BHW: torch.Tensor, valid_BHW: torch.Tensor, rank_B: torch.Tensor) -> torch.Tensor:
@@ -124,7 +125,7 @@ def ssi_lsq_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale-and-shift-invariant loss with least-squares alignment (MiDaS), per image.
 
-    Solves min_{s,t} sum_valid (s * pred + t - target)^2 per image with centered fp32 sums (two passes: means,
+    Solves min_{s,t} sum_valid (s * pred + t - target)^2 per image with centered fp64 sums (two passes: means,
     then centered moments), so s = cov(pred, target) / var(pred) and t = mean(target) - s * mean(pred). When the
     system is singular (n < 2, or var(pred) <= LSQ_REL_EPS * mean(pred^2), e.g. a constant prediction) the
     alignment falls back to s = 0, t = mean(target), which carries no gradient. The loss of an image is the mean
@@ -135,18 +136,21 @@ def ssi_lsq_reference(
         (loss_B, scale_B, shift_B), all fp32 and differentiable w.r.t. pred.
     """
     p_BHW, d_BHW = _clean(pred_BHW, valid_BHW), _clean(target_BHW.detach(), valid_BHW)
-    m_BHW = valid_BHW.float()
+    # The solve runs in fp64: its backward divides by var(pred)^2, which underflows fp32 once |pred| < ~1e-14 (the
+    # kernels' hand-written backward does not form it).
+    p64_BHW, d64_BHW, m_BHW = p_BHW.double(), d_BHW.double(), valid_BHW.double()
     n_B = m_BHW.sum(dim=(1, 2))
     n_safe_B = n_B.clamp_min(1)
-    mean_p_B = _sum_hw(p_BHW * m_BHW) / n_safe_B
-    mean_d_B = _sum_hw(d_BHW * m_BHW) / n_safe_B
-    pc_BHW = (p_BHW - mean_p_B[:, None, None]) * m_BHW
-    dc_BHW = (d_BHW - mean_d_B[:, None, None]) * m_BHW
+    mean_p_B = _sum_hw(p64_BHW * m_BHW) / n_safe_B
+    mean_d_B = _sum_hw(d64_BHW * m_BHW) / n_safe_B
+    pc_BHW = (p64_BHW - mean_p_B[:, None, None]) * m_BHW
+    dc_BHW = (d64_BHW - mean_d_B[:, None, None]) * m_BHW
     var_p_B = _sum_hw(pc_BHW * pc_BHW)  # n * var(pred)
     cov_B = _sum_hw(pc_BHW * dc_BHW)  # n * cov(pred, target)
     singular_B = (n_B < 2) | (var_p_B <= LSQ_REL_EPS * (var_p_B + n_B * mean_p_B * mean_p_B))
     scale_B = torch.where(singular_B, torch.zeros_like(cov_B), cov_B / torch.where(singular_B, 1.0, var_p_B))
-    shift_B = mean_d_B - scale_B * mean_p_B
+    shift_B = (mean_d_B - scale_B * mean_p_B).float()
+    scale_B = scale_B.float()
     residual_BHW = scale_B[:, None, None] * p_BHW + shift_B[:, None, None] - d_BHW
     loss_B = _reduce_pixels(_pixel_loss(residual_BHW, metric), valid_BHW, trim)
     return loss_B, scale_B, shift_B

@@ -113,13 +113,12 @@ def _lsq_stats_kernel(pred_ptr, target_ptr, valid_ptr, part_ptr, HW, C, BLOCK: t
     """Per chunk: count, means and centered second moments -> part[b, c, 0:5]."""
     b, c, offs, inb, base = chunk(HW, BLOCK)
     v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
-    vf = v.to(tl.float32)
-    n = tl.sum(vf, axis=0)
+    n = tl.sum(v.to(tl.float32), axis=0)
     n_safe = tl.maximum(n, 1.0)
     mean_p = tl.sum(p, axis=0) / n_safe
     mean_d = tl.sum(d, axis=0) / n_safe
-    pc = (p - mean_p) * vf
-    dc = (d - mean_d) * vf
+    pc = tl.where(v, p - mean_p, 0.0)
+    dc = tl.where(v, d - mean_d, 0.0)
     out = part_ptr + (b * C + c) * 5
     tl.store(out + 0, n)
     tl.store(out + 1, mean_p)
@@ -159,13 +158,11 @@ def _median_mad_kernel(pred_ptr, target_ptr, valid_ptr, median_ptr, part_ptr, HW
     v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     med_p = tl.load(median_ptr + b)
     med_d = tl.load(median_ptr + num_images + b)
-    vf = v.to(tl.float32)
     dp = p - med_p
-    sgn = sign(dp)
     out = part_ptr + (b * C + c) * 4
-    tl.store(out + 0, tl.sum(tl.abs(dp) * vf, axis=0))
-    tl.store(out + 1, tl.sum(tl.abs(d - med_d) * vf, axis=0))
-    tl.store(out + 2, tl.sum(sgn * vf, axis=0))
+    tl.store(out + 0, tl.sum(tl.where(v, tl.abs(dp), 0.0), axis=0))
+    tl.store(out + 1, tl.sum(tl.where(v, tl.abs(d - med_d), 0.0), axis=0))
+    tl.store(out + 2, tl.sum(tl.where(v, sign(dp), 0.0), axis=0))
     tl.store(out + 3, tl.sum(tl.where(v & (p == med_p), 1.0, 0.0), axis=0))
 
 
@@ -246,14 +243,15 @@ def _ssi_pixel_kernel(
     v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
     e, z = _aligned_residual(p, d, f1, f2, f4, f5, ALIGN)
     loss, g = _penalty(e, L1)
-    vf = v.to(tl.float32)
+    # `where`, never a product with the mask: an invalid or padding lane's residual may overflow (inf * 0 is NaN).
+    loss = tl.where(v, loss, 0.0)
     if WRITE_MAP:
-        tl.store(lossmap_ptr + base + offs, loss * vf, mask=inb)
+        tl.store(lossmap_ptr + base + offs, loss, mask=inb)
     else:
         out = part_ptr + (b * C + c) * 3
-        tl.store(out + 0, tl.sum(loss * vf, axis=0))
-        tl.store(out + 1, tl.sum(g * vf, axis=0))
-        tl.store(out + 2, tl.sum(g * z * vf, axis=0))
+        tl.store(out + 0, tl.sum(loss, axis=0))
+        tl.store(out + 1, tl.sum(tl.where(v, g, 0.0), axis=0))
+        tl.store(out + 2, tl.sum(tl.where(v, g * z, 0.0), axis=0))
 
 
 @triton.jit
@@ -280,16 +278,18 @@ def _ssi_trimmed_kernel(
     f1, f2, f4, f5 = _load_fields(img_ptr + b * IMG_FIELDS)
     e, z = _aligned_residual(p, d, f1, f2, f4, f5, ALIGN)
     _, g = _penalty(e, L1)
-    below = tl.where(v & (loss < threshold), 1.0, 0.0)
-    tied = tl.where(v & (loss == threshold), 1.0, 0.0)
+    # Masks, used through `where`: a dropped lane's values may be inf. A NaN loss is kept (never trimmed away), so a
+    # broken label shows in its image's loss, as in the reference.
+    below = v & ((loss < threshold) | (loss != loss))
+    tied = v & (loss == threshold)
     out = part_ptr + (b * C + c) * 7
-    tl.store(out + 0, tl.sum(loss * below, axis=0))
-    tl.store(out + 1, tl.sum(below, axis=0))
-    tl.store(out + 2, tl.sum(tied, axis=0))
-    tl.store(out + 3, tl.sum(g * below, axis=0))
-    tl.store(out + 4, tl.sum(g * z * below, axis=0))
-    tl.store(out + 5, tl.sum(g * tied, axis=0))
-    tl.store(out + 6, tl.sum(g * z * tied, axis=0))
+    tl.store(out + 0, tl.sum(tl.where(below, loss, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(below.to(tl.float32), axis=0))
+    tl.store(out + 2, tl.sum(tied.to(tl.float32), axis=0))
+    tl.store(out + 3, tl.sum(tl.where(below, g, 0.0), axis=0))
+    tl.store(out + 4, tl.sum(tl.where(below, g * z, 0.0), axis=0))
+    tl.store(out + 5, tl.sum(tl.where(tied, g, 0.0), axis=0))
+    tl.store(out + 6, tl.sum(tl.where(tied, g * z, 0.0), axis=0))
 
 
 @triton.jit
@@ -372,7 +372,6 @@ def _ssi_backward_kernel(
     An upstream gradient that is absent (HAS_GRAD_* false: its output was not used) counts as zero."""
     b, c, offs, inb, base = chunk(HW, BLOCK)
     v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
-    vf = v.to(tl.float32)
     img = img_ptr + b * IMG_FIELDS
     aux = aux_ptr + b * AUX_FIELDS
     n = tl.load(img + 0)
@@ -395,7 +394,7 @@ def _ssi_backward_kernel(
     if TRIMMED:
         loss = tl.load(lossmap_ptr + base + offs, mask=inb, other=0.0)
         threshold = tl.load(threshold_ptr + b)
-        w = tl.where(loss < threshold, 1.0, tl.where(loss == threshold, tl.load(aux + 3), 0.0))
+        w = tl.where((loss < threshold) | (loss != loss), 1.0, tl.where(loss == threshold, tl.load(aux + 3), 0.0))
         q = c_loss * w * g
     else:
         q = c_loss * g
@@ -417,7 +416,7 @@ def _ssi_backward_kernel(
         k_s = (-big_z / s_p - grad_a / (s_p * s_p)) * unfloored
         k_m = (-big_g / s_p - k_s * sum_sgn / n_safe) / num_tied
         grad = q / s_p + k_s * sign(p - med_p) / n_safe + tl.where(p == med_p, k_m, 0.0)
-    grad = grad * vf
+    grad = tl.where(v, grad, 0.0)  # invalid pixels get 0, even when this image's values overflowed
     tl.store(grad_pred_ptr + base + offs, grad.to(grad_pred_ptr.dtype.element_ty), mask=inb)
 
 

@@ -69,10 +69,12 @@ class DepthLossConfig:
             raise ValueError(f"DepthLossConfig: metric={self.metric!r} is not 'mse' or 'l1'")
         if not 0.0 <= self.trim < 1.0:
             raise ValueError(f"DepthLossConfig: trim={self.trim} must be in [0, 1)")
-        if self.gradient_weight < 0:
-            raise ValueError(f"DepthLossConfig: gradient_weight={self.gradient_weight} must be >= 0")
-        if not 1 <= self.num_scales <= 8:
-            raise ValueError(f"DepthLossConfig: num_scales={self.num_scales} must be in [1, 8]")
+        if not 0 <= self.gradient_weight < float("inf"):  # also refuses NaN, which would drop the term silently
+            raise ValueError(f"DepthLossConfig: gradient_weight={self.gradient_weight} must be >= 0 and finite")
+        if isinstance(self.num_scales, bool) or not isinstance(self.num_scales, int) or not 1 <= self.num_scales <= 8:
+            raise ValueError(f"DepthLossConfig: num_scales={self.num_scales!r} must be an integer in [1, 8]")
+        if not 0 <= self.silog_lambda <= 1:
+            raise ValueError(f"DepthLossConfig: silog_lambda={self.silog_lambda} must be in [0, 1]")
         if self.impl not in ("auto", "triton", "torch"):
             raise ValueError(f"DepthLossConfig: impl={self.impl!r} is not 'auto', 'triton' or 'torch'")
         if self.objective == "silog" and (self.trim > 0 or self.gradient_weight > 0 or self.impl == "triton"):

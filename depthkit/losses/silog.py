@@ -43,7 +43,11 @@ def silog_loss(
         raise ValueError("silog_loss has no Triton kernel; use impl='auto' or 'torch'")
     check_maps("silog_loss", pred_depth_BHW, target_depth_BHW, valid_BHW)  # the checks every dense loss makes
     target_BHW = target_depth_BHW.detach().float()
-    valid_BHW = valid_BHW & (target_BHW > 0)
+    if not 0 < eps < float("inf"):
+        raise ValueError(f"silog_loss: eps must be positive and finite, got {eps}")
+    if not 0 <= lambd <= 1:
+        raise ValueError(f"silog_loss: lambd must be in [0, 1], got {lambd}")
+    valid_BHW = valid_BHW & ~(target_BHW <= 0)  # a NaN target at a valid pixel stays and shows in the loss
     pred_BHW = torch.where(valid_BHW, pred_depth_BHW.float(), 1.0).clamp_min(eps)
     target_BHW = torch.where(valid_BHW, target_BHW, 1.0)
     g_BHW = torch.where(valid_BHW, torch.log(target_BHW) - torch.log(pred_BHW), 0.0)
@@ -52,7 +56,7 @@ def silog_loss(
     mean_B = g_BHW.sum(dim=(1, 2)) / n_B
     mean_sq_B = (g_BHW * g_BHW).sum(dim=(1, 2)) / n_B
     var_B = mean_sq_B - lambd * mean_B * mean_B
-    loss_B = torch.where(var_B > VAR_FLOOR, var_B, torch.full_like(var_B, VAR_FLOOR)).sqrt()
+    loss_B = var_B.clamp_min(VAR_FLOOR).sqrt()  # clamp keeps NaN / inf: a diverged image must show, not read as 0
     loss_B = torch.where(num_valid_B > 0, loss_B, 0.0)
     return with_reduction(loss_B, num_valid_B)
 
