@@ -94,6 +94,10 @@ def preset(name: str, **overrides) -> DepthLossConfig:
     """A preset config by name (see the module docstring), with optional field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown loss preset {name!r}; expected one of {', '.join(PRESETS)}")
+    fields = [f.name for f in dataclasses.fields(DepthLossConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"preset {name!r}: unknown field(s) {', '.join(unknown)}; fields: {', '.join(fields)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
 

@@ -79,6 +79,8 @@ def test_loss_config_refuses_values_that_would_fail_late_or_drop_a_term():
     ):
         with pytest.raises(ValueError, match=message):
             preset("dav2", **changes)
+    with pytest.raises(ValueError, match=r"preset 'dav2': unknown field\(s\) gradient_weigth; fields: objective"):
+        preset("dav2", gradient_weigth=2.0)
     with pytest.raises(ValueError, match="silog_lambda=2.0 must be in"):
         DepthLossConfig(objective="silog", silog_lambda=2.0)
     pred_BHW, target_BHW, valid_BHW = _maps()
