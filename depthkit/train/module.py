@@ -44,6 +44,11 @@ def logs_this_step(trainer) -> bool:
     return connector is None or bool(trainer.fast_dev_run) or connector.should_update_logs
 
 
+def scalar_terms(out: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The scalar terms of a loss dict worth logging (not the per-image maps, not the valid-pixel count)."""
+    return {f"{prefix}{k}": v for k, v in out.items() if v.dim() == 0 and k != "num_valid"}
+
+
 def on_host(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached scalar tensors copied to the host in one transfer: one wait for the device, not one per value."""
     if not values:
@@ -189,8 +194,7 @@ class DepthModule(L.LightningModule):
 
     def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
         """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""
-        terms = {f"{prefix}{k}": v for k, v in out.items() if v.dim() == 0 and k != "num_valid"}
-        self.log_scalars(stage, terms, batch_size=batch_size)
+        self.log_scalars(stage, scalar_terms(out, prefix), batch_size=batch_size)
 
     def log_scalars(self, stage: str, values: dict[str, torch.Tensor], *, batch_size: int) -> None:
         """Log scalar tensors as `<stage>/<name>`; the one named "loss" also on the progress bar.
@@ -377,8 +381,7 @@ class StudentModule(DepthModule):
             total = total / (w.labeled + w.unlabeled + (w.feature if "feature" in logs else 0.0))
         n = labeled["image"].shape[0] + image_B3HW.shape[0]
         self.keep_panel(labeled, pred_l_BHW)
-        values = {f"labeled/{k}": v for k, v in out_l.items() if v.dim() == 0 and k != "num_valid"}
-        values |= {f"unlabeled/{k}": v for k, v in out_u.items() if v.dim() == 0 and k != "num_valid"}
+        values = scalar_terms(out_l, "labeled/") | scalar_terms(out_u, "unlabeled/")
         values |= {f"term/{k}": v for k, v in logs.items()} | {"loss": total}
         self.log_scalars("train", values, batch_size=n)
         return total
