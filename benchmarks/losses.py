@@ -14,7 +14,7 @@ Bandwidth, two ways, both divided by the GPU's peak (from `PEAK_GBPS` by device 
   once; fwd+bwd reads each input twice (forward and backward) and writes the gradient once.
 - "%moved" (CSV `moved_gbytes`, `moved_frac_peak`): the traffic the fused kernels actually cause, modeled from
   their passes (`kernel_bytes`; e.g. the least-squares forward reads the maps twice, once for the moments and
-  once for the loss, and the median's radix select reads them 4 more times). This is the achieved fraction of
+  once for the loss, and the median's select reads them once more). This is the achieved fraction of
   the memory bandwidth, the issue's ">= 60%" measure; "%peak" is the end-to-end one, lower when a loss needs
   several passes by construction. Small per-image kernels, partial sums and L2 hits are not counted.
 
@@ -175,27 +175,40 @@ def ideal_bytes(inputs: tuple, mode: str) -> int:
     return 2 * read + inputs[0].numel() * inputs[0].element_size()
 
 
+def select_bytes(source_bytes: list[int], pixels: int) -> int:
+    """The select over sources of `source_bytes` each (see kernels/select.py): the partition reads each source and
+    the mask (1 byte a pixel) once and writes the candidates (uint32 keys, a fraction of the pixels: 2 MARGIN /
+    sqrt(SAMPLE) when the sample is fair), which the 4 radix passes read. The sample (2048 pixels a row) is left
+    out."""
+    from depthkit_kernels import select
+
+    candidates = round(pixels * 4 * 2 * select.MARGIN / math.sqrt(select.SAMPLE))
+    return sum(b + pixels + (1 + select.NUM_PASSES) * candidates for b in source_bytes)
+
+
 def kernel_bytes(name: str, inputs: tuple, mode: str) -> int:
     """The bytes the fused kernels of op `name` read and write, from their passes (see the kernels' docstrings).
 
     Per-image fields, per-chunk partial sums and the radix histograms are left out (kilobytes). P, D, V: one
     read of the prediction, the target, the mask (1 byte per pixel); L: the fp32 per-pixel loss map of the
-    trimmed SSI (written once, read by the threshold's radix select and the sums); G: the gradient written.
+    trimmed SSI (written once, read by the threshold's select and the sums); G: the gradient written.
     """
     if name == "feature_alignment":
         read = sum(t.numel() * t.element_size() for t in inputs)
         return read if mode == "fwd" else 2 * read + inputs[0].numel() * inputs[0].element_size()
-    if name == "masked_median":  # inputs (x, valid): 4 radix passes
-        return 4 * sum(t.numel() * t.element_size() for t in inputs)
+    if name == "masked_median":  # inputs (x, valid)
+        return select_bytes([inputs[0].numel() * inputs[0].element_size()], inputs[1].numel())
     p, d, v = (t.numel() * t.element_size() for t in inputs[:3])
     maps = p + d + v
-    loss_map = inputs[0].numel() * 4
+    pixels = inputs[2].numel()
+    loss_map = pixels * 4
+    medians = select_bytes([p, d], pixels)
     forward = {
         "gradient_matching": maps,  # every scale in one pass; neighbours mostly from cache
         "ssi_lsq": 2 * maps,  # moments, then the loss
-        "ssi_median": 4 * (maps + v) + 2 * maps,  # radix select of pred and target, MAD, loss
-        # + loss-map pass (writes L), radix select of L, sums below the threshold (reads L)
-        "ssi_median_trim0.1": 4 * (maps + v) + 3 * maps + loss_map + 4 * (loss_map + v) + loss_map,
+        "ssi_median": medians + 2 * maps,  # select of pred and target, MAD, loss
+        # + the loss pass writes L, the select of L's threshold, sums below the threshold (read maps and L)
+        "ssi_median_trim0.1": medians + 3 * maps + loss_map + select_bytes([loss_map], pixels) + loss_map,
     }[name]
     if mode == "fwd":
         return forward
@@ -277,7 +290,7 @@ def profile_case(case: Case, mode: str, inputs: tuple, title: str, calls: int = 
 def bench_median_vs_torch(
     batch: int, size: int, dtype: torch.dtype, dtype_name: str, device_name: str, graph: bool = False
 ) -> list:
-    """Our exact masked median (radix select) against `torch.median(x, dim=1)` on all-valid maps.
+    """Our exact masked median (sample, partition, radix select) against `torch.median(x, dim=1)` on all-valid maps.
 
     CSV rows with op "median_vs_torch.median"; there "speedup_vs_eager" is relative to torch.median.
     """
@@ -310,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cudagraph", action="store_true", help="device time only: replay CUDA graphs (see above)")
     parser.add_argument("--profile", action="store_true", help="CUDA: torch.profiler table of the fused kernels")
     parser.add_argument(
-        "--select-block", type=int, default=None, help="pixels per program of the radix select (a tuning experiment)"
+        "--select-block",
+        type=int,
+        default=None,
+        help="pixels per program of the select's partition and radix passes (a tuning experiment)",
     )
     parser.add_argument(
         "--impls", default=None, help="comma list of triton,eager,compile (default: all on CUDA, eager on CPU)"

@@ -34,7 +34,8 @@ from .ssi import LsqSSIOutput, MedianSSIOutput, SSILsqFunction, SSIMedianFunctio
 def masked_median(x_BHW: torch.Tensor, valid_BHW: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """Lower median of the valid values of each image (fp32, 0 where none), exact; no gradient.
 
-    Triton: radix select (`select.py`), no sort. Reference: `reference.masked_lower_median`.
+    Triton: sample, partition, radix select over the candidates (`select.py`); no sort of the image.
+    Reference: `reference.masked_lower_median`.
     """
     check_maps("masked_median", x_BHW, x_BHW, valid_BHW)
     if use_triton("masked_median", impl, x_BHW, valid_BHW):

@@ -16,10 +16,11 @@ millisecond, and every launch costs the host about as much as a pass costs the d
   also has a closed form from the moments alone (var_d - cov^2 / var_p, one pass), but it cancels
   catastrophically when the fit is good: in fp32 its relative error grows like 1e-7 / (1 - rho^2), 1e-3 at
   rho^2 = 0.9999. So the loss is summed from the residuals.
-- median/MAD: 4 radix-select passes (pred and target medians in the same launches, see `select.py`), 1 MAD
-  pass, 1 loss pass (which forms the MADs), 1 finalize, 1 backward pass.
-- trimming adds: the loss pass writes the per-pixel loss map (fp32), 4 radix-select passes find the threshold,
-  1 pass sums the kept losses; the backward reads the map to recover the kept set bit-exactly.
+- median/MAD: the select (pred and target medians in the same launches: a sample, 1 partition pass, then 4
+  radix passes over a few percent of the pixels, see `select.py`), 1 MAD pass, 1 loss pass (which forms the
+  MADs), 1 finalize, 1 backward pass.
+- trimming adds: the loss pass writes the per-pixel loss map (fp32), a select finds the threshold, 1 pass sums
+  the kept losses; the backward reads the map to recover the kept set bit-exactly.
 
 Backward, per image (n valid pixels, N kept, w_j trim weights, g_j = dphi/de at the residual e_j, upstream
 gradients gL for the image's loss and gA / gB for the alignment outputs; c = gL / N):

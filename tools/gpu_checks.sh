@@ -22,7 +22,7 @@
 #   pseudo_label    benchmarks/pseudo_label.py --device cuda, dav2_vitl, 384 images 480x640, npz  needs braceexpand
 #   fsdp2           depthkit fit with configs/trainer/gpu_fsdp.yaml (FSDP2, bf16), tiny teacher, 30 steps
 #   losses_profile  torch.profiler tables (host vs device time): SSI least squares, trimmed median, gradient matching
-#   select_sweep    masked_median device time at 2048 to 16384 pixels per radix-select program
+#   select_sweep    masked_median device time at 2048 to 16384 pixels per select program
 #   losses          losses_graph's run timed with do_bench (host launch overhead included)
 #   losses_compile  benchmarks/losses.py --cudagraph, the full run (triton, eager AND torch.compile: device time,
 #                   the fair measure against compiled code; it replaces losses_graph's CSV), with whatever time is
@@ -287,7 +287,7 @@ if selected losses_profile; then
         --out-dir "$WORK/losses_profile"
 fi
 
-# b4. The radix select's pixels per program (its histogram pass is the median family's device bottleneck).
+# b4. The select's pixels per program (partition and radix passes; the median family's device bottleneck in run 2).
 select_sweep() {
     local b
     for b in 2048 4096 8192 16384; do

@@ -1,4 +1,5 @@
-"""Radix select (exact k-th smallest per image) vs sorting."""
+"""The select (exact k-th smallest per image) vs sorting, on both of its paths: from the sampled candidates,
+and over the whole row when the sample misleads or the candidates overflow."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from depthkit_kernels import masked_median, reference
 from depthkit_kernels._common import valid_bytes
-from depthkit_kernels.select import MODE_KEEP, radix_select
+from depthkit_kernels.select import MODE_KEEP, MODE_MEDIAN, from_candidates, radix_select, select_with_state
 
 
 def make_values(shape, device, *, seed=0):
@@ -65,8 +66,61 @@ def test_compiled_scan_variant(triton_device, monkeypatch):
     torch.testing.assert_close(masked_median(x_BHW, valid_BHW, impl="triton"), expected_B, atol=0, rtol=0)
 
 
+def _select_rows(x_BHW, valid_BHW, *, mode=MODE_MEDIAN, trim=0.0):
+    """The select's values and, per row, whether it came from the candidates."""
+    b = x_BHW.shape[0]
+    values_B, counts_B, state = select_with_state([x_BHW.reshape(b, -1)], valid_bytes(valid_BHW), mode=mode, trim=trim)
+    assert torch.equal(counts_B.long(), valid_BHW.sum(dim=(1, 2)))
+    return values_B, from_candidates(state, x_BHW[0].numel(), mode=mode, trim=trim)
+
+
+def test_rows_come_from_the_candidates_when_the_sample_is_fair(triton_device):
+    """The fast path is taken (else the select is as slow as before), and exact."""
+    g = torch.Generator().manual_seed(5)
+    x_BHW = torch.randn((3, 40, 50), generator=g).to(triton_device)
+    valid_BHW = (torch.rand((3, 40, 50), generator=g) > 0.1).to(triton_device)
+    num_valid_B = valid_BHW.sum(dim=(1, 2))
+    for mode, trim, rank_B in ((MODE_MEDIAN, 0.0, (num_valid_B - 1) // 2), (MODE_KEEP, 0.1, None)):
+        rank_B = reference.num_kept(num_valid_B, trim) - 1 if rank_B is None else rank_B
+        values_B, fast_B = _select_rows(x_BHW, valid_BHW, mode=mode, trim=trim)
+        assert fast_B.all()
+        torch.testing.assert_close(values_B, reference.masked_kth_smallest(x_BHW, valid_BHW, rank_B), atol=0, rtol=0)
+
+
+def test_a_misleading_sample_falls_back_to_the_whole_row(triton_device):
+    """The evenly spaced sample sees only huge values: rank k lies below the candidates, and the row is read
+    whole. Rows with the value order reversed put it above them."""
+    x_BHW = torch.randn((2, 40, 50), generator=torch.Generator().manual_seed(6))
+    flat = x_BHW.view(2, -1)
+    spaced = (torch.arange(64) * flat.shape[1]) // 64  # the interpreter's sample positions
+    flat[0, spaced] = 1e6
+    flat[1, spaced] = -1e6
+    x_BHW, valid_BHW = x_BHW.to(triton_device), torch.ones_like(x_BHW, dtype=torch.bool, device=triton_device)
+    values_B, fast_B = _select_rows(x_BHW, valid_BHW)
+    assert not fast_B.any()
+    torch.testing.assert_close(values_B, reference.masked_lower_median(x_BHW, valid_BHW), atol=0, rtol=0)
+
+
+def test_candidates_that_overflow_fall_back_to_the_whole_row(triton_device):
+    """More candidates than the buffer's quarter of the row holds. Row 0: distinct values, and the sample sees 2
+    valid pixels only, so [lo, hi] is the whole range; the smallest values come last, so a select over the
+    candidates that fit would miss them. Row 1: ties, every pixel in [lo, hi]."""
+    x_BHW = torch.full((2, 80, 80), 3.0)
+    x_BHW[0] = torch.linspace(2.0, 1.0, 6400).view(80, 80)
+    x_BHW[1, :5] = torch.arange(400.0).view(5, 80)  # a few distinct values, the median still in the tie
+    valid_BHW = torch.ones_like(x_BHW, dtype=torch.bool)
+    valid_BHW.view(2, -1)[0, (torch.arange(2, 64) * 6400) // 64] = False  # the interpreter's sample positions
+    x_BHW, valid_BHW = x_BHW.to(triton_device), valid_BHW.to(triton_device)
+    values_B, fast_B = _select_rows(x_BHW, valid_BHW)
+    assert not fast_B.any()
+    torch.testing.assert_close(values_B, reference.masked_lower_median(x_BHW, valid_BHW), atol=0, rtol=0)
+
+
 @pytest.mark.gpu
 def test_median_full_size_cuda():
     x_BHW, valid_BHW = make_values((32, 518, 518), "cuda", seed=3)
     expected_B = reference.masked_lower_median(x_BHW, valid_BHW)
     torch.testing.assert_close(masked_median(x_BHW, valid_BHW, impl="triton"), expected_B, atol=0, rtol=0)
+    _, fast_B = _select_rows(x_BHW, valid_BHW)
+    whole_B = ~fast_B & valid_BHW.any(dim=(1, 2))  # the 2048-pixel sample should never mislead here
+    assert not whole_B.any(), f"rows read whole: {whole_B.nonzero().flatten().tolist()}"
