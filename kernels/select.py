@@ -10,8 +10,10 @@ before): so the passes run over a small candidate set instead of the image, in t
 1. Sample, grid (rows,): a program sorts a stratified sample of the row (`SAMPLE` pixels at even spacing, the
    valid ones only) and takes bounds lo <= hi around the sample's rank of the target quantile, `MARGIN` x
    sqrt(valid samples) ranks either side (about 4 standard deviations of the sample rank).
-2. Partition, grid (rows, chunks): one read of the row counts its valid pixels n and those below lo, and copies
-   the keys in [lo, hi] into a per-row candidate buffer (a quarter of the row), in any order.
+2. Partition, grid (rows, chunks): one read of the row counts its valid pixels n, those below lo, equal to lo and
+   equal to hi, and copies the keys strictly between lo and hi into a per-row candidate buffer (a quarter of the
+   row), in any order. Ties at a bound are counted, not copied: a median inside a large tie (sky at disparity 0,
+   depth clamped at its maximum) needs no pass at all.
 3. Radix select over the candidates: 4 histogram passes, grid (rows, chunks), each adding a program's 256 counts
    of the current digit of the candidates that still match the prefix found so far to the row's histogram of
    that pass (integer atomics: deterministic whatever the order). The prefix comes from the earlier passes'
@@ -19,11 +21,12 @@ before): so the passes run over a small candidate set instead of the image, in t
    relative to that bin. Every program redoes these few scans of 256 bins itself (from L2), so no launch sits
    between two passes; one scan kernel, grid (rows,), ends the select and decodes the key to its fp32 value.
 
-Exactness never rests on the sample. The rank wanted among the candidates is k - (number below lo); when that
-is outside the candidates, or they overflow the buffer (a bad sample, or many ties), the row's radix passes
-read the whole row instead (valid pixels as keys), which is the plain multi-pass radix select. Programs past a
-row's length (the candidate count, or the row) do nothing. So a row costs one partition read plus passes over a
-few percent of its pixels, and at worst the old 4 full passes.
+Exactness never rests on the sample. From the counts, rank k is lo, hi, or a rank among the candidates; when it
+is below lo or above hi, or the candidates overflow the buffer (an unlucky sample, many ties strictly inside),
+the row's radix passes read the whole row instead (valid pixels as keys): the plain multi-pass radix select.
+Programs past a row's length (the candidate count, 0 for a bound, or the row) do nothing. So a row costs one
+partition read plus passes over a few percent of its pixels, and at worst the old 4 full passes. The scan kernel
+records the path each row took in its state (`PATH_*`; tests and benchmarks read it).
 
 Launches: 1 memset, 1 sample, 1 partition, 4 histogram passes, 1 scan.
 
@@ -61,10 +64,13 @@ MARGIN = 2.0
 deviation is at most 0.5 sqrt(samples)): about 2 x 2 x 45 / 2048 = 9% of the row's pixels at 2048 samples."""
 FORCE_CUMSUM: bool | None = None
 """Tests set this to run the compiled path's `tl.cumsum` scan in the interpreter too (None: cumsum when compiled)."""
-ROW_VALID, ROW_BELOW, ROW_INSIDE, ROW_LO, ROW_HI = range(5)
-ROW_FIELDS = 5
-"""Per-row state: valid pixels n, valid pixels below lo, candidates (valid pixels in [lo, hi]), and lo and hi (uint32
-keys stored bitwise in the int32 state)."""
+ROW_VALID, ROW_BELOW, ROW_AT_LO, ROW_INSIDE, ROW_AT_HI, ROW_LO, ROW_HI, ROW_PATH = range(8)
+ROW_FIELDS = 8
+"""Per-row state (int32): valid pixels n; valid pixels below lo, equal to lo, strictly between lo and hi (the
+candidates), equal to hi (not lo); the bounds lo and hi (uint32 keys, stored bitwise); the path taken."""
+PATH_WHOLE_ROW, PATH_CANDIDATES, PATH_LO, PATH_HI, PATH_EMPTY = range(5)
+"""How a row's value was found: radix passes over the whole row (the fallback) or over its candidates, the bound
+lo or hi itself (rank k in a tie at a bound), or none (no valid pixel: 0)."""
 
 
 @jit_helper
@@ -101,17 +107,23 @@ def _load_row(x_ptr, y_ptr, valid_ptr, row, num_images, HW, offs, inb, TWO_SOURC
 
 @jit_helper
 def _row_plan(state_ptr, row, HW, CAPACITY, trim, MODE: tl.constexpr):
-    """Where the row's radix passes look: (n, rank k to find, from the candidates?, length of what they read).
-    From the candidates when rank k of the row falls among them and they all fit; else the whole row."""
-    st = state_ptr + row * 5
+    """Where the row's value is: (n, the rank to find where the radix passes look, the path, the length of what
+    they read). Rank k of the row is lo, a candidate (when they all fit) or hi, by the partition's counts; else
+    the passes read the whole row."""
+    st = state_ptr + row * 8
     n = tl.load(st + 0)
-    below = tl.load(st + 1)
-    inside = tl.load(st + 2)
     k = _rank_of(n, trim, MODE)
-    ok = (k >= below) & (k < below + inside) & (inside <= CAPACITY)
-    k = tl.where(ok, k - below, k)
-    length = tl.where(n > 0, tl.where(ok, inside, HW), 0)
-    return n, k, ok, length
+    j = k - tl.load(st + 1)  # rank among the pixels from lo up
+    at_lo = tl.load(st + 2)
+    inside = tl.load(st + 3)
+    at_hi = tl.load(st + 4)
+    in_lo = (j >= 0) & (j < at_lo)
+    in_candidates = (j >= at_lo) & (j < at_lo + inside) & (inside <= CAPACITY)
+    in_hi = (j >= at_lo + inside) & (j < at_lo + inside + at_hi)
+    path = tl.where(in_lo, 2, tl.where(in_candidates, 1, tl.where(in_hi, 3, 0)))
+    path = tl.where(n > 0, path, 4)
+    length = tl.where(path == 1, inside, tl.where(path == 0, HW, 0))
+    return n, tl.where(path == 1, j - at_lo, k), path, length
 
 
 @jit_helper
@@ -164,8 +176,8 @@ def _sample_bounds_kernel(
     m = (MARGIN * tl.sqrt(s.to(tl.float32))).to(tl.int32) + 1
     lo = tl.where(r - m >= 0, tl.max(tl.where(i == r - m, ordered, 0), axis=0), 0)
     hi = tl.where(r + m < s, tl.max(tl.where(i == r + m, ordered, 0), axis=0), tl.max(top, axis=0))
-    tl.store(state_ptr + row * 5 + 3, lo.to(tl.int32, bitcast=True))
-    tl.store(state_ptr + row * 5 + 4, hi.to(tl.int32, bitcast=True))
+    tl.store(state_ptr + row * 8 + 5, lo.to(tl.int32, bitcast=True))
+    tl.store(state_ptr + row * 8 + 6, hi.to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -173,7 +185,7 @@ def _partition_kernel(
     x_ptr,
     y_ptr,
     valid_ptr,
-    state_ptr,  # R x ROW_FIELDS int32: adds n, below and inside
+    state_ptr,  # R x ROW_FIELDS int32: adds the counts
     cand_ptr,  # R x CAPACITY int32: the candidates' keys (bitwise)
     num_images,
     HW,
@@ -184,14 +196,16 @@ def _partition_kernel(
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     key, keep = _load_row(x_ptr, y_ptr, valid_ptr, row, num_images, HW, offs, offs < HW, TWO_SOURCES)
-    st = state_ptr + row * 5
-    lo = tl.load(st + 3).to(tl.uint32, bitcast=True)
-    hi = tl.load(st + 4).to(tl.uint32, bitcast=True)
-    inside = keep & (key >= lo) & (key <= hi)
+    st = state_ptr + row * 8
+    lo = tl.load(st + 5).to(tl.uint32, bitcast=True)
+    hi = tl.load(st + 6).to(tl.uint32, bitcast=True)
+    inside = keep & (key > lo) & (key < hi)
     flags = inside.to(tl.int32)
     tl.atomic_add(st + 0, tl.sum(keep.to(tl.int32), axis=0), sem="relaxed")
     tl.atomic_add(st + 1, tl.sum((keep & (key < lo)).to(tl.int32), axis=0), sem="relaxed")
-    start = tl.atomic_add(st + 2, tl.sum(flags, axis=0), sem="relaxed")  # this program's slots in the buffer
+    tl.atomic_add(st + 2, tl.sum((keep & (key == lo)).to(tl.int32), axis=0), sem="relaxed")
+    tl.atomic_add(st + 4, tl.sum((keep & (key == hi) & (key != lo)).to(tl.int32), axis=0), sem="relaxed")
+    start = tl.atomic_add(st + 3, tl.sum(flags, axis=0), sem="relaxed")  # this program's slots in the buffer
     slot = start + tl.cumsum(flags, axis=0) - 1
     tl.store(
         cand_ptr + row.to(tl.int64) * CAPACITY + slot, key.to(tl.int32, bitcast=True), mask=inside & (slot < CAPACITY)
@@ -219,11 +233,11 @@ def _radix_hist_kernel(
 ):
     row = tl.program_id(0)
     start = tl.program_id(1) * BLOCK
-    _, k, from_candidates, length = _row_plan(state_ptr, row, HW, CAPACITY, trim, MODE)
+    _, k, path, length = _row_plan(state_ptr, row, HW, CAPACITY, trim, MODE)
     if start < length:
         offs = start + tl.arange(0, BLOCK)
         inb = offs < length
-        if from_candidates:
+        if path == 1:
             key = tl.load(cand_ptr + row.to(tl.int64) * CAPACITY + offs, mask=inb, other=0).to(tl.uint32, bitcast=True)
             keep = inb
         else:
@@ -239,7 +253,7 @@ def _radix_hist_kernel(
 
 @triton.jit
 def _radix_scan_kernel(
-    state_ptr,  # R x ROW_FIELDS int32
+    state_ptr,  # R x ROW_FIELDS int32; this kernel writes the path
     hist_ptr,  # P x R x NUM_BINS int32, all passes done
     out_ptr,  # R fp32
     count_ptr,  # R int32
@@ -250,14 +264,19 @@ def _radix_scan_kernel(
     MODE: tl.constexpr,
     CUMSUM: tl.constexpr,
 ):
-    """After the last pass: the row's exact key of rank k, decoded to its fp32 value (0 for an empty row)."""
+    """After the last pass: the row's exact key of rank k (a bound, or the passes' prefix), decoded to its fp32
+    value (0 for an empty row)."""
     row = tl.program_id(0)
-    n, k, _, _ = _row_plan(state_ptr, row, HW, CAPACITY, trim, MODE)
+    n, k, path, _ = _row_plan(state_ptr, row, HW, CAPACITY, trim, MODE)
     key = _prefix(hist_ptr, row, num_rows, k, 4, CUMSUM).to(tl.int32, bitcast=True)
+    key = tl.where(
+        path == 2, tl.load(state_ptr + row * 8 + 5), tl.where(path == 3, tl.load(state_ptr + row * 8 + 6), key)
+    )
     bits = key ^ tl.where(key < 0, -2147483648, -1)
     value = bits.to(tl.float32, bitcast=True)
     tl.store(out_ptr + row, tl.where(n > 0, value, 0.0))
     tl.store(count_ptr + row, n)
+    tl.store(state_ptr + row * 8 + 7, path)
 
 
 def candidate_capacity(hw: int) -> int:
@@ -268,8 +287,8 @@ def candidate_capacity(hw: int) -> int:
 def select_with_state(
     sources: list[torch.Tensor], valid_u8_BM: torch.Tensor, *, mode: int = MODE_MEDIAN, trim: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`radix_select`, also returning the R x ROW_FIELDS per-row state (for tests and benchmarks: whether each row
-    was selected from its candidates)."""
+    """`radix_select`, also returning the R x ROW_FIELDS per-row state (for tests and benchmarks: column
+    `ROW_PATH` says how each row's value was found, `PATH_*`)."""
     assert 1 <= len(sources) <= 2
     num_images, hw = valid_u8_BM.shape
     for s in sources:
@@ -319,14 +338,3 @@ def radix_select(
     """
     values_R, num_valid_B, _ = select_with_state(sources, valid_u8_BM, mode=mode, trim=trim)
     return values_R, num_valid_B
-
-
-def from_candidates(state_RS: torch.Tensor, hw: int, *, mode: int = MODE_MEDIAN, trim: float = 0.0) -> torch.Tensor:
-    """Which rows of a `select_with_state` state were selected from their candidates (the rest read the whole
-    row, or nothing when they have no valid pixel), by the rule `_row_plan` applies on the device."""
-    n, below, inside = state_RS[:, ROW_VALID].long(), state_RS[:, ROW_BELOW].long(), state_RS[:, ROW_INSIDE].long()
-    if mode == MODE_MEDIAN:
-        k = torch.where(n > 0, (n - 1) // 2, -1)
-    else:
-        k = n - torch.floor(n.float() * trim).long() - 1
-    return (k >= below) & (k < below + inside) & (inside <= candidate_capacity(hw))

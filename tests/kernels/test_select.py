@@ -8,7 +8,18 @@ import torch
 
 from depthkit_kernels import masked_median, reference
 from depthkit_kernels._common import valid_bytes
-from depthkit_kernels.select import MODE_KEEP, MODE_MEDIAN, from_candidates, radix_select, select_with_state
+from depthkit_kernels.select import (
+    MODE_KEEP,
+    MODE_MEDIAN,
+    PATH_CANDIDATES,
+    PATH_EMPTY,
+    PATH_HI,
+    PATH_LO,
+    PATH_WHOLE_ROW,
+    ROW_PATH,
+    radix_select,
+    select_with_state,
+)
 
 
 def make_values(shape, device, *, seed=0):
@@ -67,11 +78,11 @@ def test_compiled_scan_variant(triton_device, monkeypatch):
 
 
 def _select_rows(x_BHW, valid_BHW, *, mode=MODE_MEDIAN, trim=0.0):
-    """The select's values and, per row, whether it came from the candidates."""
+    """The select's values and, per row, the path that found it (`PATH_*`)."""
     b = x_BHW.shape[0]
     values_B, counts_B, state = select_with_state([x_BHW.reshape(b, -1)], valid_bytes(valid_BHW), mode=mode, trim=trim)
     assert torch.equal(counts_B.long(), valid_BHW.sum(dim=(1, 2)))
-    return values_B, from_candidates(state, x_BHW[0].numel(), mode=mode, trim=trim)
+    return values_B, state[:, ROW_PATH].cpu().tolist()
 
 
 def test_rows_come_from_the_candidates_when_the_sample_is_fair(triton_device):
@@ -82,37 +93,60 @@ def test_rows_come_from_the_candidates_when_the_sample_is_fair(triton_device):
     num_valid_B = valid_BHW.sum(dim=(1, 2))
     for mode, trim, rank_B in ((MODE_MEDIAN, 0.0, (num_valid_B - 1) // 2), (MODE_KEEP, 0.1, None)):
         rank_B = reference.num_kept(num_valid_B, trim) - 1 if rank_B is None else rank_B
-        values_B, fast_B = _select_rows(x_BHW, valid_BHW, mode=mode, trim=trim)
-        assert fast_B.all()
+        values_B, paths = _select_rows(x_BHW, valid_BHW, mode=mode, trim=trim)
+        assert paths == [PATH_CANDIDATES] * 3
         torch.testing.assert_close(values_B, reference.masked_kth_smallest(x_BHW, valid_BHW, rank_B), atol=0, rtol=0)
 
 
 def test_a_misleading_sample_falls_back_to_the_whole_row(triton_device):
-    """The evenly spaced sample sees only huge values: rank k lies below the candidates, and the row is read
-    whole. Rows with the value order reversed put it above them."""
-    x_BHW = torch.randn((2, 40, 50), generator=torch.Generator().manual_seed(6))
-    flat = x_BHW.view(2, -1)
+    """The evenly spaced sample sees only huge values: rank k lies below lo, and the row is read whole. With the
+    value order reversed it lies above hi. A sample that sees only a tie (lo = hi) holding 43% of the row: above
+    it. An empty row takes no pass."""
+    x_BHW = torch.randn((4, 40, 50), generator=torch.Generator().manual_seed(6))
+    flat = x_BHW.view(4, -1)
     spaced = (torch.arange(64) * flat.shape[1]) // 64  # the interpreter's sample positions
     flat[0, spaced] = 1e6
     flat[1, spaced] = -1e6
-    x_BHW, valid_BHW = x_BHW.to(triton_device), torch.ones_like(x_BHW, dtype=torch.bool, device=triton_device)
-    values_B, fast_B = _select_rows(x_BHW, valid_BHW)
-    assert not fast_B.any()
+    flat[2] = flat[2].abs() + 1.0
+    flat[2, spaced] = 0.0
+    unsampled = torch.ones(flat.shape[1], dtype=torch.bool)
+    unsampled[spaced] = False
+    flat[2, unsampled.nonzero().flatten()[:800]] = 0.0
+    valid_BHW = torch.ones_like(x_BHW, dtype=torch.bool)
+    valid_BHW[3] = False
+    x_BHW, valid_BHW = x_BHW.to(triton_device), valid_BHW.to(triton_device)
+    values_B, paths = _select_rows(x_BHW, valid_BHW)
+    assert (flat[2] == 0).sum() == 864
+    assert paths == [PATH_WHOLE_ROW, PATH_WHOLE_ROW, PATH_WHOLE_ROW, PATH_EMPTY]
     torch.testing.assert_close(values_B, reference.masked_lower_median(x_BHW, valid_BHW), atol=0, rtol=0)
 
 
 def test_candidates_that_overflow_fall_back_to_the_whole_row(triton_device):
-    """More candidates than the buffer's quarter of the row holds. Row 0: distinct values, and the sample sees 2
-    valid pixels only, so [lo, hi] is the whole range; the smallest values come last, so a select over the
-    candidates that fit would miss them. Row 1: ties, every pixel in [lo, hi]."""
-    x_BHW = torch.full((2, 80, 80), 3.0)
-    x_BHW[0] = torch.linspace(2.0, 1.0, 6400).view(80, 80)
-    x_BHW[1, :5] = torch.arange(400.0).view(5, 80)  # a few distinct values, the median still in the tie
+    """More candidates than the buffer's quarter of the row holds: distinct values, and the sample sees 2 valid
+    pixels only, so lo and hi are the extreme keys. The smallest values come last, so a select over the
+    candidates that fit would miss them."""
+    x_BHW = torch.linspace(2.0, 1.0, 6400).view(1, 80, 80)
     valid_BHW = torch.ones_like(x_BHW, dtype=torch.bool)
-    valid_BHW.view(2, -1)[0, (torch.arange(2, 64) * 6400) // 64] = False  # the interpreter's sample positions
+    valid_BHW.view(-1)[(torch.arange(2, 64) * 6400) // 64] = False  # the interpreter's sample positions
     x_BHW, valid_BHW = x_BHW.to(triton_device), valid_BHW.to(triton_device)
-    values_B, fast_B = _select_rows(x_BHW, valid_BHW)
-    assert not fast_B.any()
+    values_B, paths = _select_rows(x_BHW, valid_BHW)
+    assert paths == [PATH_WHOLE_ROW]
+    torch.testing.assert_close(values_B, reference.masked_lower_median(x_BHW, valid_BHW), atol=0, rtol=0)
+
+
+def test_ties_at_a_bound_are_counted_not_selected(triton_device):
+    """Rows of 6400 pixels (a buffer of 4096) with a large tie: sky at disparity 0 holding the median (the bound
+    lo is the answer), depth clamped at its maximum holding it (hi is), and a tie at 0 just below the median (the
+    candidates, without the tie, fit the buffer)."""
+    g = torch.Generator().manual_seed(7)
+    x_BHW = torch.rand((3, 80, 80), generator=g) + 1.0
+    x_BHW[0].view(-1)[torch.randperm(6400, generator=g)[:3840]] = 0.0  # 60% sky
+    x_BHW[1].view(-1)[torch.randperm(6400, generator=g)[:3328]] = 80.0  # 52% at the maximum
+    x_BHW[2].view(-1)[torch.randperm(6400, generator=g)[:2880]] = 0.0  # 45% sky
+    x_BHW = x_BHW.to(triton_device)
+    valid_BHW = torch.ones_like(x_BHW, dtype=torch.bool)
+    values_B, paths = _select_rows(x_BHW, valid_BHW)
+    assert paths == [PATH_LO, PATH_HI, PATH_CANDIDATES]
     torch.testing.assert_close(values_B, reference.masked_lower_median(x_BHW, valid_BHW), atol=0, rtol=0)
 
 
@@ -121,6 +155,6 @@ def test_median_full_size_cuda():
     x_BHW, valid_BHW = make_values((32, 518, 518), "cuda", seed=3)
     expected_B = reference.masked_lower_median(x_BHW, valid_BHW)
     torch.testing.assert_close(masked_median(x_BHW, valid_BHW, impl="triton"), expected_B, atol=0, rtol=0)
-    _, fast_B = _select_rows(x_BHW, valid_BHW)
-    whole_B = ~fast_B & valid_BHW.any(dim=(1, 2))  # the 2048-pixel sample should never mislead here
-    assert not whole_B.any(), f"rows read whole: {whole_B.nonzero().flatten().tolist()}"
+    _, paths = _select_rows(x_BHW, valid_BHW)
+    whole = [row for row, path in enumerate(paths) if path == PATH_WHOLE_ROW]
+    assert not whole, f"rows read whole: {whole}"  # the 2048-pixel sample should never mislead here
