@@ -399,6 +399,30 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         `(state_dict, config_or_None)`; the config is the folder's (or a sibling) `config.json` if present, a
         training checkpoint's model (`training_config`), or the model an official file is by its name.
     """
+    path = _weights_file(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _unwrap(read_file(load_file, str(path)), str(path)), _safetensors_config(path)
+    obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
+    return _unwrap(obj, str(path)), training_config(obj) or _official_file_config(path)
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
+    """The config `read_checkpoint` finds, without reading the tensors (a torch file is memory-mapped); None also
+    when the file cannot be read so (loading it says why)."""
+    path = _weights_file(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_config(path)
+    try:
+        obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True, mmap=True), path)
+    except ValueError:
+        return None
+    return training_config(obj) or _official_file_config(path)
+
+
+def _weights_file(path: str | os.PathLike) -> Path:
+    """The file holding a checkpoint's tensors: the path itself, or a transformers folder's `model.safetensors`."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -411,27 +435,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         weights = path / HF_WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{path} is a folder without {HF_WEIGHTS_NAME} (a transformers export)")
-        path = weights
-    found_config = None
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        return weights
+    return path
 
-        state_dict = _unwrap(read_file(load_file, str(path)), str(path))
-        config_path = path.parent / HF_CONFIG_NAME
-        if config_path.is_file():
-            try:
-                found_config = json.loads(config_path.read_text())
-            except ValueError as err:
-                raise ValueError(f"{config_path} is not valid JSON ({err})") from None
-        else:
-            found_config = _metadata_config(path)
-    else:
-        obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
-        found_config = training_config(obj)
-        state_dict = _unwrap(obj, str(path))
-        if found_config is None:
-            found_config = _official_file_config(path)
-    return state_dict, found_config
+
+def _safetensors_config(path: Path) -> dict | None:
+    """A `.safetensors` file's model: the `config.json` beside it (a transformers folder), else its metadata."""
+    config_path = path.parent / HF_CONFIG_NAME
+    if not config_path.is_file():
+        return _metadata_config(path)
+    try:
+        return json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
 
 
 def _model_metadata(config: DepthModelConfig) -> dict[str, str]:
@@ -504,7 +520,13 @@ def found_config_diffs(found: dict, config: DepthModelConfig) -> list[tuple[str,
     return list(config_diffs(inference_config(trained), inference_config(config)))
 
 
-def check_training_config(found: dict, config: DepthModelConfig, source: str) -> None:
+def check_training_config(
+    found: dict,
+    config: DepthModelConfig,
+    source: str,
+    hint: str = "load it with depthkit.models.load_model(checkpoint_path=...) (the commands do), which builds the "
+    "model the checkpoint names",
+) -> None:
     """Raise a `ValueError` if a training checkpoint was trained as a different model than `config`.
 
     Tensor shapes cannot tell every difference (`max_depth`, `tap_indices`, the normalization): without this, such
@@ -521,10 +543,7 @@ def check_training_config(found: dict, config: DepthModelConfig, source: str) ->
             is_what = (
                 f"was trained as {found['model']} with {found['model_overrides'] or 'no overrides'}, not as built here"
             )
-        raise ValueError(
-            f"{source} {is_what} ({'; '.join(diffs)}); load it with depthkit.models.load_model(checkpoint_path=...) "
-            "(the commands do), which builds the model the checkpoint names"
-        )
+        raise ValueError(f"{source} {is_what} ({'; '.join(diffs)}); {hint}")
 
 
 def config_diffs(a, b, prefix: str = ""):

@@ -165,7 +165,9 @@ class Preemption(L.Callback):
 
     A signal is only recorded when it arrives. The previous handlers (Lightning's SIGTERM handler, SLURM requeue)
     run after the checkpoint is saved, on every rank: Lightning's would otherwise stop the loop at the end of the
-    step, before this callback can save. The process then exits with status 128 + the signal number, as a shell
+    step, before this callback can save, and in the sanity check it ends the run with status 0. The handlers are
+    taken over from the sanity check on (Lightning installs its own just before), so a signal that arrives there
+    is kept for the first optimizer step. The process then exits with status 128 + the signal number, as a shell
     reports a process killed by it, so launchers see an unfinished run, not a success.
     """
 
@@ -175,7 +177,13 @@ class Preemption(L.Callback):
         self._previous: dict = {}
         self._group = None
 
+    def on_sanity_check_start(self, trainer, pl_module):
+        self._take_over_signals(trainer)
+
     def on_train_start(self, trainer, pl_module):
+        self._take_over_signals(trainer)  # no sanity check in this run
+
+    def _take_over_signals(self, trainer) -> None:
         if trainer.world_size > 1 and self._group is None:
             # Ranks agree on a signal after every optimizer step. A CPU (gloo) all-reduce keeps that off the GPU:
             # on the NCCL group it would be a device tensor read back each step, a full GPU sync.
@@ -184,7 +192,7 @@ class Preemption(L.Callback):
             return
         for name in self.signal_names:
             signum = getattr(signal, name, None)
-            if signum is None:
+            if signum is None or signum in self._previous:
                 continue
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
@@ -215,7 +223,7 @@ class Preemption(L.Callback):
             previous(signum, None)
         raise SystemExit(128 + signum)
 
-    def on_train_end(self, trainer, pl_module):
+    def teardown(self, trainer, pl_module, stage):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()

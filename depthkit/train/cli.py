@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
 import re
 import sys
 import warnings
@@ -18,12 +19,23 @@ import zipfile
 from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.callbacks.progress import ProgressBar as Bar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from depthkit.models.checkpoint import found_config_diffs, read_file, training_config
+from depthkit.models.checkpoint import (
+    check_training_config,
+    found_config_diffs,
+    locate_weights,
+    read_checkpoint_config,
+    read_file,
+    training_config,
+)
 from depthkit.models.registry import model_config
 from depthkit.train.callbacks import ProgressBar
 from depthkit.train.data import STAGE_DATA, DepthDataModule, check_stage_data
@@ -58,7 +70,12 @@ class DepthCLI(LightningCLI):
         if not subcommand:
             return super()._parse_ckpt_path()
         section = self.config[subcommand]
-        check_resume(section.get("ckpt_path"), section.get("model"))
+        if section.get("ckpt_path") == "last":  # Lightning looks in this run's new log folder only: never there
+            root = Path((section.get("trainer") or {}).get("default_root_dir") or os.getcwd())
+            section.ckpt_path = str(latest_checkpoint(root))
+            rank_zero_info(f"--ckpt_path last: {section.ckpt_path}")
+        max_steps = (section.get("trainer") or {}).get("max_steps") if subcommand == "fit" else None
+        check_resume(section.get("ckpt_path"), section.get("model"), max_steps)
         if subcommand in ("validate", "test") and section.get("ckpt_path") is None:
             weights = section.get("model") and section.model.get("init_args")
             if weights is not None and not weights.get("pretrained") and weights.get("checkpoint_path") is None:
@@ -84,10 +101,20 @@ class DepthCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand in STAGE_DATA:
             check_stage_data(subcommand, self.config[subcommand].get("data") or {})
+        if subcommand == "fit":
+            check_module_data(self.config.fit.get("model"), self.config.fit.get("data") or {})
+        if subcommand in ("validate", "test") and self.config[subcommand].get("ckpt_path") is None:
+            weights = self.config[subcommand].get("model") and self.config[subcommand].model.get("init_args")
+            if weights is not None and weights.get("checkpoint_path") is not None:
+                check_scored_weights(subcommand, weights)
+        if subcommand:
+            _logger_under_root_dir(self.config[subcommand].get("trainer") or {})
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(kwargs.get("callbacks", config.get("callbacks")) or [])
+        if config.get("logger") is False:  # `--trainer.logger false`: nothing to log learning rates to
+            kwargs["callbacks"] = callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, Bar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, ProgressBar()]
         try:
@@ -95,6 +122,43 @@ class DepthCLI(LightningCLI):
         except (MisconfigurationException, ValueError) as err:
             # Lightning's message may not name the option ("No supported gpu backend found!"): say what was asked.
             raise MisconfigurationException(f"trainer ({_hardware_options(config)}): {err}") from None
+
+
+def _logger_under_root_dir(trainer_config) -> None:
+    """A W&B logger given no `save_dir` (or its default, ".") writes under `trainer.default_root_dir`, as the CSV
+    logger does, instead of wherever the command runs: one run's files (W&B's, the checkpoints, config.yaml,
+    preempted.ckpt) in one tree."""
+    logger = trainer_config.get("logger")
+    if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("WandbLogger"):
+        if logger.get("init_args") is not None and str(logger.init_args.get("save_dir") or ".") == ".":
+            logger.init_args.save_dir = trainer_config.get("default_root_dir") or os.getcwd()
+
+
+class RunConfig(SaveConfigCallback):
+    """Save the run's configuration as `config.yaml` in the run's own folder (`run_dir`), never in a folder that
+    runs share: Lightning's callback writes to `trainer.log_dir`, which for W&B is the logger's `save_dir`, so each
+    W&B run overwrote the last one's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+
+    def save_config(self, trainer, pl_module, stage) -> None:  # called on global rank 0 only
+        path = run_dir(trainer) / self.config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(path), skip_unset=False, overwrite=self.overwrite, multifile=self.multifile)
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The folder of this run: the CSV / TensorBoard logger's version folder; for another logger (W&B), the folder
+    Lightning's `ModelCheckpoint` puts the run's `checkpoints/` in (`<save_dir>/<name>/<version>`); without a
+    logger, `default_root_dir`."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    if isinstance(logger, CSVLogger | TensorBoardLogger):
+        return Path(logger.log_dir)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
 def _hardware_options(trainer_config) -> str:
@@ -130,6 +194,7 @@ def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
         # From the command line, LightningCLI reads sys.argv itself (given both, it warns on every run).
         args=None if argv == sys.argv[1:] else argv,
         run=run,
+        save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         # A bad option raises (ArgumentError) rather than print the whole usage: `run_lightning_cli` says it in a line.
         parser_kwargs={"prog": "depthkit", "exit_on_error": False},
@@ -137,11 +202,28 @@ def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
     )
 
 
-LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # `--ckpt_path` words Lightning resolves itself
+LIGHTNING_CKPT_NAMES = ("best", "hpc")  # `--ckpt_path` words Lightning resolves itself ("last": `latest_checkpoint`)
 
 
-def check_resume(ckpt_path: str | None, module_config) -> None:
-    """Refuse a `--ckpt_path` that is no `depthkit fit` checkpoint, or one of another module or model.
+def latest_checkpoint(root: Path) -> Path:
+    """What `--ckpt_path last` resumes: the newest `last*.ckpt` of any run under `root` (the trainer's
+    `default_root_dir`), or the `preempted.ckpt` there if newer.
+
+    Raises:
+        FileNotFoundError: there is neither.
+    """
+    found = [*root.glob("**/checkpoints/last*.ckpt"), *root.glob("preempted.ckpt")]
+    if not found:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no checkpoints/last.ckpt of a run under {root} (trainer.default_root_dir), nor a "
+            "preempted.ckpt there; pass the checkpoint's path"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = None) -> None:
+    """Refuse a `--ckpt_path` that is no `depthkit fit` checkpoint, or one of another module or model, or one that
+    `max_steps` (given when fitting) leaves nothing to train; warn when `max_steps` changes the run's schedule.
 
     `module_config` is the configured `model` section (`class_path`, `init_args`). Lightning would take a
     teacher's run for a student's, or turn a relative teacher's configuration into the metric one of the
@@ -164,6 +246,18 @@ def check_resume(ckpt_path: str | None, module_config) -> None:
             f"--ckpt_path {path} is not a `depthkit fit` checkpoint (no training state); to start a run from its "
             "weights, set model.checkpoint_path instead"
         )
+    step, scheduled = obj.get("global_step"), (obj.get("depthkit") or {}).get("schedule_steps")
+    if max_steps is not None and max_steps > 0 and step is not None:
+        if max_steps <= step:
+            raise ValueError(
+                f"--ckpt_path {path} is at step {step}: trainer.max_steps {max_steps} leaves nothing to train"
+            )
+        if scheduled and scheduled != max_steps:
+            rank_zero_warn(
+                f"--ckpt_path {path}: its learning-rate schedule spans {scheduled} steps, trainer.max_steps "
+                f"{max_steps} makes it span {max_steps}: from step {step} on the learning rate follows the new "
+                "length (a resumed run equals the uninterrupted one only with the same max_steps)"
+            )
     if module_config is None:
         return
     kind, configured = (obj.get("depthkit") or {}).get("module"), str(module_config.class_path).rsplit(".", 1)[-1]
@@ -178,6 +272,38 @@ def check_resume(ckpt_path: str | None, module_config) -> None:
                 f"--ckpt_path {path} is a run of {found['model']} ({'; '.join(diffs)}); to start a run from its "
                 "weights, set model.checkpoint_path instead"
             )
+
+
+def check_module_data(module_config, data) -> None:
+    """Refuse a fit whose data do not suit its module: a student without unlabeled images or their targets, a
+    supervised module given unlabeled images it would read and never use."""
+    if module_config is None:
+        return
+    kind = str(module_config.class_path).rsplit(".", 1)[-1]
+    if kind == "StudentModule":
+        if data.get("unlabeled") is None:
+            raise ValueError("the student (StudentModule) trains on unlabeled images too: set data.unlabeled")
+        if data.get("pseudo_labels") is None and module_config.init_args.get("teacher") is None:
+            raise ValueError(
+                "the student's unlabeled images need targets: set data.pseudo_labels (pseudo-label shards) or "
+                "model.teacher (a frozen teacher labels them online)"
+            )
+    elif data.get("unlabeled") is not None:
+        raise ValueError(
+            f"{kind} trains on labeled images only, but data.unlabeled is set (the student, StudentModule, uses "
+            "it): remove it"
+        )
+
+
+def check_scored_weights(subcommand: str, module_args) -> None:
+    """validate / test score `model.checkpoint_path` as the configured model: refuse weights that name another
+    (fit may start from them: a relative teacher's for a metric fine-tuning; a score of them would be wrong)."""
+    path = locate_weights(module_args.checkpoint_path, "model.checkpoint_path")
+    found = read_checkpoint_config(path)
+    if found is not None and "model_overrides" in found:
+        built = model_config(module_args.model, **dict(module_args.get("model_overrides") or {}))
+        hint = f"depthkit {subcommand} scores the model configured: give the config of the model it names"
+        check_training_config(found, built, f"model.checkpoint_path {path}", hint)
 
 
 def _changed_arguments(given, resumed) -> list[str]:
@@ -230,11 +356,37 @@ def condense_parse_error(message: str) -> str:
         elif line and reason is None and not line.startswith(_PARSE_NOISE):
             reason = line
     reason = reason or message.strip().splitlines()[0]
+    if keys and reason.startswith("unrecognized arguments: --"):  # named relative to the section: name it whole
+        reason = re.sub(r"--(?=\S)", f"--{'.'.join(keys)}.", reason)
+        keys = []
     if re.search(r"\b(optimizer|lr_scheduler)\b", reason):  # e.g. an `optimizer:` section in a YAML config
         reason += "; depthkit modules take their optimizer and schedule from model.optim"
     if re.search(r"arguments are required: \w+\.model\b", reason):  # no model, so most likely no config at all
         reason += " (give a recipe: --config recipes/NAME.yaml, and a --trainer configs/trainer/*.yaml)"
     return f"{'.'.join(keys)}: {reason}" if keys else reason
+
+
+def _broken_yaml(argv: list[str]) -> str | None:
+    """The first config file in `argv` that is not valid YAML, with the parser's reason and position (jsonargparse
+    reports the first line of the reason only, and no file)."""
+    import yaml
+
+    for arg in argv:
+        path = Path(arg.split("=", 1)[-1])
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            try:
+                yaml.safe_load(path.read_text())
+            except yaml.MarkedYAMLError as err:
+                if err.problem_mark is None:
+                    return f"{path} is not valid YAML: {' '.join(str(err).split())}"
+                mark, context = err.problem_mark, ""
+                if err.context and err.context_mark is not None:
+                    context = f" ({err.context} from line {err.context_mark.line + 1})"
+                where = f"line {mark.line + 1}, column {mark.column + 1}"
+                return f"{path} is not valid YAML: {where}: {err.problem}{context}"
+            except yaml.YAMLError as err:
+                return f"{path} is not valid YAML: {' '.join(str(err).split())}"
+    return None
 
 
 def _kill_workers() -> None:
@@ -252,12 +404,20 @@ def run_lightning_cli(argv: list[str]) -> int:
     except argparse.ArgumentError as err:
         _kill_workers()
         command = argv[0] if argv else ""
-        print(f"depthkit {command}: error: {condense_parse_error(str(err))} (see depthkit {command} --help)",
+        message = _broken_yaml(argv) if "Problems parsing config" in str(err) else None
+        print(f"depthkit {command}: error: {message or condense_parse_error(str(err))} (see depthkit {command} --help)",
               file=sys.stderr)  # fmt: skip
         return 2
     except (ValueError, OSError, MisconfigurationException) as err:
         _kill_workers()
         print(f"depthkit {argv[0] if argv else ''}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        _kill_workers()
+        if not type(err).__module__.startswith("wandb"):
+            raise
+        # e.g. online mode without an API key: the logger's own message, not wandb's traceback
+        print(f"depthkit {argv[0] if argv else ''}: error: wandb: {_one_line(err)}", file=sys.stderr)
         return 1
     except BaseException:
         _kill_workers()

@@ -111,7 +111,13 @@ class DepthDataModule(L.LightningDataModule):
             raise ValueError("data.pseudo_labels needs data.unlabeled (the images they label)")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}; expected 'raise' or 'skip'")
-        self.unlabeled_batch_size = max(1, round(batch_size * ratio[1] / ratio[0]))
+        if unlabeled and (batch_size * ratio[1]) % ratio[0]:
+            per_step = batch_size * ratio[1] / ratio[0]
+            raise ValueError(
+                f"data.ratio {list(ratio)} with data.batch_size {batch_size} gives {per_step:g} unlabeled images a "
+                f"step: make batch_size x {ratio[1]} a multiple of {ratio[0]}"
+            )
+        self.unlabeled_batch_size = batch_size * ratio[1] // ratio[0]
         self.transform = TransformConfig(crop_size=crop_size)
         self.states = {"labeled": StreamState(), "unlabeled": StreamState()}
         self._resume: dict = {}

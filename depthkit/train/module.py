@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -142,6 +144,7 @@ class DepthModule(L.LightningModule):
         self.loss_fn = DepthLoss(loss)
         self.compile_model, self.panel_every_n_steps = compile, panel_every_n_steps
         self.panel: dict | None = None  # the latest sample for `ImagePanels`
+        self.schedule_steps: int | None = None  # the optimizer steps the learning-rate schedule spans (once fitting)
 
     def configure_model(self) -> None:
         # Lightning calls this before every fit / validate / test: compile once. Replacing `forward` on the instance
@@ -154,7 +157,7 @@ class DepthModule(L.LightningModule):
     def predict_uint8(self, image_B3HW: torch.Tensor, *, model=None, with_features: bool = False):
         """Run a model on a uint8 batch: scale to [0, 1], normalize with the model's metadata, forward."""
         model = self.model if model is None else model
-        image_BCHW = model.normalize(image_B3HW.float() / 255.0)
+        image_BCHW = model.normalize(to_unit(image_B3HW, model))
         return model.forward_with_features(image_BCHW) if with_features else model(image_BCHW)
 
     def forward(self, image_B3HW: torch.Tensor) -> torch.Tensor:
@@ -190,7 +193,8 @@ class DepthModule(L.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["depthkit"] = {"module": type(self).__name__}  # `--ckpt_path` checks it resumes the same kind
+        # `--ckpt_path` checks that it resumes the same kind of run, and says when the schedule's length changes.
+        checkpoint["depthkit"] = {"module": type(self).__name__, "schedule_steps": self.schedule_steps}
 
     def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
         """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""
@@ -247,9 +251,8 @@ class DepthModule(L.LightningModule):
             },
         ]
         optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 0
-        if total <= 0:
-            total = int(self.trainer.estimated_stepping_batches)
+        total = schedule_length(self.trainer.max_steps, lambda: self.trainer.estimated_stepping_batches, cfg.schedule)
+        self.schedule_steps = total
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -371,7 +374,8 @@ class StudentModule(DepthModule):
         logs = {"labeled": out_l["loss"], "unlabeled": out_u["loss"]}
         if w.feature > 0:
             with torch.no_grad():
-                frozen_BND = self.frozen_encoder.forward_patch_tokens(self.model.normalize(image_B3HW.float() / 255.0))
+                image_BCHW = self.model.normalize(to_unit(image_B3HW, self.frozen_encoder))
+                frozen_BND = self.frozen_encoder.forward_patch_tokens(image_BCHW)
             out_f = feature_alignment_loss(
                 tokens_BND, frozen_BND, tolerance=self.feature_tolerance, impl=self.loss_config.impl
             )
@@ -388,6 +392,30 @@ class StudentModule(DepthModule):
 
 
 FROZEN_NETWORKS = ("frozen_encoder", "teacher")
+
+
+def schedule_length(max_steps: int | None, estimate: Callable[[], float], schedule: str) -> int:
+    """The optimizer steps the learning-rate schedule spans: `trainer.max_steps`, else Lightning's estimate from
+    the epochs (`estimate`, read only then). A decaying schedule refuses a run of unknown length: a streamed
+    dataset has no epoch length, and the schedule would silently stay at its peak."""
+    if max_steps is not None and max_steps > 0:
+        return int(max_steps)
+    estimated_steps = float(estimate())
+    if math.isfinite(estimated_steps) and estimated_steps > 0:
+        return int(estimated_steps)
+    if schedule == "constant":
+        return 0
+    raise ValueError(
+        f"model.optim.schedule {schedule!r} needs the run's length in optimizer steps: set trainer.max_steps "
+        "(the training stream has no known epoch length, so trainer.max_epochs does not give one)"
+    )
+
+
+def to_unit(image_B3HW: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+    """A uint8 batch scaled to [0, 1], in the dtype of the network's weights: float32 under mixed precision, the
+    weights' own under a "-true" precision (which casts the weights, not the batch)."""
+    dtype = next(p.dtype for p in network.parameters() if p.is_floating_point())
+    return image_B3HW.to(dtype) / 255.0
 
 
 def _drop_frozen_keys(module, state_dict, prefix, local_metadata) -> None:

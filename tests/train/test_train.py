@@ -14,6 +14,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import wandb as wandb_module
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from depthkit.cli import main
@@ -332,6 +334,43 @@ def test_preemption_waits_for_the_end_of_a_gradient_accumulation(tiny_data, tmp_
     assert state["global_step"] == 2 and state["DepthDataModule"]["labeled"]["consumed"] == {"0": 4 * batch_size}
 
 
+def test_a_signal_in_the_sanity_check_saves_after_the_first_step(tiny_data, tmp_path, monkeypatch):
+    """Lightning's own handler would end the run there with status 0 and no checkpoint."""
+    validation_step = DepthModule.validation_step
+
+    def signalled(self, batch, batch_idx):
+        if self.trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return validation_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DepthModule, "validation_step", signalled)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # never the default action (exit) in the test process
+    try:
+        with pytest.raises(SystemExit) as stop:
+            _fit(tmp_path, tiny_data, "tiny_teacher", steps=5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 128 + signal.SIGTERM
+    state = torch.load(tmp_path / "preempted.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 1
+
+
+def test_an_epoch_run_of_unknown_length_refuses_a_decaying_schedule(tiny_data, tmp_path):
+    """The stream has no epoch length: the cosine would silently stay at its peak."""
+    epochs = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--data.resampled", "false"]
+    with pytest.raises(ValueError, match=r"model.optim.schedule 'cosine' needs the run's length"):
+        _fit(tmp_path, tiny_data, "tiny_teacher", *epochs)
+
+
+@pytest.mark.parametrize("recipe", ["tiny_teacher", "tiny_student"])
+def test_true_half_precision_casts_the_input_to_the_weights(recipe, tiny_data, tmp_path):
+    """ "bf16-true" casts the weights, not the batch: the uint8 images become the weights' dtype."""
+    run = _fit(tmp_path, tiny_data, recipe, "--trainer.precision", "bf16-true", steps=1)
+    state = _last_checkpoint(run)
+    assert state["global_step"] == 1
+    assert {v.dtype for k, v in state["state_dict"].items() if v.is_floating_point()} == {torch.bfloat16}
+
+
 def test_compile_wraps_the_forward_once():
     """Lightning calls `configure_model` before every fit, validate and test; the forward is compiled only once."""
     module = DepthModule("test_dav2", compile=True)
@@ -399,22 +438,18 @@ def test_checkpoint_rebuilds_its_model_without_the_yaml(tiny_data, tmp_path):
 def test_wandb_offline_run_holds_metrics_and_panels(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    _fit(
-        tmp_path,
-        tiny_data,
-        "tiny_teacher",
-        "--config",
-        str(REPO / "configs/overlay/wandb.yaml"),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "wandb_runs"),
-        "--model.panel_every_n_steps",
-        "1",
-        steps=2,
-    )
-    (run_dir,) = (tmp_path / "wandb_runs" / "wandb").glob("offline-run-*")
+    wandb = ["--config", str(REPO / "configs/overlay/wandb.yaml")]
+    _fit(tmp_path, tiny_data, "tiny_teacher", *wandb, "--model.panel_every_n_steps", "1", steps=2)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")  # under default_root_dir, not the working directory
     assert list(run_dir.glob("run-*.wandb")), "no offline run file"
     panels = list(run_dir.glob("files/media/images/panels/*.png"))
     assert panels, f"no image panels in {run_dir}"
+    # Each run's config.yaml beside its own checkpoints: a second run in the same folder overwrites nothing.
+    wandb_module.finish()  # a new process starts a new run; in this one, the logger would resume the active run
+    _fit(tmp_path, tiny_data, "tiny_teacher", *wandb, "--model.optim.encoder_lr", "0.001", steps=1)
+    configs = sorted(tmp_path.glob("depthkit/*/config.yaml"), key=lambda p: p.stat().st_mtime)
+    assert len(configs) == 2 and all((c.parent / "checkpoints/last.ckpt").is_file() for c in configs)
+    assert [yaml.safe_load(c.read_text())["model"]["init_args"]["optim"]["encoder_lr"] for c in configs] == [2e-4, 1e-3]
 
 
 def _teacher_args(tiny_data, tmp_path, *extra: str) -> list[str]:
@@ -438,13 +473,35 @@ def _teacher_args(tiny_data, tmp_path, *extra: str) -> list[str]:
         (["--data.labeled", "/nonexistent/shards"], "data.labeled"),
         (["--data.ratio", "[1, 0]"], "ratio"),
         (["--data.val", "null", "--trainer.max_steps", "-5"], "max_steps"),
+        (["--data.unlabeled", "{unlabeled}"], "DepthModule trains on labeled images only, but data.unlabeled is set"),
     ],
 )
 def test_bad_config_fails_before_training(override, message, tiny_data, tmp_path, capsys):
+    override = [o.format(unlabeled=tiny_data / "unlabeled") for o in override]
     assert main(_teacher_args(tiny_data, tmp_path, *override)) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def _student_args(tiny_data, tmp_path, *extra: str) -> list[str]:
+    args = ["fit", "--trainer", str(REPO / "configs/trainer/cpu.yaml")]
+    args += ["--config", str(REPO / "recipes/tiny_student.yaml"), "--data.labeled", str(tiny_data / "labeled")]
+    args += ["--data.val", "null"]
+    return [*args, "--trainer.default_root_dir", str(tmp_path), *extra]
+
+
+def test_a_student_without_its_unlabeled_data_is_refused_before_training(tiny_data, tmp_path, capsys):
+    unlabeled = ["--data.unlabeled", str(tiny_data / "unlabeled")]
+    assert main(_student_args(tiny_data, tmp_path, "--data.unlabeled", "null", "--data.pseudo_labels", "null")) == 1
+    assert "the student (StudentModule) trains on unlabeled images too: set data.unlabeled" in capsys.readouterr().err
+    assert main(_student_args(tiny_data, tmp_path, *unlabeled, "--data.pseudo_labels", "null")) == 1
+    assert "need targets: set data.pseudo_labels (pseudo-label shards) or model.teacher" in capsys.readouterr().err
+    pseudo = ["--data.pseudo_labels", str(tiny_data / "pseudo")]
+    assert main(_student_args(tiny_data, tmp_path, *unlabeled, *pseudo, "--data.ratio", "[4, 1]")) == 1
+    err = capsys.readouterr().err
+    assert "data.ratio [4, 1] with data.batch_size 2 gives 0.5 unlabeled images a step" in err, err
+    assert not tmp_path.exists() or not list(tmp_path.iterdir()), "refused before the trainer made a log folder"
 
 
 def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path, capsys):
@@ -511,6 +568,7 @@ def test_a_bare_command_points_at_the_recipes(capsys):
         (["--trainer", "nothere.yaml"], 2, 'error: trainer: Unable to load config "nothere.yaml"'),
         (["--model.optim.encoder_lr", "-1"], 1, "optim: learning rates must be positive"),  # the module's own check
         (["--model.model", "test_dav3"], 1, "model.model: unknown model 'test_dav3'; registered: "),
+        (["--model.optim.encoder_lrr", "1e-3"], 2, "error: unrecognized arguments: --model.optim.encoder_lrr=1e-3"),
         (
             ["--trainer.devices", "0"],
             1,
@@ -525,6 +583,51 @@ def test_a_bad_option_is_one_line_naming_it(option, code, message, tiny_data, tm
     err = capsys.readouterr().err
     (line,) = err.strip().splitlines()
     assert line.startswith("depthkit fit: error: ") and message in line
+
+
+def test_validate_refuses_weights_trained_as_another_model(tiny_data, tmp_path, capsys):
+    """fit may start a metric model from a relative teacher's weights; validate / test would score them wrongly."""
+    run = _fit(tmp_path, tiny_data, "tiny_teacher", steps=1)
+    (ckpt,) = run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    args = ["validate", "--trainer", str(REPO / "configs/trainer/cpu.yaml")]
+    args += ["--config", str(REPO / "recipes/tiny_metric.yaml"), "--data.val", str(tiny_data / "val")]
+    args += ["--trainer.default_root_dir", str(tmp_path / "validate"), "--model.checkpoint_path", str(ckpt)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"model.checkpoint_path {ckpt} was trained as test_dav2" in err and "depthkit validate scores" in err, err
+    assert not (tmp_path / "validate").exists()
+
+
+def test_a_malformed_yaml_is_named_with_the_reason_and_position(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: [3\n")
+    assert main(["fit", *_tiny_teacher_args(), "--config", str(bad)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    expected = "line 3, column 1: expected ',' or ']', but got '<stream end>'"
+    expected += " (while parsing a flow sequence from line 2)"
+    assert line.startswith(f"depthkit fit: error: {bad} is not valid YAML: {expected}"), line
+
+
+def test_resuming_the_last_run_and_its_length(tiny_data, tmp_path, capsys):
+    """`--ckpt_path last` resumes the newest run under the root (Lightning would look in the new run's empty
+    folder and start over); a max_steps at or below the checkpoint's step is refused, another one is warned of."""
+    args = _teacher_args(tiny_data, tmp_path, "--data.val", "null", "--data.num_workers", "0")
+    assert main([*args, "--ckpt_path", "last"]) == 1
+    assert f"--ckpt_path last: no checkpoints/last.ckpt of a run under {tmp_path}" in capsys.readouterr().err
+    assert main([*args, "--trainer.max_steps", "2"]) == 0
+    assert main([*args, "--trainer.max_steps", "2", "--ckpt_path", "last"]) == 1
+    assert "is at step 2: trainer.max_steps 2 leaves nothing to train" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="its learning-rate schedule spans 2 steps, trainer.max_steps 3 makes it"):
+        assert main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
+    newest = max(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert newest.parent.parent.name == "version_1"
+    assert torch.load(newest, map_location="cpu", weights_only=False)["global_step"] == 3
+
+
+def test_no_logger_drops_the_learning_rate_monitor(tiny_data, tmp_path):
+    """The trainer fragments log learning rates; `--trainer.logger false` has nothing to log them to."""
+    _fit(tmp_path, tiny_data, "tiny_teacher", "--trainer.logger", "false", steps=1)
+    assert (tmp_path / "checkpoints/last.ckpt").is_file()
 
 
 def test_test_subcommand_scores_the_test_shards(tiny_data, tmp_path, capsys):
