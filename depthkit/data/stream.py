@@ -67,22 +67,83 @@ def _open(url: str):
     return open(url, "rb")
 
 
+class _RecentReads:
+    """A read-through file wrapper that keeps its last two reads and their place in the stream, so that what follows
+    the last member of a tar can be checked after `tarfile` stops reading."""
+
+    def __init__(self, raw):
+        self.raw, self.pos, self.previous, self.last = raw, 0, b"", b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.pos += len(data)
+        self.previous, self.last = self.last, data
+        return data
+
+    def bytes_at(self, offset: int, size: int) -> bytes | None:
+        """Up to `size` bytes of the stream from `offset` (read on as needed; fewer at its end), or None when
+        `offset` lies before the recent reads."""
+        window = self.previous + self.last
+        start = self.pos - len(window)
+        if offset < start:
+            return None
+        data = window[offset - start :]
+        while len(data) < size and (more := self.raw.read(size - len(data))):
+            self.pos += len(more)
+            data += more
+        return data[:size]
+
+
+def _check_end(tar: tarfile.TarFile, reads: _RecentReads) -> None:
+    """Raise `tarfile.ReadError` unless the archive ends with its end-of-archive marker (zero blocks).
+
+    `tarfile` takes a damaged header after the first member, and a file cut off between two members, for the end
+    of the archive: the samples after it would be lost without a word.
+    """
+    if getattr(tar.fileobj, "comptype", None) != "tar":  # compressed: offsets are in the decompressed stream
+        return
+    end = reads.bytes_at(tar.offset, 2 * tarfile.BLOCKSIZE)
+    if end is None:
+        return
+    if len(end) < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("cut off: no end-of-archive marker")
+    if any(end[: tarfile.BLOCKSIZE]):
+        raise tarfile.ReadError(f"damaged member header at byte {tar.offset}")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """A tar member's (sample key, extension), by the WebDataset rule: the key is the name up to the first dot of
+    its basename, with its folder."""
+    dirname, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{dirname}/{key}" if dirname else key), ext
+
+
+def first_key(path: str) -> str | None:
+    """The key of a local tar's first sample (one header read), or None for an empty or unreadable one."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            member = tar.next()
+    except (tarfile.TarError, OSError):
+        return None
+    return None if member is None else split_member_name(member.name)[0]
+
+
 def iter_raw_samples(url: str) -> Iterator[dict]:
     """Group a tar stream's members by key (WebDataset rule: name up to the first dot of the basename).
 
     Raises:
-        ShardFormatError: for an unreadable or corrupt tar, naming the shard and the last good key.
+        ShardFormatError: for an unreadable, corrupt or cut-off tar, naming the shard and the last good key (after
+            the samples before the damage).
     """
     current: dict | None = None
     last_key = None
     try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with _open(url) as raw, tarfile.open(fileobj=(reads := _RecentReads(raw)), mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                dirname, _, base = member.name.rpartition("/")
-                key, _, ext = base.partition(".")
-                key = f"{dirname}/{key}" if dirname else key
+                key, ext = split_member_name(member.name)
                 if current is not None and current["__key__"] != key:
                     yield current
                     current = None
@@ -91,11 +152,12 @@ def iter_raw_samples(url: str) -> Iterator[dict]:
                     last_key = key
                 data = tar.extractfile(member)
                 current[ext] = data.read() if data is not None else b""
+            if current is not None:
+                yield current
+            _check_end(tar, reads)
     except (tarfile.TarError, OSError, EOFError) as err:
         where = f"after key {last_key}" if last_key else "at its start"
         raise ShardFormatError(f"shard {url}: corrupt or unreadable tar {where} ({err})") from None
-    if current is not None:
-        yield current
 
 
 class BatchMeta:

@@ -105,6 +105,10 @@ class FolderPredictor:
     def load(self, key: str, name: str | None = None) -> np.ndarray:
         path = self.path_for(key, name)
         if path.suffix == ".npy":
+            # An .npy carries no space; `depthkit predict --save npy,png16` writes its 16-bit PNG beside it, which does.
+            sibling = path.with_name(f"{path.stem}_16bit.png")
+            if sibling.is_file():
+                self._check_space(path, _png_metadata(sibling))
             values = np.load(path)
             values = values.reshape(values.shape[-2:]) if values.ndim == 3 and 1 in values.shape else values
             if values.ndim != 2:
@@ -113,10 +117,7 @@ class FolderPredictor:
         raw_HW = read_depth_raw(path, "uint16_png").astype(np.float64)
         info = _png_metadata(path)
         if info is not None:
-            if info.get("output_space") != self.output_space:
-                raise ValueError(
-                    f"{path}: written as {info.get('output_space')}, but --output-space is {self.output_space}"
-                )
+            self._check_space(path, info)
             if "scale" in info:
                 return (raw_HW / float(info["scale"])).astype(np.float32)
             lo, hi = float(info["min"]), float(info["max"])
@@ -128,6 +129,12 @@ class FolderPredictor:
 
     def predict(self, items: list[EvalItem], samples: list[dict]) -> list[np.ndarray]:
         return [self.load(item.key, item.name) for item in items]
+
+    def _check_space(self, path: Path, info: dict | None) -> None:
+        """Refuse a prediction that `depthkit predict` wrote in another space than --output-space says."""
+        if info is not None and info.get("output_space") != self.output_space:
+            written = info.get("output_space")
+            raise ValueError(f"{path}: written as {written}, but --output-space is {self.output_space}")
 
 
 def _png_metadata(path: Path) -> dict | None:

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_ASPECT_RATIO = 16
+"""Images longer than this many times their width (or wider than this many times their height) are refused: the
+short side goes to the input size, so a 4 x 400 strip would become a 518 x 51800 network input (137,000 tokens),
+which no device holds."""
+
 
 def _constrain_to_multiple(x: float, multiple: int, min_val: int) -> int:
     y = int(np.round(x / multiple) * multiple)
@@ -30,9 +35,17 @@ def official_resize_hw(height: int, width: int, input_size: int = 518, multiple:
 
     Returns:
         (h, w), both multiples of `multiple` and at least `input_size` (rounded up to a multiple).
+
+    Raises:
+        ValueError: an empty image, or one whose aspect ratio is beyond `MAX_ASPECT_RATIO`.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise ValueError(
+            f"a {height}x{width} image is too elongated (beyond {MAX_ASPECT_RATIO}:1): its short side at the input "
+            "size would make a network input too large for any device; crop it"
+        )
     if input_size <= 0:
         raise ValueError(f"input_size must be positive, got {input_size}")
     scale_height = input_size / height

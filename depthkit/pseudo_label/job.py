@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sys
 import tarfile
@@ -52,7 +53,7 @@ from depthkit.data.shards import (
     shard_file_name,
     shard_paths,
 )
-from depthkit.data.stream import iter_raw_samples
+from depthkit.data.stream import first_key, iter_raw_samples
 from depthkit.pseudo_label.index import (
     INDEX_NAME,
     IndexWriter,
@@ -210,7 +211,7 @@ def make_plan(config: PseudoLabelConfig) -> Plan:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--output {out_dir} is a file, not a folder")
     for url, name in zip(urls, names, strict=True):
-        if "://" in url or url.startswith("pipe:"):
+        if not _is_local(url):
             continue
         if (out_dir / name).resolve() == Path(url).resolve():
             raise ValueError(f"--output {out_dir} would overwrite the input shard {url}; choose another folder")
@@ -227,6 +228,14 @@ def make_plan(config: PseudoLabelConfig) -> Plan:
         if kind != "pseudo":
             raise ValueError(
                 f"--output {out_dir} holds {INDEX_NAME} of kind {kind!r}, not pseudo-labels; choose another folder"
+            )
+    else:  # a job writes its index before its first shard: tars without one are someone else's
+        clashes = [name for name in names if (out_dir / name).exists()]
+        if clashes:
+            more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+            raise ValueError(
+                f"--output {out_dir} holds {clashes[0]}{more}, which the labels would replace, and no {INDEX_NAME}: "
+                "it is no pseudo-label output; choose another folder"
             )
     return Plan(urls=urls, names=names, out_dir=out_dir)
 
@@ -263,7 +272,37 @@ def prepare(config: PseudoLabelConfig, *, device: torch.device, sha256: str | No
     settings = label_settings(config, teacher, device)
     records = finished_shards(plan.out_dir, read_records(plan.out_dir))
     check_settings(records, settings, allow_mixed=config.allow_mixed_teachers)
+    check_inputs(plan, records)
     return plan, teacher, settings, records
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def check_inputs(plan: Plan, records: dict[str, dict]) -> None:
+    """Refuse to skip a finished shard whose input changed: output shards are matched to inputs by file name, and
+    labels of another shard's images (re-converted photos, another dataset's `shard-000000.tar`) would be kept.
+    A local input is known by its size and first key (one header read; a file's hash would read whole datasets).
+
+    Raises:
+        ValueError: naming the shard, the input it was labeled from and the one given now.
+    """
+    for url, name in zip(plan.urls, plan.names, strict=True):
+        record = records.get(name)
+        if record is None or "input_bytes" not in record or not _is_local(url):
+            continue
+        now = {"input_bytes": os.path.getsize(url), "first_key": first_key(url)}
+        then = {field: record.get(field) for field in now}
+        if now != then:
+            raise ValueError(
+                f"--output {plan.out_dir} holds {name}, labeled from {record['input']} ({_identity(then)}), but "
+                f"the input {url} now has {_identity(now)}: the inputs changed; use a new --output folder"
+            )
+
+
+def _identity(fields: dict) -> str:
+    return f"{fields['input_bytes']} bytes, first key {fields['first_key']!r}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,6 +425,8 @@ class ShardWork:
     next_write: int = 0
     buckets: dict[tuple[int, int], list[tuple[dict, torch.Tensor]]] = field(default_factory=dict)
     tar_error: str | None = None
+    first_key: str | None = None
+    """The key of its first sample (with its size, the input's identity in the record)."""
 
 
 def encode_confidence(confidence_HW: np.ndarray) -> bytes:
@@ -539,6 +580,7 @@ class ShardWriterThread:
         record = {
             "shard": work.name,
             "input": work.url,
+            **({"input_bytes": os.path.getsize(work.url), "first_key": work.first_key} if _is_local(work.url) else {}),
             "num_samples": tar.num_samples,
             "failed": failed,
             "settings": self.settings.to_dict(),
@@ -683,18 +725,25 @@ class _Labeler:
 
     def add(self, work: ShardWork, item: dict) -> None:
         slot = {"key": item["key"]}
+        if not work.slots:
+            work.first_key = item["key"]
         work.slots.append(slot)
-        if "error" in item:
-            slot["error"] = item["error"]
-            self.summary.num_failed += 1
-            self.progress.update(1)
-        else:
-            slot["meta"] = item["meta"]
+        error = item.get("error")
+        if error is None:
             image_HW3 = item["image"]
             if isinstance(image_HW3, np.ndarray):
                 image_HW3 = torch.from_numpy(image_HW3)
             height, width = image_HW3.shape[:2]
-            slot["size"] = size_hw = network_size(height, width, self.config.resolution, self.model.meta.patch_size)
+            try:
+                size_hw = network_size(height, width, self.config.resolution, self.model.meta.patch_size)
+            except ValueError as err:  # an image no network input can hold: failed, like an undecodable one
+                error = str(err)
+        if error is not None:
+            slot["error"] = error
+            self.summary.num_failed += 1
+            self.progress.update(1)
+        else:
+            slot["meta"], slot["size"] = item["meta"], size_hw
             bucket = work.buckets.setdefault(size_hw, [])
             bucket.append((slot, image_HW3))
             if len(bucket) == self.config.batch_size:
@@ -802,7 +851,7 @@ def _known_counts(urls: list[str], names: list[str]) -> list[int | None]:
     indices: dict[Path, dict] = {}
     counts: list[int | None] = []
     for url, name in zip(urls, names, strict=True):
-        if "://" in url or url.startswith("pipe:"):
+        if not _is_local(url):
             counts.append(None)
             continue
         folder = Path(url).parent

@@ -19,6 +19,8 @@ errors come out once, before any work; after the ranks end it rewrites the index
 from __future__ import annotations
 
 import os
+import signal
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -153,13 +155,19 @@ def run_pseudo_label(
     del teacher
     context = torch.multiprocessing.get_context("spawn")
     results = context.SimpleQueue()
-    torch.multiprocessing.spawn(
+    ranks = torch.multiprocessing.spawn(
         _spawned_rank,
         args=(config, launch, sha256, results),
         nprocs=launch.devices,
-        join=True,
+        join=False,
         start_method="spawn",
     )
+    try:
+        while not ranks.join():
+            pass
+    except KeyboardInterrupt:
+        stop_ranks(ranks.processes)
+        raise
     summaries = []
     while not results.empty():
         summaries.append(RankSummary(**results.get()))
@@ -167,6 +175,24 @@ def run_pseudo_label(
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     index = IndexWriter(plan.out_dir, plan.names).refresh(force=True)
     return JobSummary(summaries, index)
+
+
+def stop_ranks(processes, grace_s: float = 2.0, timeout_s: float = 60.0) -> None:
+    """Stop spawned ranks after the launcher's Ctrl-C. A terminal's Ctrl-C reaches the ranks too (one process
+    group), and each stops as a single process does; a SIGINT sent to the launcher alone does not, so after
+    `grace_s` the ranks still running get one. Any left after `timeout_s` are killed."""
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    running = [p for p in processes if p.is_alive()]
+    for process in running:
+        os.kill(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + timeout_s
+    for process in running:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _spawned_rank(local_rank: int, config: PseudoLabelConfig, launch: Launch, sha256: str, results) -> None:

@@ -22,7 +22,14 @@ from depthkit.data.shards import (
     iter_tar_samples,
     shard_paths,
 )
-from depthkit.data.stream import ShardStream, StreamState, make_loader, merge_stream_states, ratio_batch_sizes
+from depthkit.data.stream import (
+    ShardStream,
+    StreamState,
+    iter_raw_samples,
+    make_loader,
+    merge_stream_states,
+    ratio_batch_sizes,
+)
 from depthkit.data.transforms import SampleTransform, TransformConfig
 
 
@@ -248,6 +255,25 @@ def test_bad_samples_raise_or_are_counted(tmp_path, synth_shards, caplog):
     # broken, notarget, and the truncated shard's tail (a partial last sample, or a tar error)
     assert "skipped 3 bad sample(s)" in caplog.text
     assert 1 <= state.num_skipped <= 3  # batches carry the running count up to the last batch
+
+
+@pytest.mark.parametrize("damage", ["cut", "header"])
+def test_a_tar_cut_between_members_or_with_a_damaged_header_is_an_error(damage, synth_shards, tmp_path):
+    """Python's tarfile takes both for the end of the archive: the samples after them would vanish silently."""
+    path = shard_paths(synth_shards)[0]
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in members))
+    first_of_third = next(m for m in members if m.name.startswith(keys[2] + "."))
+    data = open(path, "rb").read()
+    at = first_of_third.offset  # a header block, between the second sample and the third
+    broken = data[:at] if damage == "cut" else data[:at] + b"x" * 512 + data[at + 512 :]
+    (tmp_path / "broken.tar").write_bytes(broken)
+    read = []
+    with pytest.raises(ShardFormatError, match=rf"broken.tar: corrupt or unreadable tar after key {keys[1]}"):
+        for raw in iter_raw_samples(str(tmp_path / "broken.tar")):
+            read.append(raw["__key__"])
+    assert read == keys[:2]  # what came before the damage
 
 
 def test_ratio_batch_sizes():

@@ -228,3 +228,9 @@ def test_reads_what_depthkit_predict_writes(fake_layout, tmp_path):
         FolderPredictor(tmp_path / f"{AFFINE_DISPARITY}_png16", output_space=METRIC_DEPTH).load(
             items[0].key, items[0].name
         )
+    # --save npy,png16: the .npy is read first, and the PNG beside it says what space both are in
+    both = tmp_path / "both"
+    write_outputs(np.ones((4, 5), np.float32), AFFINE_DISPARITY, both, items[0].name, ["npy", "png16"])
+    with pytest.raises(ValueError, match=r"frame_0001.npy: written as affine_disparity, but --output-space is metric"):
+        FolderPredictor(both, output_space=METRIC_DEPTH).load(items[0].key, items[0].name)
+    assert FolderPredictor(both, output_space=AFFINE_DISPARITY).load(items[0].key, items[0].name).shape == (4, 5)

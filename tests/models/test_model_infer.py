@@ -10,6 +10,7 @@ from PIL import Image
 
 from depthkit.models import Prediction, create_model
 from depthkit.models.preprocess import official_resize_hw, resize_image, to_float_chw
+from depthkit.models.sizing import MAX_ASPECT_RATIO
 from depthkit.spaces import AFFINE_DISPARITY, METRIC_DEPTH
 
 
@@ -47,9 +48,16 @@ def test_resize_rule_is_the_official_one(input_size):
     rng = np.random.default_rng(0)
     sizes = [(480, 640), (640, 480), (375, 1242), (518, 518), (1, 1), (7, 3000)]
     sizes += [tuple(int(v) for v in rng.integers(1, 2500, size=2)) for _ in range(300)]
+    num_compared = 0
     for height, width in sizes:
+        if max(height, width) > MAX_ASPECT_RATIO * min(height, width):  # no device holds its network input
+            with pytest.raises(ValueError, match=rf"a {height}x{width} image is too elongated"):
+                official_resize_hw(height, width, input_size, 14)
+            continue
         new_width, new_height = official.get_size(width, height)
         assert official_resize_hw(height, width, input_size, 14) == (new_height, new_width), (height, width)
+        num_compared += 1
+    assert num_compared > 250
     assert official_resize_hw(480, 640) == (518, 686)  # transformers' test: a 640x480 COCO image -> 518 x 686
 
 

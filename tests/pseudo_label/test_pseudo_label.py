@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,24 @@ def test_truncated_shard_and_early_batches(mixed, teacher_ckpt, tmp_path, monkey
         torch.testing.assert_close(decode_sample(raw)["target"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_an_image_too_elongated_for_any_network_input_fails_alone(teacher_ckpt, tmp_path):
+    """A 2 x 40 strip would become a 28 x 560 input here (518 x 10360 at the default size): recorded as failed,
+    like an undecodable image, and the rest of the shard is labeled."""
+    from depthkit.data.shards import ShardWriter, encode_image, encode_sample
+
+    rng = np.random.default_rng(3)
+    with ShardWriter(tmp_path / "in", prefix="strip", shard_size=10) as writer:
+        for key, (h, w) in (("a", (30, 40)), ("strip", (2, 40)), ("b", (40, 30))):
+            image = rng.integers(0, 256, (h, w, 3), np.uint8)
+            sample = {"__key__": key, "meta": {"kind": "unlabeled"}, "image": image}
+            writer.write(encode_sample({**sample, "image_bytes": ("png", encode_image(image))}))
+    summary = run_pseudo_label(_config(tmp_path / "in", tmp_path / "out", teacher_ckpt))
+    assert (summary.num_labeled, summary.num_failed) == (2, 1)
+    (failed,) = read_index(tmp_path / "out")["failed"].values()
+    assert list(failed) == ["strip"] and "a 2x40 image is too elongated (beyond 16:1)" in failed["strip"]
+    assert [r["__key__"] for raws in _labels(tmp_path / "out").values() for r in raws] == ["a", "b"]
+
+
 def test_flip_tta_is_the_flip_average_and_gives_a_confidence(unlabeled, teacher_ckpt, tmp_path):
     first_two = [str(p) for p in shard_paths(str(unlabeled))[:2]]
     run_pseudo_label(_config(first_two, tmp_path / "tta", teacher_ckpt, tta="hflip", confidence=True))
@@ -234,6 +253,30 @@ def _child(argv: list[str]) -> multiprocessing.Process:
     return process
 
 
+def _sleep(ignore_sigint: bool, ready) -> None:
+    # Set either way: a shell's background job (CI) starts with SIGINT ignored, and a child inherits that.
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.default_int_handler)
+    ready.set()
+    time.sleep(600)
+
+
+def test_ranks_still_running_after_the_launchers_ctrl_c_are_stopped():
+    """A SIGINT sent to the launcher alone (not the terminal's, which every rank gets) reached no rank: they labeled
+    on to the end. Now they get one after a grace period, and a rank that ignores it is killed."""
+    from depthkit.pseudo_label.launch import stop_ranks
+
+    context = multiprocessing.get_context("fork")
+    ready = [context.Event() for _ in range(2)]
+    ranks = [context.Process(target=_sleep, args=(ignore, r)) for ignore, r in zip((False, True), ready, strict=True)]
+    for rank, started in zip(ranks, ready, strict=True):
+        rank.start()
+        assert started.wait(60), "the rank did not start"
+    stop_ranks(ranks[:1], grace_s=0.2, timeout_s=60.0)  # returns as soon as it has stopped
+    stop_ranks(ranks[1:], grace_s=0.2, timeout_s=0.5)
+    assert not any(rank.is_alive() for rank in ranks)
+    assert [rank.exitcode for rank in ranks] == [1, -signal.SIGKILL]  # KeyboardInterrupt; killed
+
+
 NUM_KILL_SHARDS = 40
 
 
@@ -303,6 +346,19 @@ def test_rerun_skips_finished_and_redoes_unfinished_shards(unlabeled, teacher_ck
     assert read_index(tmp_path / "out")["complete"] and not list((tmp_path / "out").glob("*.tmp"))
 
 
+def test_a_rerun_on_changed_inputs_of_the_same_names_is_refused(unlabeled, teacher_ckpt, tmp_path):
+    """Outputs are matched to inputs by file name: labels of other images must not be kept as finished."""
+    inputs = tmp_path / "in"
+    shutil.copytree(unlabeled, inputs)
+    run_pseudo_label(_config(inputs, tmp_path / "out", teacher_ckpt))
+    write_synthetic(tmp_path / "new", num=12, size=(42, 60), seed=6, labeled=False, shard_size=2)
+    for shard in (tmp_path / "new").glob("*.tar"):  # other images, under the same shard names
+        shutil.copy(shard, inputs / shard.name)
+    changed = r"holds synth-000000.tar, labeled from .*first key 'synth_000005_00000000'\), but the input .* now has"
+    with pytest.raises(ValueError, match=changed):
+        run_pseudo_label(_config(inputs, tmp_path / "out", teacher_ckpt))
+
+
 def test_two_processes_split_the_shards_without_overlap_or_gap(unlabeled, teacher_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["pseudo-label", "--model", "test_dav2", "--checkpoint", str(teacher_ckpt), "--input", str(unlabeled),
@@ -351,6 +407,13 @@ def test_start_errors_are_clear_and_come_before_any_work(unlabeled, teacher_ckpt
     with pytest.raises(ValueError, match=r"input shard .*-000000.tar is given twice \(check --input\)"):
         run_pseudo_label(_config([unlabeled, unlabeled], out, teacher_ckpt))
     assert not out.exists()
+    images = tmp_path / "images"  # someone's image shards, named as the labels would be
+    images.mkdir()
+    first = sorted(unlabeled.glob("*.tar"))[0]
+    shutil.copy(first, images / first.name)
+    with pytest.raises(ValueError, match=rf"holds {first.name}, which the labels would replace, and no index.json"):
+        run_pseudo_label(_config(unlabeled, images, teacher_ckpt))
+    assert (images / first.name).read_bytes() == first.read_bytes()
     argv = ["pseudo-label", "--checkpoint", str(garbage), "--model", "test_dav2", "--input", str(unlabeled),
             "--output", str(out), "--device", "cpu", "--devices", "2"]  # fmt: skip
     assert main(argv) == 1  # checked by the launcher before it spawns anything
