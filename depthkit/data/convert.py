@@ -159,6 +159,11 @@ def write_synthetic(
     workers: int = 1,
 ) -> dict:
     """Render `num` procedural scenes into shards (in parallel over shards); returns the index."""
+    for name, value in (("num", num), ("shard_size", shard_size), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"write_synthetic: {name} must be an integer >= 1, got {value!r}")
+    if len(tuple(size) if isinstance(size, list | tuple) else ()) != 2 or min(size) < 1:
+        raise ValueError(f"write_synthetic: size must be (height, width) in pixels, got {size!r}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     jobs = [
         (str(out_dir), i, first_index + start, min(shard_size, num - start), tuple(size), seed, labeled, image_format)

@@ -167,6 +167,12 @@ def encode_sample(
         check_space(meta.get("output_space", ""), what=f"{key}: meta output_space")
         target_HW = np.asarray(sample["target"], dtype=np.float32)
         valid_HW = np.asarray(sample.get("valid", np.isfinite(target_HW) & (target_HW > 0)), dtype=bool)
+        image_hw = np.shape(sample["image"])[:2] if kind == "labeled" and "image_bytes" not in sample else None
+        if target_HW.ndim != 2 or valid_HW.shape != target_HW.shape or image_hw not in (None, target_HW.shape):
+            raise ValueError(
+                f"{key}: target {target_HW.shape}, valid {valid_HW.shape} and image {image_hw or '(encoded)'} "
+                "must be H x W of the same size"
+            )
         if not np.all(np.isfinite(target_HW[valid_HW])):
             raise ValueError(f"{key}: target has NaN/inf at pixels marked valid")
         ext, data = encode_target(

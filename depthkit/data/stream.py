@@ -251,11 +251,13 @@ class ShardStream(IterableDataset):
             raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if not 0.0 <= cutmix_p <= 1.0:
             raise ValueError(f"cutmix_p={cutmix_p} is not a probability in [0, 1]")
-        if world_size is not None and (world_size < 1 or rank is not None and not 0 <= rank < world_size):
+        if (rank is None) != (world_size is None):  # the other would come from the environment: rarely meant
+            raise ValueError(f"rank={rank}, world_size={world_size}: give both, or neither (torch.distributed's)")
+        if world_size is not None and (world_size < 1 or not 0 <= rank < world_size):
             raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
         if kind == "pseudo" and not labels:
             raise ValueError("kind='pseudo' needs labels= (the folder of pseudo-label shards)")

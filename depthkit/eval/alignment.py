@@ -161,6 +161,8 @@ def align_to_depth(
     if output_space not in ACCEPTS[alignment]:
         raise ValueError(f"alignment {alignment!r} does not accept {output_space} predictions")
     check_scored(pred_HW, target_HW, mask_HW)
+    if not 0 < min_depth < max_depth:  # max_depth may be inf
+        raise ValueError(f"depth range [{min_depth}, {max_depth}]: expected 0 < min_depth < max_depth")
     cap = max_depth if np.isfinite(max_depth) else FAR_DEPTH_CAP
     if not mask_HW.any():
         raise ValueError("cannot align a prediction with no valid ground-truth pixels")
@@ -169,9 +171,10 @@ def align_to_depth(
         disparity_HW = _inverse(pred_HW) if output_space == METRIC_DEPTH else pred_HW.astype(np.float64)
         fit_mask_HW = mask_HW & np.isfinite(disparity_HW)
         fit = fit_scale_shift(disparity_HW[fit_mask_HW], 1.0 / target_HW[fit_mask_HW].astype(np.float64))
-        aligned_HW = fit.scale * np.nan_to_num(disparity_HW, posinf=0.0) + fit.shift
-        # MiDaS: disparity below 1/cap (including negative) is raised to 1/cap, so depth stays finite.
-        depth_HW = 1.0 / np.maximum(aligned_HW, 1.0 / cap)
+        # MiDaS: disparity below 1/cap (including negative) is raised to 1/cap, so depth stays finite. Non-finite
+        # predictions stay so up to `clamp_depth`: NaN becomes min_depth, as in the other alignments.
+        with np.errstate(invalid="ignore", over="ignore"):
+            depth_HW = 1.0 / np.maximum(fit.scale * disparity_HW + fit.shift, 1.0 / cap)
         return clamp_depth(depth_HW, min_depth, cap), fit
 
     depth_HW = _inverse(pred_HW) if output_space == DISPARITY else pred_HW.astype(np.float64)

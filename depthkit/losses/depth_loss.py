@@ -61,6 +61,10 @@ class DepthLossConfig:
     """Kernels: "auto" (fused Triton on CUDA, plain torch elsewhere), "triton" or "torch"."""
 
     def __post_init__(self):
+        for name in ("trim", "gradient_weight", "silog_lambda"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"DepthLossConfig: {name}={value!r} must be a number")
         if self.objective not in ("ssi", "silog"):
             raise ValueError(f"DepthLossConfig: objective={self.objective!r} is not 'ssi' or 'silog'")
         if self.alignment not in ("lsq", "median"):
@@ -147,8 +151,12 @@ class DepthLoss(nn.Module):
     pred_hat - target_hat (median/MAD), with gradients through the alignment.
     """
 
-    def __init__(self, config: DepthLossConfig | None = None):
+    def __init__(self, config: DepthLossConfig | str | None = None):
         super().__init__()
+        if isinstance(config, str):  # a preset's name
+            config = preset(config)
+        elif config is not None and not isinstance(config, DepthLossConfig):
+            raise ValueError(f"DepthLoss: expected a DepthLossConfig or a preset name, got {type(config).__name__}")
         self.config = config if config is not None else DepthLossConfig()
 
     def forward(

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -623,6 +624,23 @@ def load_checkpoint(model, path: str | os.PathLike, *, check_config: bool = True
     return load_state_dict(model, state_dict, str(path), found_config if check_config else None)
 
 
+def _warn_if_lossy(config: DepthModelConfig, path: Path) -> None:
+    """A torch weights file holds tensors only: warn when the model differs from its registered name in a way the
+    tensors do not show (`max_depth`, ...), which a later load by name would silently get wrong."""
+    from depthkit.models.registry import list_models, model_config
+
+    if config.name not in list_models():
+        return
+    diffs = list(config_diffs(inference_config(model_config(config.name)), inference_config(config)))
+    if diffs:
+        changed = ", ".join(f"{field}={value!r}" for field, _, value in diffs)
+        warnings.warn(
+            f"{path} keeps the weights only, not this model's {changed} (registered {config.name} differs): load it "
+            f"with those overrides, or save a .safetensors file, which records them",
+            stacklevel=3,
+        )
+
+
 def save_checkpoint(model, path: str | os.PathLike, layout: str = "official") -> Path:
     """Save a `DepthModel`'s weights.
 
@@ -657,6 +675,7 @@ def save_checkpoint(model, path: str | os.PathLike, layout: str = "official") ->
         tensors = {k: v.contiguous() for k, v in state_dict.items()}
         _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=_model_metadata(model.config)))
     else:
+        _warn_if_lossy(model.config, path)
         _write_atomic(path, lambda tmp: torch.save(state_dict, tmp))
     return path
 

@@ -60,7 +60,10 @@ class DepthModel(nn.Module):
         self.meta = ModelMeta.from_config(config)
 
     def normalize(self, image01_BCHW: torch.Tensor) -> torch.Tensor:
-        """(image - mean) / std with the model's normalization, on the image's device and dtype."""
+        """(image - mean) / std with the model's normalization, on the image's device and dtype (floating: values
+        in [0, 1])."""
+        if not image01_BCHW.is_floating_point():
+            raise ValueError(f"normalize takes a float image in [0, 1], got {image01_BCHW.dtype} (divide by 255 first)")
         mean_13 = torch.tensor(self.meta.mean, device=image01_BCHW.device, dtype=image01_BCHW.dtype)
         std_13 = torch.tensor(self.meta.std, device=image01_BCHW.device, dtype=image01_BCHW.dtype)
         return (image01_BCHW - mean_13.view(1, 3, 1, 1)) / std_13.view(1, 3, 1, 1)
@@ -128,7 +131,7 @@ class DepthModel(nn.Module):
             height, width = image_CHW.shape[-2:]
             groups[official_resize_hw(height, width, input_size, self.meta.patch_size)].append(index)
         results: list[Prediction | None] = [None] * len(items)
-        was_training = self.training
+        modes = [(module, module.training) for module in self.modules()]  # each its own: a frozen part stays eval
         self.eval()
         try:
             for size_hw, indices in groups.items():
@@ -146,5 +149,6 @@ class DepthModel(nn.Module):
                         values = pred_HW.cpu().numpy().astype(np.float32, copy=False)
                         results[i] = Prediction(values=values, output_space=self.meta.output_space)
         finally:
-            self.train(was_training)
+            for module, training in modes:
+                module.training = training
         return results[0] if single else results

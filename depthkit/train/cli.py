@@ -39,7 +39,7 @@ from depthkit.models.checkpoint import (
 from depthkit.models.registry import model_config
 from depthkit.train.callbacks import ProgressBar
 from depthkit.train.data import STAGE_DATA, DepthDataModule, check_stage_data
-from depthkit.train.module import DepthModule
+from depthkit.train.module import DepthModule, check_module_data
 
 
 class _DropAdvert(logging.Filter):
@@ -102,7 +102,11 @@ class DepthCLI(LightningCLI):
         if subcommand in STAGE_DATA:
             check_stage_data(subcommand, self.config[subcommand].get("data") or {})
         if subcommand == "fit":
-            check_module_data(self.config.fit.get("model"), self.config.fit.get("data") or {})
+            module, data = self.config.fit.get("model"), self.config.fit.get("data") or {}
+            if module is not None:
+                kind = str(module.class_path).rsplit(".", 1)[-1]
+                teacher = module.init_args.get("teacher") is not None
+                check_module_data(kind, data.get("unlabeled"), data.get("pseudo_labels"), teacher=teacher)
         if subcommand in ("validate", "test") and self.config[subcommand].get("ckpt_path") is None:
             weights = self.config[subcommand].get("model") and self.config[subcommand].model.get("init_args")
             if weights is not None and weights.get("checkpoint_path") is not None:
@@ -272,27 +276,6 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
                 f"--ckpt_path {path} is a run of {found['model']} ({'; '.join(diffs)}); to start a run from its "
                 "weights, set model.checkpoint_path instead"
             )
-
-
-def check_module_data(module_config, data) -> None:
-    """Refuse a fit whose data do not suit its module: a student without unlabeled images or their targets, a
-    supervised module given unlabeled images it would read and never use."""
-    if module_config is None:
-        return
-    kind = str(module_config.class_path).rsplit(".", 1)[-1]
-    if kind == "StudentModule":
-        if data.get("unlabeled") is None:
-            raise ValueError("the student (StudentModule) trains on unlabeled images too: set data.unlabeled")
-        if data.get("pseudo_labels") is None and module_config.init_args.get("teacher") is None:
-            raise ValueError(
-                "the student's unlabeled images need targets: set data.pseudo_labels (pseudo-label shards) or "
-                "model.teacher (a frozen teacher labels them online)"
-            )
-    elif data.get("unlabeled") is not None:
-        raise ValueError(
-            f"{kind} trains on labeled images only, but data.unlabeled is set (the student, StudentModule, uses "
-            "it): remove it"
-        )
 
 
 def check_scored_weights(subcommand: str, module_args) -> None:

@@ -126,7 +126,9 @@ class DepthModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.loss_config, self.optim_config = loss, optim  # typed; self.hparams holds what the CLI saw
+        # typed; self.hparams holds what the CLI saw. From Python, a dict of fields (or a loss preset's name) will do.
+        self.loss_config, self.optim_config = typed(loss, DepthLossConfig, "loss"), typed(optim, OptimConfig, "optim")
+        loss = self.loss_config
         if model not in list_models():
             raise ValueError(f"model.model: unknown model {model!r}; registered: {', '.join(list_models())}")
         self.model = create_model(model, pretrained=pretrained and checkpoint_path is None, **(model_overrides or {}))
@@ -145,6 +147,12 @@ class DepthModule(L.LightningModule):
         self.compile_model, self.panel_every_n_steps = compile, panel_every_n_steps
         self.panel: dict | None = None  # the latest sample for `ImagePanels`
         self.schedule_steps: int | None = None  # the optimizer steps the learning-rate schedule spans (once fitting)
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and data is not None and "unlabeled" in data.hparams:  # a `DepthDataModule`
+            teacher = getattr(self, "teacher", None) is not None
+            check_module_data(type(self).__name__, data.hparams.unlabeled, data.hparams.pseudo_labels, teacher=teacher)
 
     def configure_model(self) -> None:
         # Lightning calls this before every fit / validate / test: compile once. Replacing `forward` on the instance
@@ -311,8 +319,10 @@ class StudentModule(DepthModule):
         self.save_hyperparameters()
         if self.model.meta.output_space == METRIC_DEPTH:
             raise ValueError(f"the student trains relative depth; {model!r} is a metric model")
-        self.unlabeled_config, self.weights, self.feature_tolerance = unlabeled_loss, loss_weights, feature_tolerance
-        self.unlabeled_loss_fn = DepthLoss(unlabeled_loss)
+        self.unlabeled_config = typed(unlabeled_loss, DepthLossConfig, "unlabeled_loss")
+        self.weights = typed(loss_weights, LossWeights, "loss_weights")
+        self.feature_tolerance = feature_tolerance
+        self.unlabeled_loss_fn = DepthLoss(self.unlabeled_config)
         # The frozen DINOv2 target is the encoder the student starts from (`encoder_checkpoint`): a copy, kept out
         # of checkpoints (it is rebuilt from the same weights) and always in eval mode.
         self.frozen_encoder = copy.deepcopy(self.model.encoder).requires_grad_(False).eval()
@@ -394,6 +404,41 @@ class StudentModule(DepthModule):
 FROZEN_NETWORKS = ("frozen_encoder", "teacher")
 
 
+def typed(value, config_type: type, name: str):
+    """A module's config argument as its frozen dataclass: as given, from a dict of its fields, or (a loss) from a
+    preset's name.
+
+    Raises:
+        ValueError: anything else, naming the argument.
+    """
+    if isinstance(value, config_type):
+        return value
+    if isinstance(value, dict):
+        return config_type(**value)
+    if isinstance(value, str) and config_type is DepthLossConfig:
+        return preset(value)
+    raise ValueError(f"{name}: expected a {config_type.__name__} (or a dict of its fields), got {type(value).__name__}")
+
+
+def check_module_data(kind: str, unlabeled, pseudo_labels, *, teacher: bool) -> None:
+    """Refuse a fit whose data do not suit its module (class name `kind`): a student without unlabeled images or
+    their targets, a supervised module given unlabeled images it would read and never use. `depthkit fit` checks
+    the configuration before building anything; `DepthModule.setup` checks its data module, for Python users."""
+    if kind == "StudentModule":
+        if unlabeled is None:
+            raise ValueError("the student (StudentModule) trains on unlabeled images too: set data.unlabeled")
+        if pseudo_labels is None and not teacher:
+            raise ValueError(
+                "the student's unlabeled images need targets: set data.pseudo_labels (pseudo-label shards) or "
+                "model.teacher (a frozen teacher labels them online)"
+            )
+    elif unlabeled is not None:
+        raise ValueError(
+            f"{kind} trains on labeled images only, but data.unlabeled is set (the student, StudentModule, uses "
+            "it): remove it"
+        )
+
+
 def schedule_length(max_steps: int | None, estimate: Callable[[], float], schedule: str) -> int:
     """The optimizer steps the learning-rate schedule spans: `trainer.max_steps`, else Lightning's estimate from
     the epochs (`estimate`, read only then). A decaying schedule refuses a run of unknown length: a streamed
@@ -414,6 +459,8 @@ def schedule_length(max_steps: int | None, estimate: Callable[[], float], schedu
 def to_unit(image_B3HW: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
     """A uint8 batch scaled to [0, 1], in the dtype of the network's weights: float32 under mixed precision, the
     weights' own under a "-true" precision (which casts the weights, not the batch)."""
+    if image_B3HW.dtype != torch.uint8:  # a float batch would be divided by 255 twice, silently
+        raise ValueError(f"expected a uint8 image batch (0-255), as the data module makes, got {image_B3HW.dtype}")
     dtype = next(p.dtype for p in network.parameters() if p.is_floating_point())
     return image_B3HW.to(dtype) / 255.0
 

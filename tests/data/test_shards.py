@@ -194,3 +194,26 @@ def test_shard_paths_errors(tmp_path):
         shard_paths(tmp_path)
     with pytest.raises(FileNotFoundError, match="shard not found"):
         shard_paths(str(tmp_path / "x-{000..001}.tar"))
+
+
+def test_a_labeled_sample_of_mismatched_sizes_is_refused_when_written():
+    """Written anyway, it failed much later, in training, far from the code that made it."""
+    image = np.zeros((4, 6, 3), np.uint8)
+    sample = {"__key__": "k", "image": image, "meta": {"output_space": "metric_depth"}}
+    with pytest.raises(ValueError, match=r"k: target \(4, 5\), valid \(4, 5\) and image \(4, 6\) must be H x W"):
+        encode_sample({**sample, "target": np.ones((4, 5), np.float32)})
+    with pytest.raises(ValueError, match=r"k: target \(4, 6\), valid \(4, 5\)"):
+        encode_sample({**sample, "target": np.ones((4, 6), np.float32), "valid": np.ones((4, 5), bool)})
+
+
+def test_write_synthetic_refuses_impossible_counts_and_sizes(tmp_path):
+    from depthkit.data.convert import write_synthetic
+
+    for kwargs, message in [
+        ({"num": -3}, "num must be an integer >= 1, got -3"),
+        ({"num": 2, "shard_size": 0}, "shard_size must be an integer >= 1, got 0"),
+        ({"num": 2, "size": 40}, r"size must be \(height, width\) in pixels, got 40"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            write_synthetic(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -276,6 +276,14 @@ def test_a_tar_cut_between_members_or_with_a_damaged_header_is_an_error(damage, 
     assert read == keys[:2]  # what came before the damage
 
 
+def test_stream_arguments_that_would_mislead_are_refused(synth_shards):
+    """One of rank / world_size alone took the other from the environment: every rank read the same shards."""
+    with pytest.raises(ValueError, match="rank=1, world_size=None: give both, or neither"):
+        ShardStream(synth_shards, batch_size=2, rank=1)
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 2.5"):
+        ShardStream(synth_shards, batch_size=2.5)
+
+
 def test_ratio_batch_sizes():
     assert ratio_batch_sizes(12, (1, 2)) == (4, 8)
     assert ratio_batch_sizes(3) == (1, 2)

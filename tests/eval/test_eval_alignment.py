@@ -89,6 +89,16 @@ def test_aligned_disparity_is_capped_so_depth_stays_finite(scene):
     assert depth_HW[0, 0] == FAR_DEPTH_CAP
 
 
+def test_non_finite_disparity_goes_to_the_nearest_bound_not_to_the_shift(scene):
+    """NaN is min_depth, as in every alignment (`clamp_depth`); +inf disparity is as near as can be, -inf as far.
+    Zeroed before the fit's shift, they came out at 1 / shift: a plausible depth that hid a broken prediction."""
+    target_HW, mask_HW = scene
+    pred_HW = 1.0 / target_HW
+    pred_HW[0, :3] = [np.nan, np.inf, -np.inf]
+    depth_HW, fit = _align(pred_HW, target_HW, mask_HW, "lsq_disparity", AFFINE_DISPARITY, max_depth=10.0)
+    assert fit.scale > 0 and depth_HW[0, :3].tolist() == [1e-3, 1e-3, 10.0]
+
+
 def test_constant_prediction_is_a_flagged_degenerate_fit():
     fit = fit_scale_shift(np.full(10, 3.0), np.arange(10.0))
     assert fit.degenerate and fit.scale == 0.0 and fit.shift == pytest.approx(4.5)
@@ -108,3 +118,9 @@ def test_resolve_alignment_says_what_and_why():
         resolve_alignment("magic", output_space=METRIC_DEPTH, default_relative="lsq_disparity")
     with pytest.raises(ValueError, match="output space"):
         resolve_alignment(None, output_space="depth", default_relative="lsq_disparity")
+
+
+def test_an_empty_depth_range_is_refused(scene):
+    target_HW, mask_HW = scene
+    with pytest.raises(ValueError, match=r"depth range \[10.0, 1.0\]: expected 0 < min_depth < max_depth"):
+        _align(1.0 / target_HW, target_HW, mask_HW, "lsq_disparity", AFFINE_DISPARITY, min_depth=10.0, max_depth=1.0)

@@ -136,3 +136,11 @@ def test_depth_loss_terms_function_matches_module():
     config = preset("midas", impl="torch")
     batch = _batch(seed=3)
     torch.testing.assert_close(DepthLoss(config)(*batch)["loss"], depth_loss_terms(*batch, config=config)["loss"])
+
+
+def test_a_loss_config_of_the_wrong_type_is_named():
+    with pytest.raises(ValueError, match=r"DepthLossConfig: trim='0.1' must be a number"):
+        DepthLossConfig(trim="0.1")
+    assert DepthLoss("dav2").config == preset("dav2")  # a preset's name
+    with pytest.raises(ValueError, match="DepthLoss: expected a DepthLossConfig or a preset name, got dict"):
+        DepthLoss({"trim": 0.1})

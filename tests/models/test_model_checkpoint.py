@@ -313,3 +313,13 @@ def test_transformers_loads_the_export(tmp_path, name, overrides):
         torch.testing.assert_close(hf_model.eval()(pixel_values=image).predicted_depth, model(image))
     hf_model.save_pretrained(tmp_path / "resaved")
     _assert_same(create_model(name, checkpoint_path=tmp_path / "resaved", **overrides).state_dict(), model.state_dict())
+
+
+def test_a_torch_file_of_a_model_with_overrides_warns_that_it_keeps_weights_only(tmp_path):
+    """Loaded by name, the file would give max_depth 20 m to weights trained for 80."""
+    model = create_model("test_dav2_metric", max_depth=80.0)
+    with pytest.warns(UserWarning, match=r"keeps the weights only, not this model's max_depth=80.0"):
+        save_checkpoint(model, tmp_path / "metric.pth")
+    save_checkpoint(model, tmp_path / "metric.safetensors")  # records the overrides: nothing to warn of
+    with pytest.raises(ValueError, match=r"drop_path_rate=2.0 is not a probability"):
+        create_model("test_dav2", drop_path_rate=2.0)

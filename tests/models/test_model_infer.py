@@ -142,3 +142,17 @@ def test_infer_single_image_and_metric_space():
     assert (pred.values > 0).all() and (pred.values < 20.0).all()
     with pytest.raises(ValueError, match="batch_size"):
         model.infer(image, batch_size=0)
+
+
+def test_infer_restores_the_mode_of_every_submodule():
+    """A frozen encoder kept in eval mode inside a training model stays so (drop-path would come back)."""
+    model = create_model("test_dav2", drop_path_rate=0.1).train()
+    model.encoder.eval()
+    model.infer(np.zeros((20, 30, 3), np.uint8), input_size=14)
+    assert model.training and model.head.training and not model.encoder.training
+    assert not any(m.training for m in model.encoder.modules())
+
+
+def test_normalize_refuses_an_integer_image():
+    with pytest.raises(ValueError, match=r"normalize takes a float image in \[0, 1\], got torch.uint8"):
+        create_model("test_dav2").normalize(torch.zeros((1, 3, 14, 14), dtype=torch.uint8))

@@ -176,6 +176,25 @@ def test_student_with_online_teacher_takes_a_step(tiny_data, tmp_path):
     assert any(r.get("train/term/unlabeled") for r in _metrics(run))
 
 
+def test_modules_built_in_python_check_their_arguments_and_data(tiny_data, tmp_path):
+    """What `depthkit fit` checks in the configuration, a Python user gets too: config arguments as dicts or a
+    preset name, a uint8 batch, data that suit the module (checked in `setup`, before any step)."""
+    from depthkit.train import StudentModule
+
+    module = DepthModule("test_dav2", loss="dav2", optim={"encoder_lr": 1e-4, "decoder_lr": 1e-3})
+    assert module.loss_config == preset("dav2") and module.optim_config.encoder_lr == 1e-4
+    with pytest.raises(ValueError, match="optim: expected a OptimConfig .or a dict of its fields., got int"):
+        DepthModule("test_dav2", optim=3)
+    with pytest.raises(ValueError, match="expected a uint8 image batch .0-255., as the data module makes"):
+        module(torch.rand(1, 3, 28, 28))  # a float [0, 1] batch would be divided by 255 again
+    labeled = str(tiny_data / "labeled")
+    with pytest.raises(ValueError, match="the student .StudentModule. trains on unlabeled images too"):
+        _bare_trainer(tmp_path).fit(StudentModule("test_dav2"), DepthDataModule(labeled, batch_size=2, num_workers=0))
+    data = DepthDataModule(labeled, unlabeled=str(tiny_data / "unlabeled"), batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match="DepthModule trains on labeled images only, but data.unlabeled is set"):
+        _bare_trainer(tmp_path).fit(module, data)
+
+
 @pytest.mark.parametrize("stray_eval", [False, True], ids=["frozen_only", "stray_module"])
 def test_only_the_frozen_networks_in_eval_mode_go_unwarned(stray_eval, tiny_data, tmp_path):
     """Lightning warns about modules in eval mode at the start of training. The student's frozen DINOv2 and
@@ -311,48 +330,45 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_data, tmp_path):
     assert lrs == pytest.approx({k: optim.encoder_lr * optim.lr_factor(k, steps) for k in range(steps)})
 
 
+def _fit_with_a_signal(monkeypatch, tmp_path, tiny_data, hook: str, when, signum, *extra: str, steps: int):
+    """`depthkit fit` of the tiny teacher in-process, whose `hook` step sends `signum` to this process where
+    `when(module, batch_idx)`; returns the exit status and the `preempted.ckpt` it saved."""
+    step = getattr(DepthModule, hook)
+
+    def signalled(self, batch, batch_idx):
+        if when(self, batch_idx):
+            os.kill(os.getpid(), signum)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DepthModule, hook, signalled)
+    previous = signal.signal(signum, lambda *_: None)  # never the default action (exit) in the test process
+    try:
+        with pytest.raises(SystemExit) as stop:
+            _fit(tmp_path, tiny_data, "tiny_teacher", *extra, steps=steps)
+    finally:
+        signal.signal(signum, previous)
+    return stop.value.code, torch.load(tmp_path / "preempted.ckpt", map_location="cpu", weights_only=False)
+
+
 def test_preemption_waits_for_the_end_of_a_gradient_accumulation(tiny_data, tmp_path, monkeypatch):
     """A signal at the first of two accumulated batches saves after the second, at the optimizer step: the gradients
     of a half-done accumulation would be in no checkpoint."""
-    training_step = DepthModule.training_step
-
-    def signalled(self, batch, batch_idx):
-        if batch_idx == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return training_step(self, batch, batch_idx)
-
-    monkeypatch.setattr(DepthModule, "training_step", signalled)
-    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # never the default action (exit) in the test process
-    try:
-        with pytest.raises(SystemExit) as stop:
-            _fit(tmp_path, tiny_data, "tiny_teacher", "--trainer.accumulate_grad_batches", "2", steps=5)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-    assert stop.value.code == 128 + signal.SIGUSR1
-    state = torch.load(tmp_path / "preempted.ckpt", map_location="cpu", weights_only=False)
+    accumulate = ["--trainer.accumulate_grad_batches", "2"]
+    code, state = _fit_with_a_signal(
+        monkeypatch, tmp_path, tiny_data, "training_step", lambda _, i: i == 2, signal.SIGUSR1, *accumulate, steps=5
+    )
+    assert code == 128 + signal.SIGUSR1
     batch_size = state["datamodule_hyper_parameters"]["batch_size"]
     assert state["global_step"] == 2 and state["DepthDataModule"]["labeled"]["consumed"] == {"0": 4 * batch_size}
 
 
 def test_a_signal_in_the_sanity_check_saves_after_the_first_step(tiny_data, tmp_path, monkeypatch):
     """Lightning's own handler would end the run there with status 0 and no checkpoint."""
-    validation_step = DepthModule.validation_step
-
-    def signalled(self, batch, batch_idx):
-        if self.trainer.sanity_checking:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return validation_step(self, batch, batch_idx)
-
-    monkeypatch.setattr(DepthModule, "validation_step", signalled)
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # never the default action (exit) in the test process
-    try:
-        with pytest.raises(SystemExit) as stop:
-            _fit(tmp_path, tiny_data, "tiny_teacher", steps=5)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert stop.value.code == 128 + signal.SIGTERM
-    state = torch.load(tmp_path / "preempted.ckpt", map_location="cpu", weights_only=False)
-    assert state["global_step"] == 1
+    in_sanity_check = lambda module, _: module.trainer.sanity_checking  # noqa: E731
+    code, state = _fit_with_a_signal(
+        monkeypatch, tmp_path, tiny_data, "validation_step", in_sanity_check, signal.SIGTERM, steps=5
+    )
+    assert code == 128 + signal.SIGTERM and state["global_step"] == 1
 
 
 def test_an_epoch_run_of_unknown_length_refuses_a_decaying_schedule(tiny_data, tmp_path):
