@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # Modules that define sub-commands, in the order `--help` lists them.
 COMMAND_MODULES = (
@@ -67,7 +69,12 @@ def _message(err: Exception) -> str:
     """The error's text; an OS error without our own message reads `reason: path` (e.g. `File exists: out`)."""
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror and err.filename:
         target = f" -> {err.filename2}" if err.filename2 else ""
-        return f"{err.strerror}: {err.filename}{target}"
+        why = ""
+        if isinstance(err, FileExistsError | NotADirectoryError):
+            path = Path(os.fsdecode(err.filename))
+            blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+            why = f" ({blocking} is a file, where a folder is needed)" if blocking else ""
+        return f"{err.strerror}: {err.filename}{target}{why}"
     return str(err)
 
 

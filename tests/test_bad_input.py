@@ -66,6 +66,8 @@ def test_out_paths_that_cannot_be_written(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     assert "--out" in _run(["synth", "--out", str(a_file), "--num", "1"], capsys)
+    err = _run(["synth", "--out", str(a_file / "x"), "--num", "1", "--size", "28", "28"], capsys)
+    assert f"{a_file} is a file, where a folder is needed" in err, err
     err = _run(["synth", "--out", str(tmp_path / "s"), "--num", "1", "--size", "0", "56"], capsys)
     assert "--size must be >= 1, got 0" in err
     assert "--shard-size must be >= 1" in _run(

@@ -6,6 +6,7 @@ Only argparse is imported at module level; the handler imports torch and the mod
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
@@ -61,7 +62,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes in the job (default 1)")
     parser.add_argument("--node-rank", type=int, default=None, help="this node's rank (default: NODE_RANK etc.)")
-    parser.add_argument("--num-workers", type=int, default=4, help="decoding processes per rank (default 4)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="decoding processes per rank (default 4, or the CPU count if smaller)",
+    )
     parser.add_argument(
         "--num-encoders",
         type=int,
