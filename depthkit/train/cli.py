@@ -106,7 +106,9 @@ class DepthCLI(LightningCLI):
             if module is not None:
                 kind = str(module.class_path).rsplit(".", 1)[-1]
                 teacher = module.init_args.get("teacher") is not None
-                check_module_data(kind, data.get("unlabeled"), data.get("pseudo_labels"), teacher=teacher)
+                check_module_data(
+                    kind, data.get("labeled"), data.get("unlabeled"), data.get("pseudo_labels"), teacher=teacher
+                )
         if subcommand in ("validate", "test") and self.config[subcommand].get("ckpt_path") is None:
             weights = self.config[subcommand].get("model") and self.config[subcommand].model.get("init_args")
             if weights is not None and weights.get("checkpoint_path") is not None:

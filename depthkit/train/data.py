@@ -37,6 +37,8 @@ def check_stage_data(stage: str, data) -> None:
         FileNotFoundError: a shard (or a pseudo-label shard of an unlabeled one) does not exist.
     """
     required = {"fit": "labeled", "validate": "val", "test": "test"}.get(stage)
+    if stage == "fit" and data.get("labeled") is None and data.get("unlabeled") is not None:
+        required = None  # a student on pseudo-labels alone (`check_module_data`)
     if required is not None and data.get(required) is None:
         raise ValueError(f"depthkit {stage} needs data.{required} (labeled shards)")
     for name in STAGE_DATA.get(stage, ()):
@@ -63,15 +65,16 @@ class DepthDataModule(L.LightningDataModule):
     Each stage needs only its own shards (`STAGE_DATA`); they are resolved in `setup` (`check_stage_data`).
 
     Args:
-        labeled: Labeled shards (folder, glob, brace pattern, URL, or a list); `depthkit fit` needs them.
+        labeled: Labeled shards (folder, glob, brace pattern, URL, or a list); `depthkit fit` needs them, except
+            for a student on pseudo-labels alone (Depth Anything V2's students).
         unlabeled: Unlabeled image shards for the student; None trains on labeled data only.
         pseudo_labels: Folder of pseudo-label shards for `unlabeled` (same file names); None means the student's
             online teacher labels them.
         val: Labeled shards for validation (centre crops, no augmentation); None skips validation.
         test: Labeled shards for `depthkit test` (as `val`).
-        batch_size: Labeled images per step and device.
-        ratio: Labeled:unlabeled images per step (Depth Anything: 1:2); the unlabeled batch is
-            `batch_size * ratio[1] / ratio[0]`.
+        batch_size: Labeled images per step and device (without `labeled`: unlabeled images).
+        ratio: Labeled:unlabeled images per step (Depth Anything V1: 1:2); the unlabeled batch is
+            `batch_size * ratio[1] / ratio[0]`. Not used without `labeled`.
         crop_size: Training crop, a multiple of 14 (Depth Anything: 518).
         val_crop_size: Validation centre crop; default `crop_size`.
         num_workers: DataLoader workers per stream and device.
@@ -111,6 +114,8 @@ class DepthDataModule(L.LightningDataModule):
             raise ValueError("data.pseudo_labels needs data.unlabeled (the images they label)")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}; expected 'raise' or 'skip'")
+        if unlabeled and labeled is None:  # pseudo-labels alone: the whole batch is unlabeled
+            ratio = (ratio[0], ratio[0])
         if unlabeled and (batch_size * ratio[1]) % ratio[0]:
             per_step = batch_size * ratio[1] / ratio[0]
             raise ValueError(
@@ -157,16 +162,18 @@ class DepthDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         hp = self.hparams
-        labeled = self._stream(
-            "labeled",
-            hp.labeled,
-            kind="labeled",
-            batch_size=hp.batch_size,
-            transform=self.transform,
-            resampled=hp.resampled,
-        )
         pin = self._on_cuda()
-        loaders = {"labeled": _loader(labeled, hp.num_workers, pin_memory=pin)}
+        loaders = {}
+        if hp.labeled is not None:
+            labeled = self._stream(
+                "labeled",
+                hp.labeled,
+                kind="labeled",
+                batch_size=hp.batch_size,
+                transform=self.transform,
+                resampled=hp.resampled,
+            )
+            loaders["labeled"] = _loader(labeled, hp.num_workers, pin_memory=pin)
         if hp.unlabeled is None:
             return loaders["labeled"]
         strong = TransformConfig(crop_size=hp.crop_size, strong=True)
@@ -211,7 +218,7 @@ class DepthDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
-            parts = batch if "labeled" in batch else {"labeled": batch}
+            parts = batch if "labeled" in batch or "unlabeled" in batch else {"labeled": batch}
             for name, part in parts.items():
                 self.states[name].update(part)
         return batch

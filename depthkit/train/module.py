@@ -152,7 +152,8 @@ class DepthModule(L.LightningModule):
         data = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and data is not None and "unlabeled" in data.hparams:  # a `DepthDataModule`
             teacher = getattr(self, "teacher", None) is not None
-            check_module_data(type(self).__name__, data.hparams.unlabeled, data.hparams.pseudo_labels, teacher=teacher)
+            hp = data.hparams
+            check_module_data(type(self).__name__, hp.labeled, hp.unlabeled, hp.pseudo_labels, teacher=teacher)
 
     def configure_model(self) -> None:
         # Lightning calls this before every fit / validate / test: compile once. Replacing `forward` on the instance
@@ -174,7 +175,10 @@ class DepthModule(L.LightningModule):
     # -- steps -----------------------------------------------------------------------------------------------
 
     def labeled_loss(self, batch: dict) -> tuple[dict, torch.Tensor]:
-        target_BHW, valid_BHW = targets_in_space(batch, self.model.meta.output_space)
+        space = self.model.meta.output_space
+        target_BHW, valid_BHW = targets_in_space(batch, space)
+        if space == METRIC_DEPTH:  # as the official metric fine-tuning: depths the head can output, from 1 mm up
+            valid_BHW = valid_BHW & (target_BHW >= MIN_METRIC_DEPTH) & (target_BHW <= self.model.meta.max_depth)
         pred_BHW = self.predict_uint8(batch["image"])
         return self.loss_fn(pred_BHW, target_BHW, valid_BHW), pred_BHW
 
@@ -230,9 +234,11 @@ class DepthModule(L.LightningModule):
                 sync_dist=stage != "train",
             )
 
-    def keep_panel(self, batch: dict, pred_BHW: torch.Tensor) -> None:
+    def keep_panel(self, batch: dict, pred_BHW: torch.Tensor, targets: tuple | None = None) -> None:
+        """Keep the first sample of a batch for `ImagePanels`, every `panel_every_n_steps` steps; `targets` (target,
+        valid) when they are not the batch's own labels (a student's pseudo-labels)."""
         if self.panel_every_n_steps and self.global_step % self.panel_every_n_steps == 0:
-            target_BHW, valid_BHW = targets_in_space(batch, self.model.meta.output_space)
+            target_BHW, valid_BHW = targets or targets_in_space(batch, self.model.meta.output_space)
             self.panel = {
                 "image": batch["image"][0].detach().cpu(),
                 "target": target_BHW[0].detach().float().cpu(),
@@ -367,8 +373,13 @@ class StudentModule(DepthModule):
         return targets_in_space(batch, AFFINE_DISPARITY)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        labeled, unlabeled = batch["labeled"], batch["unlabeled"]
-        out_l, pred_l_BHW = self.labeled_loss(labeled)
+        labeled, unlabeled = batch.get("labeled"), batch["unlabeled"]  # no labeled batch: pseudo-labels alone (V2)
+        w = self.weights
+        terms, values = {}, {}  # term name -> (weight, loss), in the order they are summed
+        if labeled is not None:
+            out_l, pred_l_BHW = self.labeled_loss(labeled)
+            terms["labeled"] = (w.labeled, out_l["loss"])
+            values |= scalar_terms(out_l, "labeled/")
 
         target_BHW, valid_BHW = self.unlabeled_targets(unlabeled)
         mask_BHW, index_B = unlabeled.get("cutmix_mask"), unlabeled.get("cutmix_index")
@@ -379,9 +390,8 @@ class StudentModule(DepthModule):
         pred_u_BHW, tokens_BND = self.predict_uint8(image_B3HW, with_features=True)
         out_u = self.unlabeled_loss_fn(pred_u_BHW, target_BHW, valid_BHW, mask_BHW)
 
-        w = self.weights
-        total = w.labeled * out_l["loss"] + w.unlabeled * out_u["loss"]
-        logs = {"labeled": out_l["loss"], "unlabeled": out_u["loss"]}
+        terms["unlabeled"] = (w.unlabeled, out_u["loss"])
+        values |= scalar_terms(out_u, "unlabeled/")
         if w.feature > 0:
             with torch.no_grad():
                 image_BCHW = self.model.normalize(to_unit(image_B3HW, self.frozen_encoder))
@@ -389,19 +399,23 @@ class StudentModule(DepthModule):
             out_f = feature_alignment_loss(
                 tokens_BND, frozen_BND, tolerance=self.feature_tolerance, impl=self.loss_config.impl
             )
-            total = total + w.feature * out_f["loss"]
-            logs["feature"] = out_f["loss"]
-        if w.normalize:
-            total = total / (w.labeled + w.unlabeled + (w.feature if "feature" in logs else 0.0))
-        n = labeled["image"].shape[0] + image_B3HW.shape[0]
-        self.keep_panel(labeled, pred_l_BHW)
-        values = scalar_terms(out_l, "labeled/") | scalar_terms(out_u, "unlabeled/")
-        values |= {f"term/{k}": v for k, v in logs.items()} | {"loss": total}
+            terms["feature"] = (w.feature, out_f["loss"])
+        total = sum(weight * loss for weight, loss in terms.values())
+        if w.normalize:  # over the terms this run has: the mean of them, as Depth Anything V1
+            total = total / sum(weight for weight, _ in terms.values())
+        if labeled is not None:
+            self.keep_panel(labeled, pred_l_BHW)
+        else:
+            self.keep_panel({"image": image_B3HW}, pred_u_BHW, (target_BHW, valid_BHW))
+        n = image_B3HW.shape[0] + (labeled["image"].shape[0] if labeled is not None else 0)
+        values |= {f"term/{k}": loss for k, (_, loss) in terms.items()} | {"loss": total}
         self.log_scalars("train", values, batch_size=n)
         return total
 
 
 FROZEN_NETWORKS = ("frozen_encoder", "teacher")
+MIN_METRIC_DEPTH = 1e-3
+"""Metres: metric fine-tuning trains on targets in [MIN_METRIC_DEPTH, max_depth] (the official `train.py` mask)."""
 
 
 def typed(value, config_type: type, name: str):
@@ -420,10 +434,13 @@ def typed(value, config_type: type, name: str):
     raise ValueError(f"{name}: expected a {config_type.__name__} (or a dict of its fields), got {type(value).__name__}")
 
 
-def check_module_data(kind: str, unlabeled, pseudo_labels, *, teacher: bool) -> None:
+def check_module_data(kind: str, labeled, unlabeled, pseudo_labels, *, teacher: bool) -> None:
     """Refuse a fit whose data do not suit its module (class name `kind`): a student without unlabeled images or
-    their targets, a supervised module given unlabeled images it would read and never use. `depthkit fit` checks
-    the configuration before building anything; `DepthModule.setup` checks its data module, for Python users."""
+    their targets, a supervised module without labeled images or given unlabeled ones it would read and never use.
+    A student may go without labeled images (Depth Anything V2's train on pseudo-labels alone). `depthkit fit`
+    checks the configuration before building anything; `DepthModule.setup` checks its data module."""
+    if kind != "StudentModule" and labeled is None:
+        raise ValueError(f"depthkit fit needs data.labeled (labeled shards) for {kind}")
     if kind == "StudentModule":
         if unlabeled is None:
             raise ValueError("the student (StudentModule) trains on unlabeled images too: set data.unlabeled")

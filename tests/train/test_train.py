@@ -156,6 +156,41 @@ def test_one_step_of_every_recipe_type(recipe, tiny_data, tmp_path):
     assert any(r.get("perf/images_per_s") for r in rows) and any(r.get("lr-AdamW/encoder") for r in rows)
 
 
+def test_metric_training_ignores_depths_the_head_cannot_output():
+    """As the official metric fine-tuning: targets beyond max_depth (or below 1 mm) are not trained on; a 20 m head
+    would otherwise be pulled towards 500 m forever."""
+    module = DepthModule("test_dav2_metric", loss="metric_silog").eval()
+    g = torch.Generator().manual_seed(0)
+    target_BHW = torch.rand((2, 28, 28), generator=g) * 10 + 1
+    far_BHW = torch.rand((2, 28, 28), generator=g) > 0.7
+    batch = {
+        "image": torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=g),
+        "target": torch.where(far_BHW, 500.0, target_BHW),
+        "valid": torch.ones((2, 28, 28), dtype=torch.bool),
+        "meta": [{"output_space": "metric_depth"}] * 2,
+    }
+    with torch.no_grad():
+        out, _ = module.labeled_loss(batch)
+        expected, _ = module.labeled_loss({**batch, "valid": ~far_BHW})
+    torch.testing.assert_close(out["loss"], expected["loss"])
+
+
+def test_a_student_on_pseudo_labels_alone_takes_a_step(tiny_data, tmp_path):
+    """Depth Anything V2's students see no labeled image: the batch is all pseudo-labeled, its loss the mean of the
+    unlabeled and feature terms. A supervised module still needs labeled data."""
+    run = _fit(tmp_path, tiny_data, "tiny_student", "--data.labeled", "null", steps=1)
+    state = _last_checkpoint(run)
+    assert state["global_step"] == 1 and state["DepthDataModule"]["labeled"]["consumed"] == {}
+    batch_size = state["datamodule_hyper_parameters"]["batch_size"]
+    assert state["DepthDataModule"]["unlabeled"]["consumed"] == {"0": batch_size}  # the whole batch: no ratio
+    (row,) = [r for r in _metrics(run) if r.get("train/loss")]
+    assert not any(k.startswith("train/labeled/") and row[k] for k in row)
+    terms = (float(row["train/term/unlabeled"]), float(row["train/term/feature"]))
+    assert float(row["train/loss"]) == pytest.approx(sum(terms) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match=r"depthkit fit needs data.labeled \(labeled shards\)"):
+        _fit(tmp_path / "teacher", tiny_data, "tiny_teacher", "--data.labeled", "null")
+
+
 def test_student_with_online_teacher_takes_a_step(tiny_data, tmp_path):
     from depthkit.models import create_model, save_checkpoint
 
