@@ -6,8 +6,12 @@ flip. Images are resized bilinearly (area averaging when shrinking more than 2x,
 and masks with nearest neighbour, so an invalid pixel never blends into a valid one.
 
 Strong augmentation (unlabeled images only, on CPU workers with albumentations): colour jitter (p=0.8),
-greyscale (p=0.2), Gaussian blur (p=0.5), the values of UniMatch that Depth Anything V1 builds on. CutMix is per
-batch, see `depthkit.data.cutmix`.
+greyscale (p=0.2), Gaussian blur (p=0.5). The Depth Anything V1 paper names colour jittering and Gaussian blurring
+without values; these are UniMatch's (`ColorJitter(0.5, 0.5, 0.5, 0.25)`, sigma in [0.1, 2]), an assumption.
+CutMix is per batch, see `depthkit.data.cutmix`.
+
+The official metric fine-tuning resizes images bicubically at any scale; the bilinear / area choice here is
+depthkit's (aliasing-free shrinking); depth and masks match (nearest).
 
 Randomness comes from a generator seeded per sample by `(seed, epoch, key)`, so a resumed run augments each
 sample exactly as the uninterrupted run would.
