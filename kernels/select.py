@@ -279,6 +279,11 @@ def _radix_scan_kernel(
     tl.store(state_ptr + row * 8 + 7, path)
 
 
+def sample_size() -> int:
+    """Pixels sampled per row now: `SAMPLE` compiled, `INTERPRETED_SAMPLE` in the interpreter."""
+    return INTERPRETED_SAMPLE if interpreter_enabled() else SAMPLE
+
+
 def candidate_capacity(hw: int) -> int:
     """Candidate slots per row: a quarter of the row (a whole block at least, never more than the row)."""
     return min(hw, max(SELECT_BLOCK, hw // 4))
@@ -302,13 +307,12 @@ def select_with_state(
     cand_RC = torch.empty((num_rows, capacity), dtype=torch.int32, device=device)
     values_R = torch.empty(num_rows, dtype=torch.float32, device=device)
     counts_R = torch.empty(num_rows, dtype=torch.int32, device=device)
-    interpreted = interpreter_enabled()
-    cumsum = not interpreted if FORCE_CUMSUM is None else FORCE_CUMSUM
+    cumsum = not interpreter_enabled() if FORCE_CUMSUM is None else FORCE_CUMSUM
     two = len(sources) == 2
     x, y = sources[0], sources[-1]
     resolve(_sample_bounds_kernel)[(num_rows,)](
         x, y, valid_u8_BM, state_RS, num_images, hw, float(trim),
-        MODE=mode, TWO_SOURCES=two, SAMPLE=INTERPRETED_SAMPLE if interpreted else SAMPLE, MARGIN=MARGIN, num_warps=4,
+        MODE=mode, TWO_SOURCES=two, SAMPLE=sample_size(), MARGIN=MARGIN, num_warps=4,
     )  # fmt: skip
     grid = (num_rows, triton.cdiv(hw, SELECT_BLOCK))
     resolve(_partition_kernel)[grid](

@@ -120,10 +120,13 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def first_key(path: str) -> str | None:
-    """The key of a local tar's first sample (one header read), or None for an empty or unreadable one."""
+    """The key of a local tar's first sample (its first file; a header read or a few), or None for an empty or
+    unreadable one."""
     try:
         with tarfile.open(path, "r:*") as tar:
             member = tar.next()
+            while member is not None and not member.isfile():  # a folder entry (`tar -cf s.tar .`)
+                member = tar.next()
     except (tarfile.TarError, OSError):
         return None
     return None if member is None else split_member_name(member.name)[0]
@@ -520,7 +523,7 @@ def make_loader(stream: ShardStream, *, num_workers: int = 0, pin_memory: bool =
 def mixed_batches(labeled, unlabeled) -> Iterator[dict]:
     """Zip a labeled and an unlabeled loader into `{"labeled": ..., "unlabeled": ...}` steps.
 
-    The ratio of the two is set by their batch sizes (Depth Anything: 1:2, e.g. 4 labeled + 8 unlabeled).
+    The ratio of the two is set by their batch sizes (Depth Anything V1: 1:2, e.g. 4 labeled + 8 unlabeled).
     Stops when either runs out; use resampled streams for step-based training.
     """
     for labeled_batch, unlabeled_batch in zip(labeled, unlabeled, strict=False):

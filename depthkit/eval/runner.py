@@ -262,8 +262,8 @@ def evaluate(
     crop = protocol.crop if crop is None else crop
     if crop not in CROPS:
         raise ValueError(f"crop={crop!r}; expected one of {', '.join(CROPS)}")
-    if min_depth < 0:
-        raise ValueError(f"--min-depth must be >= 0 (metres), got {min_depth}")
+    if min_depth <= 0:  # depth is clamped to it, and log metrics take its logarithm
+        raise ValueError(f"--min-depth must be > 0 (metres), got {min_depth}")
     if not min_depth < max_depth:
         raise ValueError(f"depth range {min_depth}..{max_depth} is empty (--min-depth / --max-depth)")
     overrides = {

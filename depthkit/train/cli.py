@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
+from jsonargparse.typing import import_object
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -104,10 +105,10 @@ class DepthCLI(LightningCLI):
         if subcommand == "fit":
             module, data = self.config.fit.get("model"), self.config.fit.get("data") or {}
             if module is not None:
-                kind = str(module.class_path).rsplit(".", 1)[-1]
+                module_class = import_object(str(module.class_path))  # parsed: it resolves
                 teacher = module.init_args.get("teacher") is not None
                 check_module_data(
-                    kind, data.get("labeled"), data.get("unlabeled"), data.get("pseudo_labels"), teacher=teacher
+                    module_class, data.get("labeled"), data.get("unlabeled"), data.get("pseudo_labels"), teacher=teacher
                 )
         if subcommand in ("validate", "test") and self.config[subcommand].get("ckpt_path") is None:
             weights = self.config[subcommand].get("model") and self.config[subcommand].model.get("init_args")
@@ -134,10 +135,11 @@ def _logger_under_root_dir(trainer_config) -> None:
     """A W&B logger given no `save_dir` (or its default, ".") writes under `trainer.default_root_dir`, as the CSV
     logger does, instead of wherever the command runs: one run's files (W&B's, the checkpoints, config.yaml,
     preempted.ckpt) in one tree."""
-    logger = trainer_config.get("logger")
-    if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("WandbLogger"):
-        if logger.get("init_args") is not None and str(logger.init_args.get("save_dir") or ".") == ".":
-            logger.init_args.save_dir = trainer_config.get("default_root_dir") or os.getcwd()
+    loggers = trainer_config.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("WandbLogger"):
+            if logger.get("init_args") is not None and str(logger.init_args.get("save_dir") or ".") == ".":
+                logger.init_args.save_dir = trainer_config.get("default_root_dir") or os.getcwd()
 
 
 class RunConfig(SaveConfigCallback):
@@ -218,7 +220,8 @@ def latest_checkpoint(root: Path) -> Path:
     Raises:
         FileNotFoundError: there is neither.
     """
-    found = [*root.glob("**/checkpoints/last*.ckpt"), *root.glob("preempted.ckpt")]
+    # The run folders Lightning makes: lightning_logs/version_N (CSV), <project>/<run id> (W&B); not a deep walk.
+    found = [*root.glob("*/*/checkpoints/last*.ckpt"), *root.glob("preempted.ckpt")]
     if not found:
         raise FileNotFoundError(
             f"--ckpt_path last: no checkpoints/last.ckpt of a run under {root} (trainer.default_root_dir), nor a "

@@ -2,7 +2,8 @@
 
 - `DepthModule`: supervised training on labeled batches: the Depth Anything teacher (affine-invariant disparity,
   SSI losses) and metric fine-tuning (metric head, SiLog), chosen by the model's output space and the loss.
-- `StudentModule`: labeled + unlabeled batches (1:2), strong augmentation and CutMix on unlabeled images,
+- `StudentModule`: labeled + unlabeled batches (1:2, Depth Anything V1) or unlabeled alone (V2), strong
+  augmentation and CutMix on unlabeled images,
   targets from pseudo-label shards or a frozen teacher online, feature alignment to a frozen DINOv2.
 
 Constructors take registry names, primitives and frozen dataclasses (never modules), so `save_hyperparameters`
@@ -153,7 +154,7 @@ class DepthModule(L.LightningModule):
         if stage == "fit" and data is not None and "unlabeled" in data.hparams:  # a `DepthDataModule`
             teacher = getattr(self, "teacher", None) is not None
             hp = data.hparams
-            check_module_data(type(self).__name__, hp.labeled, hp.unlabeled, hp.pseudo_labels, teacher=teacher)
+            check_module_data(type(self), hp.labeled, hp.unlabeled, hp.pseudo_labels, teacher=teacher)
 
     def configure_model(self) -> None:
         # Lightning calls this before every fit / validate / test: compile once. Replacing `forward` on the instance
@@ -274,14 +275,15 @@ class DepthModule(L.LightningModule):
 class StudentModule(DepthModule):
     """The Depth Anything student: labeled + pseudo-labeled images, CutMix, feature alignment.
 
-    Per step, with a labeled batch and an unlabeled batch (1:2 by default, set in the data module):
-    - labeled: `loss` on the (weakly augmented) labeled images;
+    Per step, with a labeled batch and an unlabeled batch (1:2 by default, set in the data module), or an
+    unlabeled batch alone (Depth Anything V2's students: the data module has no `labeled`):
+    - labeled: `loss` on the (weakly augmented) labeled images, when there are any;
     - unlabeled: the student sees the strongly augmented, CutMix-ed image; the target is the pseudo-label of the
       clean image (from pseudo-label shards, or from the frozen `teacher` online), mixed with the same CutMix
       mask; `unlabeled_loss` is computed per CutMix region and averaged by area;
     - feature alignment: 1 - cosine between the student's final encoder tokens and a frozen copy of the encoder
       it started from (DINOv2), per patch, ignoring patches above `feature_tolerance`;
-    - total: `loss_weights` (normalized: the mean of the terms, as Depth Anything V1).
+    - total: `loss_weights` over the terms the step has (normalized: their mean, as Depth Anything V1).
 
     Args (beyond `DepthModule`'s):
         unlabeled_loss: The loss on pseudo-labels (Depth Anything V2: trimmed, `dav2_pseudo`).
@@ -434,16 +436,17 @@ def typed(value, config_type: type, name: str):
     raise ValueError(f"{name}: expected a {config_type.__name__} (or a dict of its fields), got {type(value).__name__}")
 
 
-def check_module_data(kind: str, labeled, unlabeled, pseudo_labels, *, teacher: bool) -> None:
-    """Refuse a fit whose data do not suit its module (class name `kind`): a student without unlabeled images or
-    their targets, a supervised module without labeled images or given unlabeled ones it would read and never use.
-    A student may go without labeled images (Depth Anything V2's train on pseudo-labels alone). `depthkit fit`
-    checks the configuration before building anything; `DepthModule.setup` checks its data module."""
-    if kind != "StudentModule" and labeled is None:
+def check_module_data(module: type, labeled, unlabeled, pseudo_labels, *, teacher: bool) -> None:
+    """Refuse a fit whose data do not suit its module class: a student without unlabeled images or their targets,
+    a supervised module without labeled images or given unlabeled ones it would read and never use. A student may
+    go without labeled images (Depth Anything V2's train on pseudo-labels alone). `depthkit fit` checks the
+    configuration before building anything; `DepthModule.setup` checks its data module."""
+    kind, student = module.__name__, issubclass(module, StudentModule)
+    if not student and labeled is None:
         raise ValueError(f"depthkit fit needs data.labeled (labeled shards) for {kind}")
-    if kind == "StudentModule":
+    if student:
         if unlabeled is None:
-            raise ValueError("the student (StudentModule) trains on unlabeled images too: set data.unlabeled")
+            raise ValueError(f"the student ({kind}) trains on unlabeled images too: set data.unlabeled")
         if pseudo_labels is None and not teacher:
             raise ValueError(
                 "the student's unlabeled images need targets: set data.pseudo_labels (pseudo-label shards) or "
@@ -451,8 +454,8 @@ def check_module_data(kind: str, labeled, unlabeled, pseudo_labels, *, teacher: 
             )
     elif unlabeled is not None:
         raise ValueError(
-            f"{kind} trains on labeled images only, but data.unlabeled is set (the student, StudentModule, uses "
-            "it): remove it"
+            f"{kind} trains on labeled images only, but data.unlabeled is set (a student, StudentModule, uses it): "
+            "remove it"
         )
 
 

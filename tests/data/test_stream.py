@@ -276,6 +276,23 @@ def test_a_tar_cut_between_members_or_with_a_damaged_header_is_an_error(damage, 
     assert read == keys[:2]  # what came before the damage
 
 
+def test_first_key_skips_folder_entries(tmp_path):
+    """`tar -cf s.tar .` starts with the entry "./": the first sample is the first file's."""
+    import io
+
+    from depthkit.data.stream import first_key
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        folder = tarfile.TarInfo("./")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        member = tarfile.TarInfo("./000.jpg")
+        member.size = 3
+        tar.addfile(member, io.BytesIO(b"abc"))
+    assert first_key(str(tmp_path / "s.tar")) == "./000"
+    assert [s["__key__"] for s in iter_raw_samples(str(tmp_path / "s.tar"))] == ["./000"]
+
+
 def test_stream_arguments_that_would_mislead_are_refused(synth_shards):
     """One of rank / world_size alone took the other from the environment: every rank read the same shards."""
     with pytest.raises(ValueError, match="rank=1, world_size=None: give both, or neither"):

@@ -228,6 +228,12 @@ def test_modules_built_in_python_check_their_arguments_and_data(tiny_data, tmp_p
     data = DepthDataModule(labeled, unlabeled=str(tiny_data / "unlabeled"), batch_size=2, num_workers=0)
     with pytest.raises(ValueError, match="DepthModule trains on labeled images only, but data.unlabeled is set"):
         _bare_trainer(tmp_path).fit(module, data)
+    from depthkit.train.module import check_module_data
+
+    my_student = type("MyStudent", (StudentModule,), {})  # a subclass is a student too
+    check_module_data(my_student, None, "unlabeled", "pseudo", teacher=False)
+    with pytest.raises(ValueError, match=r"the student \(MyStudent\) trains on unlabeled images too"):
+        check_module_data(my_student, "labeled", None, None, teacher=False)
 
 
 @pytest.mark.parametrize("stray_eval", [False, True], ids=["frozen_only", "stray_module"])
