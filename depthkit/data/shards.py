@@ -424,6 +424,11 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict]:
     yield from wds.tarfile_samples([{"url": path}])
 
 
+def is_local(url: str) -> bool:
+    """Whether a shard spec names local files, not a URL (`http://`, `s3://`, ...) or a `pipe:` command."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def shard_paths(spec: str | Path | list) -> list[str]:
     """Expand shard specs: a folder (its `*.tar`), a glob, a brace pattern, a URL, or a list of those.
 
@@ -438,7 +443,7 @@ def shard_paths(spec: str | Path | list) -> list[str]:
     if isinstance(spec, (list, tuple)):
         return [p for s in spec for p in shard_paths(s)]
     spec = str(spec)
-    if "://" in spec or spec.startswith("pipe:"):
+    if not is_local(spec):
         return list(braceexpand.braceexpand(spec))
     if os.path.isdir(spec):
         found = sorted(glob.glob(os.path.join(spec, "*.tar")))

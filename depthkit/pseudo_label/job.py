@@ -50,6 +50,7 @@ from depthkit.data.shards import (
     TarWriter,
     decode_sample,
     encode_sample,
+    is_local,
     shard_file_name,
     shard_paths,
 )
@@ -211,7 +212,7 @@ def make_plan(config: PseudoLabelConfig) -> Plan:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--output {out_dir} is a file, not a folder")
     for url, name in zip(urls, names, strict=True):
-        if not _is_local(url):
+        if not is_local(url):
             continue
         if (out_dir / name).resolve() == Path(url).resolve():
             raise ValueError(f"--output {out_dir} would overwrite the input shard {url}; choose another folder")
@@ -276,10 +277,6 @@ def prepare(config: PseudoLabelConfig, *, device: torch.device, sha256: str | No
     return plan, teacher, settings, records
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
 def check_inputs(plan: Plan, records: dict[str, dict]) -> None:
     """Refuse to skip a finished shard whose input changed: output shards are matched to inputs by file name, and
     labels of another shard's images (re-converted photos, another dataset's `shard-000000.tar`) would be kept.
@@ -290,15 +287,20 @@ def check_inputs(plan: Plan, records: dict[str, dict]) -> None:
     """
     for url, name in zip(plan.urls, plan.names, strict=True):
         record = records.get(name)
-        if record is None or "input_bytes" not in record or not _is_local(url):
+        if record is None or "input_bytes" not in record or not is_local(url):
             continue
-        now = {"input_bytes": os.path.getsize(url), "first_key": first_key(url)}
+        now = input_identity(url)
         then = {field: record.get(field) for field in now}
         if now != then:
             raise ValueError(
                 f"--output {plan.out_dir} holds {name}, labeled from {record['input']} ({_identity(then)}), but "
                 f"the input {url} now has {_identity(now)}: the inputs changed; use a new --output folder"
             )
+
+
+def input_identity(url: str) -> dict:
+    """A local input shard's identity in its record: its size and its first sample's key (one header read)."""
+    return {"input_bytes": os.path.getsize(url), "first_key": first_key(url)}
 
 
 def _identity(fields: dict) -> str:
@@ -425,8 +427,6 @@ class ShardWork:
     next_write: int = 0
     buckets: dict[tuple[int, int], list[tuple[dict, torch.Tensor]]] = field(default_factory=dict)
     tar_error: str | None = None
-    first_key: str | None = None
-    """The key of its first sample (with its size, the input's identity in the record)."""
 
 
 def encode_confidence(confidence_HW: np.ndarray) -> bytes:
@@ -580,7 +580,7 @@ class ShardWriterThread:
         record = {
             "shard": work.name,
             "input": work.url,
-            **({"input_bytes": os.path.getsize(work.url), "first_key": work.first_key} if _is_local(work.url) else {}),
+            **(input_identity(work.url) if is_local(work.url) else {}),
             "num_samples": tar.num_samples,
             "failed": failed,
             "settings": self.settings.to_dict(),
@@ -725,8 +725,6 @@ class _Labeler:
 
     def add(self, work: ShardWork, item: dict) -> None:
         slot = {"key": item["key"]}
-        if not work.slots:
-            work.first_key = item["key"]
         work.slots.append(slot)
         error = item.get("error")
         if error is None:
@@ -851,7 +849,7 @@ def _known_counts(urls: list[str], names: list[str]) -> list[int | None]:
     indices: dict[Path, dict] = {}
     counts: list[int | None] = []
     for url, name in zip(urls, names, strict=True):
-        if not _is_local(url):
+        if not is_local(url):
             counts.append(None)
             continue
         folder = Path(url).parent

@@ -77,13 +77,6 @@ class DepthCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path last: {section.ckpt_path}")
         max_steps = (section.get("trainer") or {}).get("max_steps") if subcommand == "fit" else None
         check_resume(section.get("ckpt_path"), section.get("model"), max_steps)
-        if subcommand in ("validate", "test") and section.get("ckpt_path") is None:
-            weights = section.get("model") and section.model.get("init_args")
-            if weights is not None and not weights.get("pretrained") and weights.get("checkpoint_path") is None:
-                raise ValueError(
-                    f"depthkit {subcommand} would score an untrained model: pass --ckpt_path RUN.ckpt (a depthkit fit "
-                    "checkpoint), or weights as model.checkpoint_path or model.pretrained"
-                )
         given = section.get("model").clone() if section.get("model") is not None else None
         super()._parse_ckpt_path()
         resumed = self.config[subcommand].get("model")
@@ -112,7 +105,7 @@ class DepthCLI(LightningCLI):
                 )
         if subcommand in ("validate", "test") and self.config[subcommand].get("ckpt_path") is None:
             weights = self.config[subcommand].get("model") and self.config[subcommand].model.get("init_args")
-            if weights is not None and weights.get("checkpoint_path") is not None:
+            if weights is not None:
                 check_scored_weights(subcommand, weights)
         if subcommand:
             _logger_under_root_dir(self.config[subcommand].get("trainer") or {})
@@ -284,8 +277,16 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
 
 
 def check_scored_weights(subcommand: str, module_args) -> None:
-    """validate / test score `model.checkpoint_path` as the configured model: refuse weights that name another
-    (fit may start from them: a relative teacher's for a metric fine-tuning; a score of them would be wrong)."""
+    """validate / test without `--ckpt_path` score the weights the module arguments name: refuse none at all (an
+    untrained model), and a `model.checkpoint_path` that names another model than the configured one (fit may start
+    from such weights: a relative teacher's for a metric fine-tuning; a score of them would be wrong)."""
+    if module_args.get("checkpoint_path") is None:
+        if not module_args.get("pretrained"):
+            raise ValueError(
+                f"depthkit {subcommand} would score an untrained model: pass --ckpt_path RUN.ckpt (a depthkit fit "
+                "checkpoint), or weights as model.checkpoint_path or model.pretrained"
+            )
+        return
     path = locate_weights(module_args.checkpoint_path, "model.checkpoint_path")
     found = read_checkpoint_config(path)
     if found is not None and "model_overrides" in found:

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 
-from depthkit.data.shards import label_shard_url, shard_paths
+from depthkit.data.shards import is_local, label_shard_url, shard_paths
 from depthkit.data.stream import ShardStream, StreamState, make_loader, merge_stream_states
 from depthkit.data.transforms import SampleTransform, TransformConfig
 from depthkit.train.callbacks import ignore_preemption_signals
@@ -50,7 +50,7 @@ def check_stage_data(stage: str, data) -> None:
     if stage == "fit" and data.get("pseudo_labels"):
         for url in shard_paths(data["unlabeled"]):
             label = label_shard_url(data["pseudo_labels"], url)
-            if "://" not in label and not label.startswith("pipe:"):
+            if is_local(label):
                 try:
                     shard_paths(label)
                 except FileNotFoundError:
