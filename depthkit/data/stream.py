@@ -137,7 +137,8 @@ def iter_raw_samples(url: str) -> Iterator[dict]:
 
     Raises:
         ShardFormatError: for an unreadable, corrupt or cut-off tar, naming the shard and the last good key (after
-            the samples before the damage).
+            the samples before the damage; the sample being read when the tar ended is not among them, since a cut
+            may have taken some of its members).
     """
     current: dict | None = None
     last_key = None
@@ -149,15 +150,14 @@ def iter_raw_samples(url: str) -> Iterator[dict]:
                 key, ext = split_member_name(member.name)
                 if current is not None and current["__key__"] != key:
                     yield current
-                    current = None
+                    last_key, current = current["__key__"], None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
-                    last_key = key
                 data = tar.extractfile(member)
                 current[ext] = data.read() if data is not None else b""
+            _check_end(tar, reads)  # before the last sample: a cut may have taken its other members
             if current is not None:
                 yield current
-            _check_end(tar, reads)
     except (tarfile.TarError, OSError, EOFError) as err:
         where = f"after key {last_key}" if last_key else "at its start"
         raise ShardFormatError(f"shard {url}: corrupt or unreadable tar {where} ({err})") from None

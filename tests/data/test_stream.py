@@ -270,10 +270,21 @@ def test_a_tar_cut_between_members_or_with_a_damaged_header_is_an_error(damage, 
     broken = data[:at] if damage == "cut" else data[:at] + b"x" * 512 + data[at + 512 :]
     (tmp_path / "broken.tar").write_bytes(broken)
     read = []
-    with pytest.raises(ShardFormatError, match=rf"broken.tar: corrupt or unreadable tar after key {keys[1]}"):
+    with pytest.raises(ShardFormatError, match=rf"broken.tar: corrupt or unreadable tar after key {keys[0]}"):
         for raw in iter_raw_samples(str(tmp_path / "broken.tar")):
             read.append(raw["__key__"])
-    assert read == keys[:2]  # what came before the damage
+    assert read == keys[:1]  # what came before the damage, less the sample read last (the cut may be inside it)
+
+
+def test_a_tar_cut_inside_a_sample_reports_the_cut_not_a_missing_member(synth_shards, tmp_path):
+    path = shard_paths(synth_shards)[0]
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in members))
+    second_of_third = [m for m in members if m.name.startswith(keys[2] + ".")][1]
+    (tmp_path / "broken.tar").write_bytes(open(path, "rb").read()[: second_of_third.offset])
+    with pytest.raises(ShardFormatError, match=rf"broken.tar: corrupt or unreadable tar after key {keys[1]}"):
+        list(ShardStream(tmp_path / "broken.tar", batch_size=1))
 
 
 def test_first_key_skips_folder_entries(tmp_path):

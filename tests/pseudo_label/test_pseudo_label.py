@@ -128,7 +128,7 @@ def test_truncated_shard_and_early_batches(mixed, teacher_ckpt, tmp_path, monkey
     index = read_index(tmp_path / "out")
     assert index["shards"] == {"mixed-000000.tar": 4, "mixed-000001.tar": 1}
     failed = index["failed"]["mixed-000001.tar"]
-    assert sorted(failed) == ["*", "img05"] and "corrupt or unreadable tar after key img06" in failed["*"]
+    assert sorted(failed) == ["*", "img05"] and "corrupt or unreadable tar after key img05" in failed["*"]
     model, images = _teacher(teacher_ckpt), _images(mixed)
     labels = [r for raws in _labels(tmp_path / "out").values() for r in raws]
     assert [r["__key__"] for r in labels] == ["img00", "img01", "img02", "img03", "img04"]
