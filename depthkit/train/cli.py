@@ -204,6 +204,7 @@ def build_cli(argv: list[str], *, run: bool = True) -> LightningCLI:
 
 
 LIGHTNING_CKPT_NAMES = ("best", "hpc")  # `--ckpt_path` words Lightning resolves itself ("last": `latest_checkpoint`)
+SHARDED_META = "meta.pt"  # where Lightning's sharded checkpoints keep the state that is not tensors
 
 
 def latest_checkpoint(root: Path) -> Path:
@@ -236,13 +237,16 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--ckpt_path {path}: no such file")
-    if path.is_dir():  # a sharded (distributed) checkpoint, which torch.distributed.checkpoint marks: the strategy's
-        if not (path / ".metadata").is_file():
-            raise ValueError(f"--ckpt_path {path} is a folder, not a checkpoint (nor a sharded one: no .metadata)")
-        return
-    if not zipfile.is_zipfile(path):  # torch.save has written zip files since torch 1.6
-        raise ValueError(f"--ckpt_path {path} is not a checkpoint (not a torch zip file)")
-    obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True, mmap=True), path)
+    state = path
+    if path.is_dir():  # a sharded checkpoint: torch.distributed.checkpoint's shards, and the rest in meta.pt
+        state = path / SHARDED_META
+        if not (path / ".metadata").is_file() or not state.is_file():
+            raise ValueError(
+                f"--ckpt_path {path} is a folder, not a checkpoint (nor a sharded one: no .metadata and {SHARDED_META})"
+            )
+    if not zipfile.is_zipfile(state):  # torch.save has written zip files since torch 1.6
+        raise ValueError(f"--ckpt_path {state} is not a checkpoint (not a torch zip file)")
+    obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True, mmap=True), state)
     if not isinstance(obj, dict) or "pytorch-lightning_version" not in obj:
         raise ValueError(
             f"--ckpt_path {path} is not a `depthkit fit` checkpoint (no training state); to start a run from its "

@@ -594,6 +594,20 @@ def test_ckpt_path_must_be_a_run_of_the_same_module_and_model(tiny_data, tmp_pat
     weights.write_text("a,b\n")
     assert "is not a checkpoint (not a torch zip file)" in refused("recipes/tiny_teacher.yaml", weights)
     assert "is a folder, not a checkpoint" in refused("recipes/tiny_teacher.yaml", tmp_path)
+    # A sharded checkpoint (FSDP2 save_distributed_checkpoint): the state that is not tensors lies in meta.pt.
+    sharded = tmp_path / "sharded.ckpt"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    torch.save({k: v for k, v in state.items() if k not in ("state_dict", "optimizer_states")}, sharded / "meta.pt")
+    assert "is a DepthModule run; this config trains a StudentModule" in refused(
+        "recipes/tiny_student.yaml", sharded, *student
+    )
+    assert "is at step 1: trainer.max_steps 1 leaves nothing to train" in refused(
+        "recipes/tiny_teacher.yaml", sharded, "--trainer.max_steps", "1"
+    )
+    (sharded / "meta.pt").unlink()
+    assert "is a folder, not a checkpoint (nor a sharded one" in refused("recipes/tiny_teacher.yaml", sharded)
     assert not (tmp_path / "other").exists(), "refused before any work"
 
 
