@@ -31,7 +31,9 @@ def cutmix_boxes(
         width: Image width W.
         p: Probability that a sample is mixed.
         area: Range of the box area as a fraction of the image.
-        aspect: Range of the box aspect ratio (height / width).
+        aspect: Range of the box aspect ratio (height / width), drawn log-uniformly so that tall and wide boxes
+            are equally likely. UniMatch's `obtain_cutmix_box` draws it uniformly (about 3 of 4 boxes taller than
+            wide) and redraws until the box fits; depthkit takes the symmetric draw and clips the box instead.
         generator: Source of randomness.
 
     Returns:
