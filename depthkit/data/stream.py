@@ -15,6 +15,10 @@ read exactly once across all ranks and workers. Rank and world size come from th
 `torch.distributed`, else from the `RANK`/`WORLD_SIZE` environment (torchrun, `fabric run`, SLURM via Lightning).
 With fewer shards than global workers some workers idle; give at least `world_size * num_workers` shards.
 
+Epochs. Each pass over a stream is its next epoch (new shard order, shuffle and augmentation), as each pass of a
+DataLoader with a random sampler is: the first pass is epoch 0, or the resumed state's epoch, or `set_epoch`'s.
+`make_loader`'s loader starts the pass in the main process, before its workers copy the stream.
+
 Resampled mode (`resampled=True`) draws shards with replacement forever, from a generator seeded by
 `(seed, global worker)`: the mode for step-based training, where ranks must never run dry at different times.
 
@@ -22,9 +26,10 @@ Resuming. Each batch carries `__worker__` (global worker id) and `__consumed__` 
 taken from its shards so far, skipped ones included). `StreamState.update(batch)` records them after the batch is
 used; a stream built with `resume=state.state_dict()` makes each worker replay its deterministic order and drop
 that many raw samples before decoding. The resumed run then yields exactly the batches the uninterrupted run
-would have yielded next (augmentation is seeded per sample, see `transforms.py`), as long as the topology
-(world size, workers) is unchanged; with another topology it refuses, rather than silently repeating data.
-Skipping costs reading, not decoding, the consumed part of the epoch.
+would have yielded next (augmentation is seeded per sample and draw, see `transforms.py`), and its later passes
+are the later epochs, as long as the topology (world size, workers) is unchanged; with another topology it
+refuses, rather than silently repeating data. Skipping costs reading, not decoding, the consumed part of the epoch
+(of the whole run, for a resampled stream).
 
 Bad samples. Corrupt tar members, undecodable images, missing or mis-sized targets raise `ShardFormatError`
 naming the shard and key; with `on_error="skip"` the sample is dropped and counted in the batch's `__skipped__`
@@ -270,19 +275,41 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
         self.on_error, self.cutmix_p, self.drop_last = on_error, cutmix_p, drop_last
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
         self.resume = resume
+        self.epoch = int(resume.get("epoch", 0)) if resume else 0  # the epoch of the next pass
+        self._passes = 0  # passes started since construction or `set_epoch`
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle shard order for a new epoch (call before iterating; resume state then starts empty)."""
-        self.epoch = epoch
-        if self.transform is not None:
-            self.transform.epoch = epoch
+        """Make the next pass epoch `epoch` (otherwise each pass after the first is the next epoch)."""
+        self.epoch, self._passes = epoch, 0
+
+    def start_pass(self) -> None:
+        """Begin a pass over the stream, in the main process: the first is epoch `self.epoch`, each later one the next
+        epoch (a new shard order, shuffle and augmentation), like a DataLoader's random sampler. The resume state
+        belongs to the first pass only.
+
+        Iterating the stream in the main process calls it; `make_loader`'s loader calls it before its workers
+        start. Lightning calls neither a dataset's `set_epoch` nor anything else per epoch: this is what gives a
+        run of several epochs new ones.
+        """
+        if self._passes:
+            self.epoch, self.resume = self.epoch + 1, None
+        self._passes += 1
+
+    def __getstate__(self) -> dict:
+        # A worker started by spawn or forkserver has no process group and may have no RANK in its environment:
+        # the parent, pickling the stream for it, resolves the topology (a forked worker inherits the parent's).
+        state = dict(self.__dict__)
+        if state["rank"] is None:
+            state["rank"], state["world_size"] = topology()
+        return state
 
     # -- iteration, inside a worker ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
+        if info is None:
+            self.start_pass()
         worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rank, world_size = topology(self.rank, self.world_size)
         # The DataLoader asks its workers round-robin from worker 0; a resumed stream rotates the logical worker
@@ -291,7 +318,7 @@ class ShardStream(IterableDataset):
         global_worker = rank * num_workers + (worker_id + rotation) % num_workers
         total_workers = world_size * num_workers
         skip = self._resume_skip(global_worker, total_workers)
-        consumed = skipped = 0
+        consumed, skipped = 0, self._resume_skipped(global_worker) if skip else 0
         batch: list[dict] = []
         for raw in self._shuffled(self._raw_samples(global_worker, total_workers), global_worker):
             consumed += 1
@@ -299,6 +326,9 @@ class ShardStream(IterableDataset):
                 continue
             try:
                 sample = self._decode(raw)
+                # Which draw this is: the transform seeds its augmentation with it (and the key). It is the same
+                # in a resumed run, and differs each time a resampled stream draws the sample again.
+                sample["__draw__"] = f"{self.epoch}/{global_worker}/{consumed}"
                 if self.transform is not None:
                     sample = self.transform(sample)
             except ShardFormatError:
@@ -327,6 +357,9 @@ class ShardStream(IterableDataset):
         if not self._same_epoch():
             return 0
         return int(self.resume.get("consumed", {}).get(str(global_worker), 0))
+
+    def _resume_skipped(self, global_worker: int) -> int:
+        return int(self.resume.get("skipped", {}).get(str(global_worker), 0))
 
     def _same_epoch(self) -> bool:
         return self.resume.get("epoch", 0) == self.epoch
@@ -508,9 +541,20 @@ def merge_stream_states(states: list[dict]) -> dict:
     return merged
 
 
+class ShardLoader(DataLoader):
+    """A DataLoader that starts each pass of its `ShardStream` in the main process (`ShardStream.start_pass`), before
+    the workers take their copies of the stream."""
+
+    def __iter__(self):
+        if self.num_workers > 0:  # with none, the stream's own `__iter__` runs here and starts the pass
+            self.dataset.start_pass()
+        return super().__iter__()
+
+
 def make_loader(stream: ShardStream, *, num_workers: int = 0, pin_memory: bool = False, **kwargs) -> DataLoader:
-    """A DataLoader over a `ShardStream` (batches are made in the workers, so `batch_size=None`)."""
-    return DataLoader(
+    """A loader over a `ShardStream` (batches are made in the workers, so `batch_size=None`); each pass over it is
+    the stream's next epoch."""
+    return ShardLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,

@@ -13,8 +13,10 @@ CutMix is per batch, see `depthkit.data.cutmix`.
 The official metric fine-tuning resizes images bicubically at any scale; the bilinear / area choice here is
 depthkit's (aliasing-free shrinking); depth and masks match (nearest).
 
-Randomness comes from a generator seeded per sample by `(seed, epoch, key)`, so a resumed run augments each
-sample exactly as the uninterrupted run would.
+Randomness comes from a generator seeded per sample by `(seed, key, draw)`, where the draw (`__draw__`, set by
+`ShardStream`: epoch, global worker, position) differs each time a sample is read again, in a new epoch or a new
+draw of a resampled stream, and is the same in a resumed run: it augments each sample exactly as the uninterrupted
+run would.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ class TransformConfig:
             raise ValueError(f"crop_size {self.crop_size} must be positive multiples of patch_size {self.patch_size}")
 
 
-def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """A generator that depends only on `(seed, epoch, key)`: augmentation survives resumption unchanged."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=16).digest()
+def sample_rng(seed: int, key: str, draw: str = "") -> np.random.Generator:
+    """A generator that depends only on `(seed, key, draw)`: augmentation survives resumption unchanged."""
+    digest = hashlib.blake2b(f"{seed}/{draw}/{key}".encode(), digest_size=16).digest()
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
@@ -116,12 +118,12 @@ class SampleTransform:
     takes_target_steps = True  # so ShardStream decodes png16 targets with `target_steps=True`
 
     def __init__(self, config: TransformConfig, *, seed: int = 0):
-        self.config, self.seed, self.epoch = config, seed, 0
+        self.config, self.seed = config, seed
         self._strong = StrongAugment() if config.strong else None
 
     def __call__(self, sample: dict) -> dict:
         cfg = self.config
-        rng = sample_rng(self.seed, self.epoch, sample["__key__"])
+        rng = sample_rng(self.seed, sample["__key__"], sample.get("__draw__", ""))
         crop_h, crop_w = cfg.crop_size
         image_HW3 = sample["image"]
         h, w = lower_bound_size(*image_HW3.shape[:2], crop_h, crop_w, cfg.patch_size)

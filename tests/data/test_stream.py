@@ -51,6 +51,65 @@ def test_epochs_reshuffle_and_resampled_mode_runs_on(synth_shards):
     stream.set_epoch(1)
     second = _keys(stream)
     assert sorted(first) == sorted(second) and first != second
+
+
+@pytest.mark.parametrize("num_workers", [None, 0, 2])  # None: the stream iterated directly
+def test_each_pass_is_the_next_epoch(synth_shards, num_workers):
+    """Lightning calls no `set_epoch` on a dataset: each pass must bring a new order and new augmentation itself."""
+
+    def passes(stream, n):
+        source = stream if num_workers is None else make_loader(stream, num_workers=num_workers)
+        return [list(source) for _ in range(n)]
+
+    expected = []
+    for epoch in range(3):
+        stream = _strong_stream(synth_shards)
+        stream.set_epoch(epoch)
+        expected.append(passes(stream, 1)[0])
+    assert len({tuple(k for b in p for k in b["key"]) for p in expected}) == 3
+    for got, want in zip(passes(_strong_stream(synth_shards), 3), expected, strict=True):
+        _assert_same_batches(got, want)
+        assert {b["__epoch__"] for b in got} == {want[0]["__epoch__"]}
+
+
+def test_a_resampled_stream_augments_each_draw_of_a_sample_anew(synth_shards):
+    transform = SampleTransform(TransformConfig(crop_size=28, patch_size=14, strong=True))
+    stream = ShardStream(synth_shards, batch_size=4, transform=transform, resampled=True, seed=1)
+    crops: dict[str, list[bytes]] = {}
+    for batch in [b for _, b in zip(range(40), stream, strict=False)]:
+        for key, image, strong in zip(batch["key"], batch["image"], batch["image_strong"], strict=True):
+            crops.setdefault(key, []).append(image.numpy().tobytes() + strong.numpy().tobytes())
+    drawn_again = [c for c in crops.values() if len(c) >= 3]
+    assert drawn_again and all(len(set(c)) == len(c) for c in drawn_again)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_stream_skips_in_its_first_pass_only_and_resumes_later_epochs(synth_shards, num_workers):
+    """The saved state's epoch is the one resumed (the stream need not be told), and its skip is not repeated."""
+    uninterrupted = make_loader(_strong_stream(synth_shards), num_workers=num_workers)
+    epochs = [list(uninterrupted) for _ in range(3)]
+    state = StreamState()
+    for batch in epochs[0] + epochs[1][:4]:
+        state.update(batch)
+    assert state.epoch == 1
+    resumed = make_loader(_strong_stream(synth_shards, resume=state.state_dict()), num_workers=num_workers)
+    _assert_same_batches(list(resumed), epochs[1][4:])
+    _assert_same_batches(list(resumed), epochs[2])
+
+
+def test_a_spawned_worker_gets_the_parents_topology(synth_shards, monkeypatch):
+    """A worker started by spawn pickles the stream; it has no process group of its own to ask."""
+    import pickle
+
+    from depthkit.data.stream import topology
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    sent = pickle.dumps(ShardStream(synth_shards))  # in the parent
+    monkeypatch.delenv("RANK")  # the worker's environment
+    monkeypatch.delenv("WORLD_SIZE")
+    copy = pickle.loads(sent)
+    assert topology(copy.rank, copy.world_size) == (1, 2)
     endless = ShardStream(synth_shards, batch_size=4, resampled=True)
     batches = [b for _, b in zip(range(20), endless, strict=False)]  # 80 samples from 48: it keeps going
     assert len(batches) == 20
