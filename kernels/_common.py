@@ -29,6 +29,24 @@ IMPLS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def first_order(backward):
+    """Wrap an `autograd.Function.backward` written by hand: refuse to run it differentiably (`create_graph=True`,
+    a gradient penalty). Its result has no graph, so a second-order term would be dropped without a word
+    (`once_differentiable` sees only the incoming gradients, which need not require grad)."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            name = type(ctx).__name__.removesuffix("Backward")
+            raise RuntimeError(
+                f"{name}: the fused kernel's gradient is first order only; use impl='torch' for a "
+                "second derivative (create_graph=True)"
+            )
+        return backward(ctx, *grads)
+
+    return checked
+
+
 def interpreter_enabled() -> bool:
     """Whether `TRITON_INTERPRET` is set now (read on every call, like Triton does)."""
     return bool(triton.knobs.runtime.interpret)

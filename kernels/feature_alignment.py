@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import FLOAT_DTYPES, jit_helper, resolve, upstream_grad, use_triton
+from ._common import FLOAT_DTYPES, first_order, jit_helper, resolve, upstream_grad, use_triton
 
 BLOCK_ROWS = 16  # x 128 channels per step, 8 warps: no register spills on sm_90 (32 rows spill; ptxas -v)
 
@@ -160,6 +160,7 @@ class FeatureAlignmentFunction(torch.autograd.Function):
         return loss_B, count_B
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_loss_B, _grad_count):
         if grad_loss_B is None:
             return None, None, None, None
@@ -216,6 +217,6 @@ def feature_alignment(
     if not 0 < eps < float("inf"):
         raise ValueError(f"feature_alignment: eps must be positive and finite, got {eps}")
     if use_triton("feature_alignment", impl, student_BND, target_BND):
-        return FeatureAlignmentOutput(*FeatureAlignmentFunction.apply(student_BND, target_BND, tolerance, eps))
+        return FeatureAlignmentOutput(*FeatureAlignmentFunction.apply(student_BND, target_BND.detach(), tolerance, eps))
     loss_B, count_B = reference.feature_alignment_reference(student_BND, target_BND, tolerance=tolerance, eps=eps)
     return FeatureAlignmentOutput(loss_B, count_B.to(torch.int32))

@@ -31,7 +31,17 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import check_maps, flat_contiguous, jit_helper, load_maps, resolve, sign, use_triton, valid_bytes
+from ._common import (
+    check_maps,
+    first_order,
+    flat_contiguous,
+    jit_helper,
+    load_maps,
+    resolve,
+    sign,
+    use_triton,
+    valid_bytes,
+)
 
 TILE = 32  # 32 x 32 pixels per program: rows of 128 bytes (fp32); scale 3 is still a 4 x 4 block
 MAX_SCALES = 8
@@ -236,6 +246,7 @@ class GradientMatchingFunction(torch.autograd.Function):
         return loss_B, num_valid_B
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_loss_B, _grad_num_valid):
         p_BM, d_BM, v_BM, a_B, c_B, inv_count_BK = ctx.saved_tensors
         if grad_loss_B is None:
@@ -260,6 +271,10 @@ class GradientMatchingOutput(NamedTuple):
 
     loss_B: torch.Tensor
     num_valid_B: torch.Tensor
+
+
+def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach()
 
 
 def gradient_matching(
@@ -291,7 +306,7 @@ def gradient_matching(
             raise ValueError(f"gradient_matching: {name} must have shape ({pred_BHW.shape[0]},), got {tuple(s.shape)}")
     if use_triton("gradient_matching", impl, pred_BHW, target_BHW, valid_BHW):
         loss_B, num_valid_B = GradientMatchingFunction.apply(
-            pred_BHW, target_BHW, valid_BHW, pred_scale_B, target_scale_B, num_scales
+            pred_BHW, target_BHW.detach(), valid_BHW, pred_scale_B, _detached(target_scale_B), num_scales
         )
         return GradientMatchingOutput(loss_B, num_valid_B)
     loss_B = reference.gradient_matching_reference(

@@ -13,17 +13,21 @@ Conventions shared by all ops:
 - Medians are *lower* medians: the element of rank (n - 1) // 2 among the n valid values (0-based, ascending),
   the same value `torch.median` returns. The gradient of a median goes to the valid elements equal to it, split
   evenly among ties (a symmetric subgradient; with distinct values it is the usual one-hot).
-- Trimming (`trim` > 0) keeps the n - floor(trim * n) smallest per-pixel losses of each image and averages over
-  that count. Losses tied at the threshold are kept fractionally (each with weight (num_keep - num_below) /
-  num_tied), which makes the value independent of tie order; trim weights carry no gradient.
+- Trimming (`trim` > 0) keeps the n - floor(trim * n) smallest per-pixel losses of each image (at least one) and
+  averages over that count. Losses tied at the threshold are kept fractionally (each with weight
+  (num_keep - num_below) / num_tied), which makes the value independent of tie order; trim weights carry no
+  gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-LSQ_REL_EPS = 1e-6
-"""An image's least-squares system is singular when var(pred) <= LSQ_REL_EPS * mean(pred**2) (or n < 2)."""
+LSQ_REL_EPS = 1e-10
+"""An image's least-squares system is singular when var(pred) <= LSQ_REL_EPS * mean(pred**2) (or n < 2): a
+prediction whose spread is under 1e-5 of its magnitude (about 100 fp32 ulps, where rounding in the sums is a few)
+is taken for constant. Once 1e-6, which broke shift invariance: a prediction of spread 1 around 1100 was
+"constant", scored as such, and got no gradient."""
 MAD_EPS = 1e-6
 """Floor of the mean absolute deviation used to normalize in the median/MAD SSI loss."""
 NORM_EPS = 1e-8
@@ -70,10 +74,16 @@ def masked_kth_smallest(x_BHW: torch.Tensor, valid_BHW: torch.Tensor, rank_B: to
 
 
 def num_kept(num_valid_B: torch.Tensor, trim: float) -> torch.Tensor:
-    """How many per-pixel losses an image keeps: n - floor(trim * n), computed in fp32 like the kernels."""
+    """How many per-pixel losses an image keeps: n - floor(trim * n), computed in fp32 like the kernels, and at
+    least one (fp32 may round trim * n up to n)."""
     num_valid_B = num_valid_B.to(torch.int32)
     num_drop_B = torch.floor(num_valid_B.to(torch.float32) * trim).to(torch.int32)
-    return num_valid_B - num_drop_B
+    return torch.maximum(num_valid_B - num_drop_B, num_valid_B.clamp(max=1))
+
+
+def trim_in_range(trim: float) -> bool:
+    """0 <= trim < 1, in fp32 too (the kernels' precision): 1 - 1e-9 is 1.0 there and would trim every pixel."""
+    return 0.0 <= trim < 1.0 and torch.tensor(trim, dtype=torch.float32).item() < 1.0
 
 
 def trim_weights(loss_BHW: torch.Tensor, valid_BHW: torch.Tensor, trim: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ Launches: 1 memset, 1 sample, 1 partition, 4 histogram passes, 1 scan.
 Rows: one source (B rows) or two sources sharing a mask (2B rows: pred then target) in the same launches.
 The rank is computed on the device from the valid count n of each row:
 - MODE_MEDIAN: k = (n - 1) // 2 (the lower median; torch.median's choice);
-- MODE_KEEP:   k = n - floor(trim * n) - 1 (the largest kept per-pixel loss when trimming).
+- MODE_KEEP:   k = max(n - floor(trim * n), min(n, 1)) - 1 (the largest kept per-pixel loss when trimming).
 A row with n = 0 gives 0.
 
 -0.0 sorts before +0.0 in key order; as values they compare equal, so this never changes a result.
@@ -86,7 +86,7 @@ def _rank_of(n, trim, MODE: tl.constexpr):
     if MODE == 0:
         k = tl.where(n > 0, (n - 1) // 2, -1)
     else:
-        k = n - tl.floor(n.to(tl.float32) * trim).to(tl.int32) - 1
+        k = tl.maximum(n - tl.floor(n.to(tl.float32) * trim).to(tl.int32), tl.minimum(n, 1)) - 1  # keeps >= 1
     return k
 
 

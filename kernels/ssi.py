@@ -50,6 +50,7 @@ from . import reference
 from ._common import (
     check_maps,
     chunk,
+    first_order,
     flat_contiguous,
     jit_helper,
     load_maps,
@@ -321,7 +322,7 @@ def _ssi_finalize_kernel(
         z_below = tl.sum(tl.load(src + 4, mask=m, other=0.0), axis=0)
         g_tied = tl.sum(tl.load(src + 5, mask=m, other=0.0), axis=0)
         z_tied = tl.sum(tl.load(src + 6, mask=m, other=0.0), axis=0)
-        num_keep = n - tl.floor(n * trim)
+        num_keep = tl.maximum(n - tl.floor(n * trim), tl.minimum(n, 1.0))  # at least one, like `num_kept`
         frac = (num_keep - num_below) / tl.maximum(num_tied, 1.0)
         total = sum_below + frac * num_tied * tl.load(threshold_ptr + b)
         big_g = g_below + frac * g_tied
@@ -518,6 +519,7 @@ class SSILsqFunction(torch.autograd.Function):
         return loss_B, scale_B, shift_B, num_valid_B
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_loss_B, grad_scale_B, grad_shift_B, _grad_num_valid):
         return _backward(ctx, grad_loss_B, grad_scale_B, grad_shift_B), None, None, None, None
 
@@ -551,6 +553,7 @@ class SSIMedianFunction(torch.autograd.Function):
         return loss_B, pred_scale_B, target_scale_B, pred_median_B, target_median_B, num_valid_B
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_loss_B, grad_pred_scale_B, *_non_differentiable):
         return _backward(ctx, grad_loss_B, grad_pred_scale_B, None), None, None, None, None, None
 
@@ -579,8 +582,8 @@ class MedianSSIOutput(NamedTuple):
 def _check_options(op: str, metric: str, trim: float) -> None:
     if metric not in ("mse", "l1"):
         raise ValueError(f"{op}: metric={metric!r} is not 'mse' or 'l1'")
-    if not 0.0 <= trim < 1.0:
-        raise ValueError(f"{op}: trim={trim} must be in [0, 1)")
+    if not reference.trim_in_range(trim):
+        raise ValueError(f"{op}: trim={trim} must be in [0, 1) (also in fp32)")
 
 
 def ssi_lsq(
@@ -605,7 +608,8 @@ def ssi_lsq(
     check_maps("ssi_lsq", pred_BHW, target_BHW, valid_BHW)
     _check_options("ssi_lsq", metric, trim)
     if use_triton("ssi_lsq", impl, pred_BHW, target_BHW, valid_BHW):
-        return LsqSSIOutput(*SSILsqFunction.apply(pred_BHW, target_BHW, valid_BHW, metric, float(trim)))
+        outputs = SSILsqFunction.apply(pred_BHW, target_BHW.detach(), valid_BHW, metric, float(trim))
+        return LsqSSIOutput(*outputs)
     loss_B, scale_B, shift_B = reference.ssi_lsq_reference(pred_BHW, target_BHW, valid_BHW, metric=metric, trim=trim)
     return LsqSSIOutput(loss_B, scale_B, shift_B, valid_BHW.sum(dim=(1, 2)).to(torch.int32))
 
@@ -634,10 +638,10 @@ def ssi_median(
     """
     check_maps("ssi_median", pred_BHW, target_BHW, valid_BHW)
     _check_options("ssi_median", metric, trim)
-    if eps <= 0:
-        raise ValueError(f"ssi_median: eps={eps} must be > 0")
+    if not 0 < eps < float("inf"):  # NaN too
+        raise ValueError(f"ssi_median: eps={eps} must be > 0 and finite")
     if use_triton("ssi_median", impl, pred_BHW, target_BHW, valid_BHW):
-        outputs = SSIMedianFunction.apply(pred_BHW, target_BHW, valid_BHW, metric, float(trim), float(eps))
+        outputs = SSIMedianFunction.apply(pred_BHW, target_BHW.detach(), valid_BHW, metric, float(trim), float(eps))
         return MedianSSIOutput(*outputs)
     outputs = reference.ssi_median_reference(pred_BHW, target_BHW, valid_BHW, metric=metric, trim=trim, eps=eps)
     return MedianSSIOutput(*outputs, valid_BHW.sum(dim=(1, 2)).to(torch.int32))

@@ -32,6 +32,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from depthkit_kernels.reference import trim_in_range
+
 from .cutmix import cutmix_loss
 from .gradient import gradient_matching_loss
 from .reduction import mean_over_images
@@ -71,8 +73,8 @@ class DepthLossConfig:
             raise ValueError(f"DepthLossConfig: alignment={self.alignment!r} is not 'lsq' or 'median'")
         if self.metric not in ("mse", "l1"):
             raise ValueError(f"DepthLossConfig: metric={self.metric!r} is not 'mse' or 'l1'")
-        if not 0.0 <= self.trim < 1.0:
-            raise ValueError(f"DepthLossConfig: trim={self.trim} must be in [0, 1)")
+        if not trim_in_range(self.trim):
+            raise ValueError(f"DepthLossConfig: trim={self.trim} must be in [0, 1) (also in fp32)")
         if not 0 <= self.gradient_weight < float("inf"):  # also refuses NaN, which would drop the term silently
             raise ValueError(f"DepthLossConfig: gradient_weight={self.gradient_weight} must be >= 0 and finite")
         if isinstance(self.num_scales, bool) or not isinstance(self.num_scales, int) or not 1 <= self.num_scales <= 8:

@@ -54,8 +54,10 @@ def silog_loss(
     num_valid_B = valid_BHW.sum(dim=(1, 2))
     n_B = num_valid_B.clamp_min(1).float()
     mean_B = g_BHW.sum(dim=(1, 2)) / n_B
-    mean_sq_B = (g_BHW * g_BHW).sum(dim=(1, 2)) / n_B
-    var_B = mean_sq_B - lambd * mean_B * mean_B
+    # mean(g^2) - lambd mean(g)^2 as var(g) + (1 - lambd) mean(g)^2, the variance from centered values: the
+    # one-pass form cancels catastrophically in fp32 when lambd = 1 (a prediction k x the target scored > 0).
+    centered_BHW = torch.where(valid_BHW, g_BHW - mean_B[:, None, None], 0.0)
+    var_B = (centered_BHW * centered_BHW).sum(dim=(1, 2)) / n_B + (1 - lambd) * mean_B * mean_B
     loss_B = var_B.clamp_min(VAR_FLOOR).sqrt()  # clamp keeps NaN / inf: a diverged image must show, not read as 0
     loss_B = torch.where(num_valid_B > 0, loss_B, 0.0)
     return with_reduction(loss_B, num_valid_B)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -109,3 +111,58 @@ def test_bad_options_raise():
         dk.ssi_median(*_maps(), trim=1.0)
     with pytest.raises(ValueError, match="num_scales"):
         dk.gradient_matching(*_maps(), num_scales=0)
+
+
+DIFFERENTIABLE = {  # (pred, target, valid, impl) -> loss_B
+    "ssi_lsq": lambda p, t, v, impl: dk.ssi_lsq(p, t, v, impl=impl).loss_B,
+    "ssi_median": lambda p, t, v, impl: dk.ssi_median(p, t, v, metric="mse", impl=impl).loss_B,
+    "gradient_matching": lambda p, t, v, impl: dk.gradient_matching(p, t, v, impl=impl).loss_B,
+    "feature_alignment": lambda p, t, v, impl: dk.feature_alignment(p, t, impl=impl).loss_B,
+}
+
+
+@pytest.mark.parametrize("op", DIFFERENTIABLE)
+def test_a_second_derivative_is_refused_not_dropped(monkeypatch, op):
+    """The kernels' gradient has no graph: a gradient penalty through it would silently count for nothing."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pred, target, valid = _maps()
+    pred = (pred + 0.3 * torch.randn_like(pred)).requires_grad_(True)
+    loss = functools.partial(DIFFERENTIABLE[op], pred, target, valid)
+    (grad,) = torch.autograd.grad(loss("torch").sum(), pred, create_graph=True)
+    assert grad.requires_grad  # the reference's gradient is differentiable
+    (first,) = torch.autograd.grad(loss("triton").sum(), pred)  # first order: fine
+    torch.testing.assert_close(first, grad.detach(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="first order only; use impl='torch'"):
+        torch.autograd.grad(loss("triton").sum(), pred, create_graph=True)
+
+
+@pytest.mark.parametrize("op", DIFFERENTIABLE)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_target_that_requires_grad_is_a_label_in_either_impl(monkeypatch, op, impl):
+    """Targets get no gradient: a loss of a target alone has no graph (the Triton path once had one, to nowhere)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pred, target, valid = _maps()
+    target.requires_grad_(True)
+    assert not DIFFERENTIABLE[op](pred, target, valid, impl).requires_grad
+    pred.requires_grad_(True)
+    DIFFERENTIABLE[op](pred, target, valid, impl).sum().backward()
+    assert target.grad is None and pred.grad is not None
+
+
+@pytest.mark.parametrize("trim", [1.0, 1 - 1e-9, -0.1, float("nan")])
+def test_a_trim_that_keeps_nothing_in_fp32_is_refused(trim):
+    for op in (dk.ssi_lsq, dk.ssi_median):
+        with pytest.raises(ValueError, match="must be in \\[0, 1\\) \\(also in fp32\\)"):
+            op(*_maps(), trim=trim)
+
+
+def test_the_trimmed_count_keeps_at_least_one_pixel():
+    from depthkit_kernels.reference import num_kept
+
+    assert num_kept(torch.tensor([0, 1, 2, 10, 1000]), 0.999).tolist() == [0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("eps", [0.0, float("nan"), float("inf")])
+def test_a_median_eps_that_would_void_the_loss_is_refused(eps):
+    with pytest.raises(ValueError, match="eps=.* must be > 0 and finite"):
+        dk.ssi_median(*_maps(), eps=eps)

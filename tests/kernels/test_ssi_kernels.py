@@ -140,6 +140,23 @@ def test_lsq_recovers_affine_map(triton_device):
     assert out.loss_B.abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_lsq_is_shift_invariant_for_a_large_offset(triton_device, impl):
+    """A prediction of spread 1 around 1e4 is no constant (the singularity test once said so from ~1100 on)."""
+    pred_BHW, target_BHW, valid_BHW = make_maps((2, 16, 13), torch.float32, triton_device, seed=8)
+
+    def loss_and_grad(offset: float):
+        pred = (pred_BHW + offset).requires_grad_()
+        out = ssi_lsq(pred, target_BHW, valid_BHW, impl=impl)
+        out.loss_B.sum().backward()
+        return out, pred.grad
+
+    (near, grad_near), (far, grad_far) = loss_and_grad(0.0), loss_and_grad(1e4)
+    assert (far.scale_B != 0).all()
+    torch.testing.assert_close(far.loss_B, near.loss_B, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(grad_far, grad_near, rtol=1e-2, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("alignment", ["lsq", "median"])
 @pytest.mark.parametrize("dtype", DTYPES)
