@@ -521,12 +521,15 @@ class StreamState:
 def merge_stream_states(states: list[dict]) -> dict:
     """One stream's position from each rank's `StreamState.state_dict()`: what a checkpoint must hold.
 
-    A rank only sees its own global workers, and rank 0 alone writes the checkpoint; so the ranks' `consumed` and
-    `skipped` (keyed by global worker, disjoint) are joined. Ranks step in lockstep, so epoch and the next worker
-    agree; a rank in another epoch than rank 0 (unequal finite streams) would replay its epoch, and is logged.
+    A rank only advances its own global workers, and rank 0 alone writes the checkpoint; so each global worker's
+    `consumed` and `skipped` come from the rank that owns it (`states` in rank order). A resumed rank also holds the
+    other ranks' entries as they were at the resume: a plain join let those stale copies win, and the next resume
+    replayed data. Ranks step in lockstep, so epoch and the next worker agree; a rank in another epoch than rank 0
+    (unequal finite streams) would replay its epoch, and is logged.
     """
     first = states[0]
     merged = {**first, "consumed": {}, "skipped": {}}
+    per_rank = (first.get("total_workers") or 0) // len(states)  # global workers of a rank
     for rank, state in enumerate(states):
         if state.get("epoch", 0) != first.get("epoch", 0):
             log.warning(
@@ -536,8 +539,9 @@ def merge_stream_states(states: list[dict]) -> dict:
                 first.get("epoch", 0),
             )
             continue
-        merged["consumed"].update(state.get("consumed", {}))
-        merged["skipped"].update(state.get("skipped", {}))
+        for field in ("consumed", "skipped"):
+            own = {w: n for w, n in state.get(field, {}).items() if not per_rank or int(w) // per_rank == rank}
+            merged[field].update(own)
     return merged
 
 

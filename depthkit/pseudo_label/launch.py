@@ -3,9 +3,10 @@
 Where ranks come from, in this order:
 
 1. **A launcher made one process per device**: `torchrun` (or anything that sets `RANK` / `WORLD_SIZE` /
-   `LOCAL_RANK`, or an initialized `torch.distributed`), or `srun` with `SLURM_NTASKS == devices * num_nodes`
-   (`SLURM_PROCID` / `SLURM_LOCALID`). This process is one rank; `--devices` / `--num-nodes`, when given, must
-   agree with the world size.
+   `LOCAL_RANK`, or an initialized `torch.distributed`), or an `srun` step of several tasks (`SLURM_PROCID` /
+   `SLURM_LOCALID` / `SLURM_STEP_NUM_TASKS`, which only srun sets: a batch script's own environment names the
+   allocation's tasks, not processes that run). This process is one rank; `--devices` / `--num-nodes`, when
+   given, must agree with the world size (or, under srun, name one task per node: case 2).
 2. **Otherwise depthkit spawns** `devices` processes on this node (torch.multiprocessing, "spawn"), ranks
    `node_rank * devices + local_rank`. With `num_nodes > 1` the node rank comes from `--node-rank`, else the
    `NODE_RANK`, `GROUP_RANK` or `SLURM_NODEID` environment (start the command once per node, e.g. `srun
@@ -92,9 +93,16 @@ def resolve_launch(devices: int | None = None, num_nodes: int = 1, node_rank: in
                 "leave them out under torchrun or make them agree"
             )
         return Launch("run", world_size, rank=rank, local_rank=int(env.get("LOCAL_RANK", 0)))
-    expected = (devices or 1) * num_nodes
-    if expected > 1 and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) == expected:
-        return Launch("run", expected, rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)))
+    step_tasks = int(env.get("SLURM_STEP_NUM_TASKS", "0"))
+    if step_tasks > 1 and "SLURM_PROCID" in env:
+        expected = (devices or 1) * num_nodes if devices is not None or num_nodes > 1 else step_tasks
+        if expected == step_tasks:  # one task per device
+            return Launch("run", expected, rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)))
+        if step_tasks != num_nodes:  # nor one task per node, which spawns its devices (below)
+            raise ValueError(
+                f"srun started {step_tasks} tasks, but --devices x --num-nodes = {expected}: run one task per "
+                f"device, or one per node with --num-nodes {step_tasks}"
+            )
     devices = devices or 1
     if num_nodes > 1 and node_rank is None:
         for name in ("NODE_RANK", "GROUP_RANK", "SLURM_NODEID"):

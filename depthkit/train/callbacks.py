@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -156,6 +157,22 @@ def ignore_preemption_signals(worker_id: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def requeue_slurm_job() -> None:
+    """`scontrol requeue` this SLURM job (an array job's task), as Lightning's auto-requeue does; a failure is
+    logged (an interactive allocation cannot be requeued)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    try:
+        code = subprocess.call(["scontrol", "requeue", job])
+    except OSError as err:
+        code = str(err)
+    if code == 0:
+        log.warning("requeued SLURM job %s", job)
+    else:
+        log.warning("could not requeue SLURM job %s (scontrol requeue: %s)", job, code)
+
+
 class Preemption(L.Callback):
     """On SIGTERM or SIGUSR1 (cluster preemption), save `preempted.ckpt` after the current optimizer step and exit.
 
@@ -163,12 +180,14 @@ class Preemption(L.Callback):
     `depthkit fit ... --ckpt_path <dir>/preempted.ckpt`. It is written beside its final name and renamed into place:
     Lightning stages checkpoints in $TMPDIR, often another filesystem, where its final move is a non-atomic copy.
 
-    A signal is only recorded when it arrives. The previous handlers (Lightning's SIGTERM handler, SLURM requeue)
-    run after the checkpoint is saved, on every rank: Lightning's would otherwise stop the loop at the end of the
-    step, before this callback can save, and in the sanity check it ends the run with status 0. The handlers are
-    taken over from the sanity check on (Lightning installs its own just before), so a signal that arrives there
-    is kept for the first optimizer step. The process then exits with status 128 + the signal number, as a shell
-    reports a process killed by it, so launchers see an unfinished run, not a success.
+    A signal is only recorded when it arrives. The previous handlers (Lightning's SIGTERM handler) run after the
+    checkpoint is saved, on every rank; in place of Lightning's SLURM auto-requeue handler (SIGUSR1), which would
+    save a second full checkpoint, rank 0 requeues the job itself (`requeue_slurm_job`). Run first, Lightning's
+    SIGTERM handler would stop the loop at the end of the step, before this callback can save, and in the sanity
+    check it ends the run with status 0. The handlers are taken over from the sanity check on (Lightning installs
+    its own just before), so a signal that arrives there is kept for the first optimizer step. The process then
+    exits with status 128 + the signal number, as a shell reports a process killed by it, so launchers see an
+    unfinished run, not a success.
     """
 
     def __init__(self, dirpath: str | None = None, signals: tuple[str, ...] = PREEMPTION_SIGNALS):
@@ -219,7 +238,13 @@ class Preemption(L.Callback):
         name = signal.Signals(signum).name
         log.warning("received %s: saved %s at step %d, exiting", name, path, trainer.global_step)
         previous = self._previous.get(signum)
-        if callable(previous):
+        if signum == signal.SIGUSR1 and type(previous).__module__.startswith("lightning."):
+            # Lightning's SLURM auto-requeue handler would also save hpc_ckpt_N.ckpt, a second full checkpoint in
+            # the minutes before the kill (one more file each requeue, which Lightning would later resume from
+            # without depthkit's checks): only its requeue is kept.
+            if trainer.is_global_zero:
+                requeue_slurm_job()
+        elif callable(previous):
             previous(signum, None)
         raise SystemExit(128 + signum)
 

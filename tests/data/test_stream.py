@@ -153,6 +153,17 @@ def test_resume_of_two_ranks_from_their_joined_state(synth_shards):
         _assert_same_batches(list(make_loader(stream, num_workers=2)), full[rank][3:])
 
 
+def test_each_global_worker_is_saved_from_the_rank_that_owns_it():
+    """After a resume every rank holds every worker's entry; only the owner's copy moves on. A plain join let rank
+    1's stale copy of worker 0 win, and the second resume replayed rank 0's data."""
+    resumed = {"epoch": 0, "total_workers": 4, "next_worker": 0}
+    rank0 = {**resumed, "consumed": {"0": 80, "1": 80, "2": 40, "3": 40}, "skipped": {"0": 2, "2": 1}}
+    rank1 = {**resumed, "consumed": {"0": 40, "1": 40, "2": 80, "3": 80}, "skipped": {"0": 1, "2": 3}}
+    merged = merge_stream_states([rank0, rank1])
+    assert merged["consumed"] == {"0": 80, "1": 80, "2": 80, "3": 80}
+    assert merged["skipped"] == {"0": 2, "2": 3}
+
+
 def test_resume_with_another_topology_is_refused(synth_shards):
     state = {"epoch": 0, "total_workers": 4, "consumed": {"0": 3}}
     with pytest.raises(ValueError, match="cannot resume a stream of 4 global workers with 1"):

@@ -425,8 +425,8 @@ def test_start_errors_are_clear_and_come_before_any_work(unlabeled, teacher_ckpt
 
 
 def test_launch_topology(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "NODE_RANK", "GROUP_RANK",
-                 "SLURM_NODEID"):  # fmt: skip
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+                 "NODE_RANK", "GROUP_RANK", "SLURM_NODEID"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     assert resolve_launch().mode == "run" and resolve_launch().world_size == 1
     spawn = resolve_launch(devices=4)
@@ -435,11 +435,23 @@ def test_launch_topology(monkeypatch):
         resolve_launch(devices=2, num_nodes=2)
     node = resolve_launch(devices=2, num_nodes=3, node_rank=2)
     assert (node.mode, node.world_size, node.node_rank) == ("spawn", 6, 2)
-    monkeypatch.setenv("SLURM_PROCID", "5")
+    # A batch script of an 8-task allocation (sbatch sets SLURM_PROCID and SLURM_NTASKS, but runs one process):
+    # depthkit spawns the devices, rather than labeling rank 0's share alone.
+    monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "8")
+    batch = resolve_launch(devices=2)
+    assert (batch.mode, batch.rank, batch.world_size) == ("spawn", 0, 2)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # srun's tasks
+    monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    slurm = resolve_launch(devices=4, num_nodes=2)
-    assert (slurm.mode, slurm.rank, slurm.world_size, slurm.local_rank) == ("run", 5, 8, 1)
+    for slurm in (resolve_launch(devices=4, num_nodes=2), resolve_launch()):  # without --devices: srun's tasks
+        assert (slurm.mode, slurm.rank, slurm.world_size, slurm.local_rank) == ("run", 5, 8, 1)
+    with pytest.raises(ValueError, match="srun started 8 tasks, but --devices x --num-nodes = 2"):
+        resolve_launch(devices=2)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # one task per node, each spawning its 4 devices
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    per_node = resolve_launch(devices=4, num_nodes=2)
+    assert (per_node.mode, per_node.rank, per_node.world_size, per_node.node_rank) == ("spawn", 4, 8, 1)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")

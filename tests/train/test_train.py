@@ -751,10 +751,12 @@ def test_a_data_error_in_a_worker_ends_the_run_in_one_line(tiny_data, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
-def test_preemption_saves_a_checkpoint_that_resumes_the_run(name, tiny_data, tmp_path):
+@pytest.mark.parametrize(("name", "slurm"), [("SIGTERM", False), ("SIGUSR1", False), ("SIGUSR1", True)])
+def test_preemption_saves_a_checkpoint_that_resumes_the_run(name, slurm, tiny_data, tmp_path):
     """`depthkit fit` in a subprocess, signalled mid-run as SLURM does (every process, DataLoader workers too): it
-    saves `<default_root_dir>/preempted.ckpt` and exits with 128 + the signal; `--ckpt_path` then finishes the run."""
+    saves `<default_root_dir>/preempted.ckpt` and exits with 128 + the signal; `--ckpt_path` then finishes the run.
+    Under SLURM (a task of an emulated srun), SIGUSR1 requeues the job, and Lightning's auto-requeue handler saves
+    no second checkpoint (`hpc_ckpt_1.ckpt`)."""
     signum, max_steps, batch_size = getattr(signal, name), 40, 2
     small = ["--data.val", "null", "--data.crop_size", "28", "--data.batch_size", str(batch_size)]
     small += ["--trainer.max_steps", str(max_steps), "--trainer.enable_progress_bar", "false"]
@@ -765,6 +767,14 @@ def test_preemption_saves_a_checkpoint_that_resumes_the_run(name, tiny_data, tmp
     stale = ckpt.stat().st_ino
     # Lightning stages checkpoints in $TMPDIR; from another filesystem its final move rewrites the old file in place.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": "/dev/shm" if Path("/dev/shm").is_dir() else str(tmp_path)}
+    if slurm:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.txt"}\n')
+        (bin_dir / "scontrol").chmod(0o755)
+        env |= {"PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "depthkit"}
+        env |= {"SLURM_NODELIST": "127.0.0.1", "SLURM_NTASKS": "1", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "1"}
+        env |= {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
 
     def fit(root: Path, *extra: str) -> subprocess.Popen:
         args = _teacher_args(tiny_data, root, *small, *extra)
@@ -786,6 +796,8 @@ def test_preemption_saves_a_checkpoint_that_resumes_the_run(name, tiny_data, tmp
             os.killpg(proc.pid, signal.SIGKILL)
     assert ckpt.stat().st_ino != stale, "the checkpoint was rewritten in place, not renamed into place"
     assert [p.name for p in run.iterdir() if p.is_file()] == ["preempted.ckpt"]
+    if slurm:
+        assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     step = state["global_step"]
     assert 10 <= step < max_steps
