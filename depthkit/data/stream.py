@@ -317,6 +317,13 @@ class ShardStream(IterableDataset):
         rotation = int(self.resume.get("next_worker", 0)) if self.resume and self._same_epoch() else 0
         global_worker = rank * num_workers + (worker_id + rotation) % num_workers
         total_workers = world_size * num_workers
+        if not self.resampled and world_size > 1 and len(self.urls) <= rank * num_workers:
+            # The other ranks would wait for this one in their next collective, for ever.
+            raise ValueError(
+                f"{self.kind} stream: {len(self.urls)} shard(s) for {world_size} ranks x {num_workers} loader "
+                f"worker(s): rank {rank} has none to read; give at least {total_workers} shards, fewer workers, "
+                "or resampled=True"
+            )
         skip = self._resume_skip(global_worker, total_workers)
         consumed, skipped = 0, self._resume_skipped(global_worker) if skip else 0
         batch: list[dict] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 
 from depthkit.data.shards import is_local, label_shard_url, shard_paths
 from depthkit.data.stream import ShardStream, StreamState, make_loader, merge_stream_states
@@ -164,6 +164,14 @@ class DepthDataModule(L.LightningDataModule):
         hp = self.hparams
         pin = self._on_cuda()
         loaders = {}
+        world_size = self._topology()[1] or 1
+        if not hp.resampled and world_size > 1:
+            rank_zero_warn(
+                f"data.resampled false on {world_size} ranks: a rank whose shards hold fewer samples ends its epoch "
+                "first, and the ranks' collectives then mismatch (validation, checkpoints at epoch end) or wait for "
+                "ever (the last epoch); give the ranks equal samples, or set data.resampled true with "
+                "trainer.max_steps (every recipe does)"
+            )
         if hp.labeled is not None:
             labeled = self._stream(
                 "labeled",

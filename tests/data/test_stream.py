@@ -164,6 +164,15 @@ def test_each_global_worker_is_saved_from_the_rank_that_owns_it():
     assert merged["skipped"] == {"0": 2, "2": 3}
 
 
+def test_a_rank_without_shards_in_epoch_mode_is_an_error_not_a_hang(synth_shards):
+    """8 shards, 4 ranks x 3 workers: rank 3's workers (9-11) get none, and the other ranks would wait for it."""
+    with pytest.raises(ValueError, match="8 shard\\(s\\) for 4 ranks x 3 loader worker\\(s\\): rank 3 has none"):
+        list(make_loader(ShardStream(synth_shards, rank=3, world_size=4), num_workers=3))
+    assert _keys(make_loader(ShardStream(synth_shards, rank=2, world_size=4, batch_size=2), num_workers=3))  # 2 shards
+    resampled = make_loader(ShardStream(synth_shards, rank=3, world_size=4, resampled=True), num_workers=3)
+    assert next(iter(resampled))["key"]  # draws with replacement: every worker has shards
+
+
 def test_resume_with_another_topology_is_refused(synth_shards):
     state = {"epoch": 0, "total_workers": 4, "consumed": {"0": 3}}
     with pytest.raises(ValueError, match="cannot resume a stream of 4 global workers with 1"):
