@@ -84,7 +84,7 @@ def main() -> None:
     import torch
 
     from depthkit.data.convert import write_synthetic
-    from depthkit.data.stream import ShardStream
+    from depthkit.data.stream import ShardStream, make_loader
     from depthkit.data.transforms import SampleTransform, TransformConfig
     from depthkit.train import DepthDataModule, DepthModule, ThroughputMonitor
 
@@ -93,6 +93,10 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     size = (max(96, args.crop + 14), max(128, args.crop + 28))
     write_synthetic(tmp, num=256, size=size, shard_size=32, workers=2)
+
+    def sync() -> None:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
 
     # The fit loop's syncs are looked for in the steps after its first logging step (step log_every - 1): values
     # logged there stay in Lightning's bookkeeping and are read again after every later step.
@@ -104,6 +108,7 @@ def main() -> None:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == args.warmup:
+                sync()  # the warm-up steps' kernels are not timed
                 self.start = time.perf_counter()
             if self.syncs is not None and trainer.global_step == sync_window[0]:
                 self.syncs.start()
@@ -111,8 +116,7 @@ def main() -> None:
                 self.syncs.stop()
 
         def on_train_end(self, trainer, pl_module):
-            if args.device != "cpu":
-                torch.cuda.synchronize()
+            sync()
             self.elapsed = time.perf_counter() - self.start
 
     def fit_rate(syncs: SyncFinder | None = None) -> float:
@@ -144,10 +148,13 @@ def main() -> None:
         optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
         transform = SampleTransform(TransformConfig(crop_size=args.crop))
         stream = ShardStream(tmp, batch_size=args.batch_size, resampled=True, transform=transform)
+        # As the fit loop's data module does on CUDA: pinned batches, copied without blocking the host.
+        loader = make_loader(stream, num_workers=0, pin_memory=args.device == "cuda")
         start = None
         steps = args.find_syncs if syncs else args.steps
-        for step, batch in enumerate(stream):
+        for step, batch in enumerate(loader):
             if step == args.warmup:
+                sync()
                 start = time.perf_counter()
                 if syncs:
                     syncs.start()
@@ -155,13 +162,15 @@ def main() -> None:
                 if syncs:
                     syncs.stop()
                 break
-            batch = {k: (v.to(args.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            batch = {
+                k: (v.to(args.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in batch.items()
+            }
             out, _ = plain.labeled_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
-        if args.device != "cpu":
-            torch.cuda.synchronize()
+        sync()
         return steps * args.batch_size / (time.perf_counter() - start)
 
     # Alternate the two loops and take medians: a shared machine's load drifts over a run.
