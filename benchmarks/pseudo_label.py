@@ -231,7 +231,10 @@ def main() -> None:
         print(f"{name:36s} {value:10.2f} {'' if target is None else f'>= {target:g}':>8s}{flag}  {note}")
     out = args.out
     if out is None and device.type == "cuda":
-        out = f"benchmarks/results/pseudo_label-{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}.csv"
+        out = (
+            Path(__file__).resolve().parent
+            / f"results/pseudo_label-{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}.csv"
+        )
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as f:

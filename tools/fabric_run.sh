@@ -7,7 +7,10 @@ case "${1:-}" in -h | --help) grep '^# ' "$0" | cut -c3-; exit 0 ;; esac
 RECIPE=${1:?usage: tools/fabric_run.sh RECIPE.yaml [TRAINER.yaml]}
 TRAINER=${2:-configs/trainer/gpu_ddp.yaml}
 NUM_NODES=${NUM_NODES:-1}
-GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
+if [ -z "${GPUS:-}" ]; then
+  command -v nvidia-smi > /dev/null || { echo "fabric_run.sh: no nvidia-smi to count the GPUs; set GPUS=N" >&2; exit 2; }
+  GPUS=$(nvidia-smi -L | wc -l)
+fi
 LAUNCHER=${LAUNCHER:-fabric}
 if [ "$LAUNCHER" = torchrun ]; then
   exec torchrun --nnodes "$NUM_NODES" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$GPUS" \
