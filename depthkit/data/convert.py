@@ -8,17 +8,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from depthkit._files import write_json_atomic
 from depthkit.data.formats import IMAGE_SUFFIXES, load_image
 from depthkit.data.manifest import load_row, read_manifest, sample_key
-from depthkit.data.shards import FORMAT_VERSION, ShardWriter, encode_sample, source_image_bytes
+from depthkit.data.shards import FORMAT_VERSION, WRITING_MARKER, ShardWriter, encode_sample, source_image_bytes
 
 
 def write_index(out_dir: str | Path, index: dict) -> None:
     """Write `index.json` atomically."""
     write_json_atomic(Path(out_dir) / "index.json", index)
+
+
+@contextmanager
+def writing(out_dir: Path):
+    """Mark `out_dir` as being written until the block ends: readers refuse it while it holds the mark and no index
+    (`shard_paths`), so a killed writer's part is never taken for a dataset. An older dataset's `index.json` is
+    removed first: it would vouch for the new shards (a killed `--overwrite` run once looked complete)."""
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "index.json").unlink(missing_ok=True)
+    marker = out_dir / WRITING_MARKER
+    marker.touch()
+    try:
+        yield
+    except BaseException:
+        if not any(out_dir.glob("*.tar")):  # the writer took its shards back: nothing to refuse
+            marker.unlink(missing_ok=True)
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+        raise
+    marker.unlink(missing_ok=True)
 
 
 def _write(
@@ -30,26 +52,24 @@ def _write(
     all of it) and `out_dir` when this call created it.
     """
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    writer = ShardWriter(out_dir, prefix=prefix, shard_size=shard_size)
-    try:
-        with writer:
-            for sample, kwargs in samples:
-                writer.write(encode_sample(sample, **kwargs))
-    except BaseException:
-        for path, _ in writer.written:
-            path.unlink(missing_ok=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    index = {
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "num_samples": sum(n for _, n in writer.written),
-        "shards": {path.name: n for path, n in writer.written},
-        "skipped": skipped,
-    }
-    write_index(out_dir, index)
+    with writing(out_dir):
+        writer = ShardWriter(out_dir, prefix=prefix, shard_size=shard_size)
+        try:
+            with writer:
+                for sample, kwargs in samples:
+                    writer.write(encode_sample(sample, **kwargs))
+        except BaseException:
+            for path, _ in writer.written:
+                path.unlink(missing_ok=True)
+            raise
+        index = {
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "num_samples": sum(n for _, n in writer.written),
+            "shards": {path.name: n for path, n in writer.written},
+            "skipped": skipped,
+        }
+        write_index(out_dir, index)
     return index
 
 
@@ -164,27 +184,27 @@ def write_synthetic(
             raise ValueError(f"write_synthetic: {name} must be an integer >= 1, got {value!r}")
     if len(tuple(size) if isinstance(size, list | tuple) else ()) != 2 or min(size) < 1:
         raise ValueError(f"write_synthetic: size must be (height, width) in pixels, got {size!r}")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     jobs = [
         (str(out_dir), i, first_index + start, min(shard_size, num - start), tuple(size), seed, labeled, image_format)
         for i, start in enumerate(range(0, num, shard_size))
     ]
-    start_time = time.perf_counter()
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
+    with writing(Path(out_dir)):
+        start_time = time.perf_counter()
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            written = pool.map(_synth_shard, jobs)
-    else:
-        written = [_synth_shard(job) for job in jobs]
-    elapsed = time.perf_counter() - start_time
-    index = {
-        "format_version": FORMAT_VERSION,
-        "kind": "labeled" if labeled else "unlabeled",
-        "num_samples": num,
-        "shards": dict(written),
-        "skipped": [],
-        "synthetic": {"seed": seed, "first_index": first_index, "size": list(size)},
-    }
-    write_index(out_dir, index)
+            with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                written = pool.map(_synth_shard, jobs)
+        else:
+            written = [_synth_shard(job) for job in jobs]
+        elapsed = time.perf_counter() - start_time
+        index = {
+            "format_version": FORMAT_VERSION,
+            "kind": "labeled" if labeled else "unlabeled",
+            "num_samples": num,
+            "shards": dict(written),
+            "skipped": [],
+            "synthetic": {"seed": seed, "first_index": first_index, "size": list(size)},
+        }
+        write_index(out_dir, index)
     return {**index, "images_per_second": num / max(elapsed, 1e-9)}

@@ -41,6 +41,10 @@ KINDS = ("labeled", "unlabeled", "pseudo")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+WRITING_MARKER = ".depthkit-writing"
+"""A file depthkit's dataset writers keep in their folder until its `index.json` is written (see `shard_paths`)."""
+
+
 class ShardFormatError(ValueError):
     """A shard member is missing, undecodable or inconsistent; the message names the shard and key."""
 
@@ -434,7 +438,8 @@ def shard_paths(spec: str | Path | list) -> list[str]:
 
     Raises:
         FileNotFoundError: a folder without shards, a pattern that matches nothing, a missing file.
-        ValueError: a folder a depthkit writer never finished (`*.tar.tmp` files and no `index.json`).
+        ValueError: a folder a depthkit writer never finished (its `WRITING_MARKER`, or `*.tar.tmp` files, and no
+            `index.json`).
     """
     import glob
 
@@ -448,12 +453,15 @@ def shard_paths(spec: str | Path | list) -> list[str]:
     if os.path.isdir(spec):
         found = sorted(glob.glob(os.path.join(spec, "*.tar")))
         unfinished = sorted(glob.glob(os.path.join(spec, "*.tar.tmp")))
-        if unfinished and not os.path.exists(os.path.join(spec, "index.json")):
-            # depthkit's writers (synth, data convert) write the index last: without it, a killed run's part.
+        marked = os.path.exists(os.path.join(spec, WRITING_MARKER))
+        if (unfinished or marked) and not os.path.exists(os.path.join(spec, "index.json")):
+            # depthkit's writers (synth, data convert) remove an older index first and write theirs last: without
+            # it, a killed run's part.
+            what = f"{len(unfinished)} unfinished shard(s) ({os.path.basename(unfinished[0])})" if unfinished else ""
+            what = what or f"the mark of a writer ({WRITING_MARKER})"
             raise ValueError(
-                f"folder {spec} holds {len(unfinished)} unfinished shard(s) ({os.path.basename(unfinished[0])}) and no "
-                "index.json: the run that wrote it was killed (or is still running), so its shards are only part of "
-                "the data; rerun it (synth / data convert: --overwrite)"
+                f"folder {spec} holds {what} and no index.json: the run that wrote it was killed (or is still "
+                "running), so its shards are only part of the data; rerun it (synth / data convert: --overwrite)"
             )
         if not found:
             raise FileNotFoundError(f"no .tar shards in folder {spec}")

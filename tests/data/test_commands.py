@@ -121,3 +121,27 @@ def test_a_killed_synth_leaves_a_folder_that_readers_refuse_until_rerun(tmp_path
     assert "--overwrite" in capsys.readouterr().err
     assert main(["synth", "--out", str(out), "--num", "4", "--size", "28", "28", "--overwrite"]) == 0
     assert len(shard_paths(out)) == 1 and not list(out.glob("*.tmp"))
+
+
+def test_a_writer_interrupted_over_an_older_dataset_leaves_no_index_to_vouch_for_it(tmp_path, monkeypatch):
+    """`synth --overwrite` killed between two shards: no `.tar.tmp`, and the older dataset's index.json used to
+    remain, so readers took the new shards for a complete dataset."""
+    from depthkit.data import convert
+
+    out = tmp_path / "synth"
+    assert main(["synth", "--out", str(out), "--num", "8", "--size", "28", "28", "--shard-size", "2"]) == 0
+    real = convert._synth_shard
+
+    def killed_after_the_first_shard(job):
+        if job[1] > 0:
+            raise KeyboardInterrupt  # as far as the folder is concerned, a kill between shards
+        return real(job)
+
+    monkeypatch.setattr(convert, "_synth_shard", killed_after_the_first_shard)
+    assert main(["synth", "--out", str(out), "--num", "6", "--size", "28", "28", "--shard-size", "2", "--overwrite"])
+    assert [p.name for p in out.glob("*.tar")] == ["synth-000000.tar"] and not (out / "index.json").exists()
+    with pytest.raises(ValueError, match=r"holds the mark of a writer \(.depthkit-writing\) and no index.json"):
+        shard_paths(out)
+    monkeypatch.setattr(convert, "_synth_shard", real)
+    assert main(["synth", "--out", str(out), "--num", "6", "--size", "28", "28", "--shard-size", "2", "--overwrite"]) == 0
+    assert len(shard_paths(out)) == 3 and not (out / ".depthkit-writing").exists()
