@@ -428,6 +428,9 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict]:
     yield from wds.tarfile_samples([{"url": path}])
 
 
+REMOTE_SCHEMES = ("http://", "https://", "pipe:")  # what `depthkit.data.stream` opens (webdataset's gopen)
+
+
 def is_local(url: str) -> bool:
     """Whether a shard spec names local files, not a URL (`http://`, `s3://`, ...) or a `pipe:` command."""
     return "://" not in url and not url.startswith("pipe:")
@@ -446,9 +449,17 @@ def shard_paths(spec: str | Path | list) -> list[str]:
     import braceexpand
 
     if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise FileNotFoundError("no shards given (an empty list)")
         return [p for s in spec for p in shard_paths(s)]
     spec = str(spec)
     if not is_local(spec):
+        scheme = spec.split("://", 1)[0] + "://" if "://" in spec else "pipe:"
+        if scheme not in REMOTE_SCHEMES:
+            raise ValueError(
+                f"shard URL {spec}: {scheme} is not read directly (http://, https://, pipe: are); stream it through "
+                f"a command, e.g. 'pipe:aws s3 cp {spec} -' or 'pipe:gsutil cat {spec}', or give a local path"
+            )
         return list(braceexpand.braceexpand(spec))
     if os.path.isdir(spec):
         found = sorted(glob.glob(os.path.join(spec, "*.tar")))

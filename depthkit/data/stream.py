@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from depthkit.data.cutmix import cutmix_boxes
-from depthkit.data.shards import ShardFormatError, decode_sample, label_shard_url, shard_paths
+from depthkit.data.shards import REMOTE_SCHEMES, ShardFormatError, decode_sample, label_shard_url, shard_paths
 
 KINDS = ("labeled", "unlabeled", "pseudo")
 log = logging.getLogger("depthkit.data")
@@ -65,7 +66,7 @@ def topology(rank: int | None = None, world_size: int | None = None) -> tuple[in
 
 
 def _open(url: str):
-    if url.startswith(("http://", "https://", "pipe:")):
+    if url.startswith(REMOTE_SCHEMES):
         import webdataset as wds
 
         return wds.gopen(url, "rb")
@@ -114,6 +115,9 @@ def _check_end(tar: tarfile.TarFile, reads: _RecentReads) -> None:
         raise tarfile.ReadError("cut off: no end-of-archive marker")
     if any(end[: tarfile.BLOCKSIZE]):
         raise tarfile.ReadError(f"damaged member header at byte {tar.offset}")
+
+
+CURL_EXITS = {6: ": unknown host", 7: ": could not connect", 22: ": an HTTP error, e.g. 404", 28: ": timed out"}
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -165,6 +169,10 @@ def iter_raw_samples(url: str) -> Iterator[dict]:
                 yield current
     except (tarfile.TarError, OSError, EOFError) as err:
         where = f"after key {last_key}" if last_key else "at its start"
+        if (failed := re.search(r"\): exit (\d+) \(", str(err))) and not last_key:  # webdataset's pipe status
+            code = int(failed.group(1))
+            what = f"curl exited with {code}" + CURL_EXITS.get(code, "") if url.startswith("http") else f"exit {code}"
+            raise ShardFormatError(f"shard {url}: could not be fetched ({what})") from None
         raise ShardFormatError(f"shard {url}: corrupt or unreadable tar {where} ({err})") from None
 
 

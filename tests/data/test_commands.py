@@ -138,10 +138,11 @@ def test_a_writer_interrupted_over_an_older_dataset_leaves_no_index_to_vouch_for
         return real(job)
 
     monkeypatch.setattr(convert, "_synth_shard", killed_after_the_first_shard)
-    assert main(["synth", "--out", str(out), "--num", "6", "--size", "28", "28", "--shard-size", "2", "--overwrite"])
+    again = ["synth", "--out", str(out), "--num", "6", "--size", "28", "28", "--shard-size", "2", "--overwrite"]
+    assert main(again)
     assert [p.name for p in out.glob("*.tar")] == ["synth-000000.tar"] and not (out / "index.json").exists()
     with pytest.raises(ValueError, match=r"holds the mark of a writer \(.depthkit-writing\) and no index.json"):
         shard_paths(out)
     monkeypatch.setattr(convert, "_synth_shard", real)
-    assert main(["synth", "--out", str(out), "--num", "6", "--size", "28", "28", "--shard-size", "2", "--overwrite"]) == 0
+    assert main(again) == 0
     assert len(shard_paths(out)) == 3 and not (out / ".depthkit-writing").exists()

@@ -441,8 +441,15 @@ def test_http_brace_and_pipe_urls_stream_like_local_files(synth_shards, http_roo
 
 def test_missing_http_shard_names_the_url(synth_shards, http_root):
     url = f"{http_root}/no-such-shard-000000.tar"
-    with pytest.raises(ShardFormatError, match="no-such-shard-000000.tar"):
+    with pytest.raises(ShardFormatError, match="no-such-shard-000000.tar: could not be fetched \\(curl exited with 22"):
         list(ShardStream(url, batch_size=2, drop_last=False))
+
+
+def test_a_url_scheme_that_is_not_streamed_and_an_empty_list_are_refused_up_front():
+    with pytest.raises(ValueError, match="s3:// is not read directly .* 'pipe:aws s3 cp s3://b/x.tar -'"):
+        ShardStream("s3://b/x.tar")
+    with pytest.raises(FileNotFoundError, match="no shards given"):
+        ShardStream([])
 
 
 def test_bad_stream_arguments_are_named(synth_shards):
