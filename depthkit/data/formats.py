@@ -32,17 +32,24 @@ from depthkit.spaces import DISPARITY, METRIC_DEPTH
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def image_from_bytes(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
+def image_from_bytes(data: bytes, *, name: str = "<bytes>", rotated: bool = True) -> np.ndarray:
     """Decode an 8-bit image to RGB uint8 `H×W×3`, honouring EXIF orientation.
 
     Greyscale becomes three equal channels; alpha is dropped (composited on black would change pixels that
-    a depth label refers to, so we keep the colour values as they are).
+    a depth label refers to, so we keep the colour values as they are). `rotated=False` refuses an image whose EXIF
+    orientation asks for a rotation or flip: the half of an RGB-D pair whose depth map carries no such tag.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 raise ValueError(f"{name}: image mode {img.mode} is not an 8-bit colour image")
-            if img.getexif().get(0x0112, 1) != 1:
+            if (orientation := img.getexif().get(0x0112, 1)) != 1:
+                if not rotated:
+                    raise ValueError(
+                        f"{name}: its EXIF orientation ({orientation}) rotates or flips it for display, and whether "
+                        "its depth map follows is unknown; save the pair with the rotation applied to both, or "
+                        "without the tag"
+                    )
                 img = ImageOps.exif_transpose(img)
             # the common case (plain RGB, no rotation) decodes straight into the array, without PIL copies
             rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
@@ -52,12 +59,12 @@ def image_from_bytes(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 `H×W×3`."""
+def load_image(path: str | Path, *, rotated: bool = True) -> np.ndarray:
+    """Read an image file as RGB uint8 `H×W×3` (`rotated`: see `image_from_bytes`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    return image_from_bytes(path.read_bytes(), name=str(path))
+    return image_from_bytes(path.read_bytes(), name=str(path), rotated=rotated)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def load_row(row: ManifestRow) -> dict:
     a file does not decode or the depth map does not match the image size.
     """
     try:
-        image_HW3 = load_image(row.rgb_path)
+        image_HW3 = load_image(row.rgb_path, rotated=False)  # an EXIF rotation the depth map may not share
         target_HW, valid_HW, space = decode_depth(row.depth_path, row.codec)
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{row.where}: {err}") from err

@@ -215,3 +215,17 @@ def test_pgm_header_without_samples_is_an_error(tmp_path):
     (tmp_path / "d.pgm").write_bytes(b"P5 4 4 65535\n" + b"\x00" * 10)
     with pytest.raises(ValueError, match="truncated"):
         decode_depth(tmp_path / "d.pgm", DepthCodec(depth_format="nyu_raw_kinect_disparity_pgm"))
+
+
+def test_an_rgbd_pair_whose_image_asks_for_an_exif_rotation_is_refused(tmp_path):
+    """Applied to the image alone, a 180-degree tag would misalign it with its depth map without a word."""
+    from PIL import Image
+
+    img = Image.fromarray(np.zeros((4, 6, 3), np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 3  # rotate 180 degrees on display: same size, so no size check would catch it
+    img.save(tmp_path / "a.jpg", exif=exif)
+    Image.fromarray(np.ones((4, 6), np.uint16)).save(tmp_path / "a_depth.png")
+    path = _write_manifest(tmp_path, ["s,a.jpg,a_depth.png,uint16_png,0.001,0,,,,,indoor,x,"])
+    with pytest.raises(ValueError, match=r"manifest.csv:2: .*a.jpg: its EXIF orientation \(3\) rotates or flips"):
+        load_row(read_manifest(path)[0])
