@@ -263,7 +263,7 @@ def decode_depth(path: str | Path, codec: DepthCodec) -> tuple[np.ndarray, np.nd
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _DISPARITY_FORMULA = re.compile(
     rf"^\s*depth_(?P<unit>mm|m)\s*=\s*(?P<a>{_NUMBER})\s*\*\s*(?P<b>{_NUMBER})\s*/\s*"
-    rf"\(\s*disp\s*\+\s*(?P<offset>{_NUMBER})\s*\)"
+    rf"\(\s*disp\s*\+\s*(?P<offset>{_NUMBER})\s*\)(?=\s*(?:\(|$))"  # then nothing, or a (comment)
 )
 _LEADING_SCALE = re.compile(rf"^\s*(?P<num>{_NUMBER})(?:\s*/\s*(?P<den>{_NUMBER}))?(?=\s|\(|$)")
 

@@ -121,7 +121,13 @@ def _read_rows(path: Path, root: Path, skipped: list[str] | None) -> tuple[list[
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
         if missing:
-            raise ValueError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
+            found = list(reader.fieldnames or ())
+            hint = ""
+            if any(name != name.strip() for name in found):
+                hint = " (its header has spaces around the column names: remove them)"
+            elif len(found) == 1 and any(sep in found[0] for sep in ";\t"):
+                hint = " (it is not comma-separated: a manifest is a CSV with ',' between fields)"
+            raise ValueError(f"{path}: manifest lacks column(s) {', '.join(missing)}{hint}")
         rows: list[ManifestRow] = []
         seen: dict[str, int] = {}
         num_records = 0
@@ -142,7 +148,10 @@ def _parse_row(path: Path, root: Path, line: int, record: dict, seen: dict[str, 
     record = {k: (v or "") for k, v in record.items() if k is not None}
     if not record["rgb"].strip() or not record["depth"].strip():
         raise ValueError(f"{where}: 'rgb' and 'depth' must both be given")
-    key = sample_key(record["rgb"].strip())
+    try:
+        key = sample_key(record["rgb"].strip())
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
     if key in seen:
         raise ValueError(f"{where}: sample key {key!r} repeats line {seen[key]} (same rgb path?)")
     codec = parse_codec(record["depth_format"], record["scale_to_metres"], record["invalid"], where=where)

@@ -229,3 +229,22 @@ def test_an_rgbd_pair_whose_image_asks_for_an_exif_rotation_is_refused(tmp_path)
     path = _write_manifest(tmp_path, ["s,a.jpg,a_depth.png,uint16_png,0.001,0,,,,,indoor,x,"])
     with pytest.raises(ValueError, match=r"manifest.csv:2: .*a.jpg: its EXIF orientation \(3\) rotates or flips"):
         load_row(read_manifest(path)[0])
+
+
+def test_manifest_slips_are_named_with_their_cause(tmp_path):
+    from depthkit.data.formats import parse_codec
+
+    with pytest.raises(ValueError, match="must read 'depth_mm = BASELINE"):  # the trailing '/ 1000' was dropped
+        parse_codec("npz_float32_disparity_px", "depth_mm = 193.001*994.978/(disp+31.086) / 1000", "", where="m:2")
+    commented = parse_codec("npz_float32_disparity_px", "depth_mm = 2*3/(disp+1) (calibration)", "", where="m:2")
+    assert commented.disparity_to_depth == (6.0, 1.0)
+    path = _write_manifest(tmp_path, ["s,.,d.png,uint16_png,0.001,0,,,,,indoor,x,"])
+    with pytest.raises(ValueError, match="manifest.csv:2: cannot make a sample key"):
+        read_manifest(path)
+    header = "source, rgb, depth, depth_format, scale_to_metres, invalid, fx, fy, cx, cy, domain, gt_type, notes\n"
+    path.write_text(header)
+    with pytest.raises(ValueError, match="lacks column.* \\(its header has spaces around the column names"):
+        read_manifest(path)
+    path.write_text(header.replace(", ", ";"))
+    with pytest.raises(ValueError, match="lacks column.* \\(it is not comma-separated"):
+        read_manifest(path)
