@@ -28,8 +28,10 @@ used; a stream built with `resume=state.state_dict()` makes each worker replay i
 that many raw samples before decoding. The resumed run then yields exactly the batches the uninterrupted run
 would have yielded next (augmentation is seeded per sample and draw, see `transforms.py`), and its later passes
 are the later epochs, as long as the topology (world size, workers) is unchanged; with another topology it
-refuses, rather than silently repeating data. Skipping costs reading, not decoding, the consumed part of the epoch
-(of the whole run, for a resampled stream).
+refuses, rather than silently repeating data. With the shards' sample counts (the `index.json` depthkit's writers
+and the pseudo-labeler leave beside them) a worker steps over what it consumed by position, reading only the
+samples still in its shuffle buffer: a resampled stream's position covers the whole run. Without counts (URLs,
+shards made by other tools) it reads, without decoding, what it skips.
 
 Bad samples. Corrupt tar members, undecodable images, missing or mis-sized targets raise `ShardFormatError`
 naming the shard and key; with `on_error="skip"` the sample is dropped and counted in the batch's `__skipped__`
@@ -38,6 +40,8 @@ naming the shard and key; with `on_error="skip"` the sample is dropped and count
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import re
@@ -50,7 +54,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from depthkit.data.cutmix import cutmix_boxes
-from depthkit.data.shards import REMOTE_SCHEMES, ShardFormatError, decode_sample, label_shard_url, shard_paths
+from depthkit.data.shards import (
+    REMOTE_SCHEMES,
+    ShardFormatError,
+    decode_sample,
+    is_local,
+    label_shard_url,
+    shard_paths,
+)
 
 KINDS = ("labeled", "unlabeled", "pseudo")
 log = logging.getLogger("depthkit.data")
@@ -335,7 +346,7 @@ class ShardStream(IterableDataset):
         skip = self._resume_skip(global_worker, total_workers)
         consumed, skipped = 0, self._resume_skipped(global_worker) if skip else 0
         batch: list[dict] = []
-        for raw in self._shuffled(self._raw_samples(global_worker, total_workers), global_worker):
+        for raw in self._samples(global_worker, total_workers, skip):
             consumed += 1
             if consumed <= skip:
                 continue
@@ -387,27 +398,112 @@ class ShardStream(IterableDataset):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
         yield from (int(i) for i in order[global_worker::total_workers])
 
-    def _raw_samples(self, global_worker: int, total_workers: int) -> Iterator[dict]:
+    def _samples(self, global_worker: int, total_workers: int, skip: int) -> Iterator[dict]:
+        """The worker's raw samples in order; with `skip`, the first `skip` are placeholders (`None`), stepped over
+        without reading them when `_fast_forward` can, else read and dropped."""
+        order = self._shard_order(global_worker, total_workers)
+        rng = self._shuffle_rng(global_worker)
+        if skip and (ahead := self._fast_forward(order, rng, skip)) is not None:
+            buffer, rest, tail = ahead
+            yield from (None for _ in range(skip))
+            yield from tail if tail is not None else self._shuffled(rest, rng, buffer)
+            return
+        order = self._shard_order(global_worker, total_workers)
+        yield from self._shuffled(self._raw_samples(order), self._shuffle_rng(global_worker), [])
+
+    def _read_shard(self, index: int) -> Iterator[dict]:
+        """One shard's raw samples (paired with their labels for kind "pseudo"); a corrupt tar, with
+        `on_error="skip"`, ends with one placeholder that counts as a skipped sample."""
+        url = self.urls[index]
+        try:
+            if self.label_urls is None:
+                yield from iter_raw_samples(url)
+            else:
+                yield from _paired(iter_raw_samples(url), iter_raw_samples(self.label_urls[index]))
+        except ShardFormatError:
+            if self.on_error == "raise":
+                raise
+            yield {"__key__": "?", "__url__": url, "__corrupt__": True}
+
+    def _raw_samples(self, order: Iterator[int]) -> Iterator[dict]:
         empty: set[int] = set()  # shards read empty since the last sample
-        for index in self._shard_order(global_worker, total_workers):
-            url, num_samples = self.urls[index], 0
-            try:
-                if self.label_urls is None:
-                    samples = iter_raw_samples(url)
-                else:
-                    samples = _paired(iter_raw_samples(url), iter_raw_samples(self.label_urls[index]))
-                for raw in samples:
-                    num_samples += 1
-                    yield raw
-            except ShardFormatError:
-                if self.on_error == "raise":
-                    raise
-                # A corrupt tar ends its shard: count one skipped sample for it and go on with the next shard.
+        for index in order:
+            num_samples = 0
+            for raw in self._read_shard(index):
                 num_samples += 1
-                yield {"__key__": "?", "__url__": url, "__corrupt__": True}
+                yield raw
             empty = set() if num_samples else empty | {index}
             if self.resampled and len(empty) == len(self.urls):  # drawing on would spin forever
                 raise ValueError(self._no_samples_message())
+
+    def _sample_counts(self) -> list[int] | None:
+        """Samples per shard (for kind "pseudo", labeled samples: the label shards'), from the `index.json` that
+        depthkit's writers and the pseudo-labeler leave beside their shards; None when a shard has no such count
+        (a URL, or shards written by other tools)."""
+        counts, indexes = [], {}
+        for url in self.label_urls or self.urls:
+            if not is_local(url):
+                return None
+            folder = os.path.dirname(url)
+            if folder not in indexes:
+                try:
+                    with open(os.path.join(folder, "index.json")) as f:
+                        indexes[folder] = json.load(f).get("shards") or {}
+                except (OSError, ValueError, AttributeError):
+                    indexes[folder] = {}
+            count = indexes[folder].get(os.path.basename(url))
+            if not isinstance(count, int):
+                return None
+            counts.append(count)
+        return counts
+
+    def _fast_forward(self, order: Iterator[int], rng: np.random.Generator, skip: int):
+        """Step over the first `skip` samples of a resumed worker by their positions (draw, offset in the shard),
+        from the shards' sample counts, instead of reading them: a resampled stream's position covers the whole
+        run so far. Only the samples still in the shuffle buffer are read, and the rest of the current shard.
+
+        Advances `order` and `rng` as reading would have. Returns (the shuffle buffer, the raw samples after it, and
+        the rest of an epoch that ended inside the skip: its shuffled buffer's tail, else None), or None without
+        counts, or when a shard read disagrees with its count (the caller then reads and drops).
+        """
+        counts = self._sample_counts()
+        if counts is None or not any(counts):
+            return None
+        size = self.shuffle_buffer if self.shuffle_buffer > 1 else 0
+        buffer: list[tuple[int, int]] = []  # (draw, offset)
+        shards: list[int] = []  # the shard of each draw
+        yielded, resume_at = 0, None
+        for draw, index in enumerate(order):
+            shards.append(index)
+            for offset in range(counts[index]):
+                if size and len(buffer) < size:
+                    buffer.append((draw, offset))
+                    continue
+                if size:  # as `_shuffled`: the new sample takes a random slot, the one there goes out
+                    slot = int(rng.integers(len(buffer)))
+                    buffer[slot] = (draw, offset)
+                yielded += 1
+                if yielded == skip:
+                    resume_at = (draw, offset + 1)
+                    break
+            if resume_at is not None:
+                break
+        tail = None
+        if resume_at is None:  # the epoch ended within the skip: what is left is the end of the shuffled buffer
+            rng.shuffle(buffer)
+            buffer, tail = [], buffer[skip - yielded :]
+        wanted = sorted(set(buffer) | set(tail or ()) | ({(resume_at[0], 0)} if resume_at else set()))
+        read: dict[tuple[int, int], dict] = {}
+        for draw in sorted({d for d, _ in wanted}):
+            samples = list(self._read_shard(shards[draw]))
+            if len(samples) != counts[shards[draw]]:
+                return None
+            read.update({(draw, o): samples[o] for d, o in wanted if d == draw})
+            if resume_at is not None and draw == resume_at[0]:
+                current = samples[resume_at[1] :]
+        if tail is not None:
+            return [], iter(()), [read[p] for p in tail]
+        return [read[p] for p in buffer], itertools.chain(current, self._raw_samples(order)), None
 
     def _no_samples_message(self) -> str:
         where = f"{self.urls[0]}" + (f" and {len(self.urls) - 1} more" if len(self.urls) > 1 else "")
@@ -419,12 +515,13 @@ class ShardStream(IterableDataset):
             + " (were they all recorded as failed? see the pseudo-label index)"
         )
 
-    def _shuffled(self, samples: Iterator[dict], global_worker: int) -> Iterator[dict]:
+    def _shuffle_rng(self, global_worker: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, global_worker, 0xB0F])
+
+    def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator, buffer: list[dict]) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
             yield from samples
             return
-        rng = np.random.default_rng([self.seed, self.epoch, global_worker, 0xB0F])
-        buffer: list[dict] = []
         for sample in samples:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(sample)

@@ -458,3 +458,56 @@ def test_bad_stream_arguments_are_named(synth_shards):
     for rank, world_size in ((0, 0), (2, 2), (-1, 2)):
         with pytest.raises(ValueError, match="expected 0 <= rank < world_size"):
             ShardStream(synth_shards, rank=rank, world_size=world_size)
+
+
+def _without_index(shards, tmp_path):
+    """The same shards with no index.json: no sample counts, so a resume reads what it skips."""
+    copy = tmp_path / "noindex"
+    shutil.copytree(shards, copy)
+    (copy / "index.json").unlink()
+    return copy
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_at_every_batch_of_an_epoch_with_and_without_sample_counts(synth_shards, tmp_path, num_workers):
+    """With counts (index.json) a resume steps over the consumed samples by position, reading only the shuffle
+    buffer's; without, it reads and drops them: either way the rest of the epoch, its shuffled tail included."""
+    plain = _without_index(synth_shards, tmp_path)
+    full = list(make_loader(_strong_stream(synth_shards), num_workers=num_workers))
+    for stop in range(1, len(full)):
+        state = StreamState()
+        for batch in full[:stop]:
+            state.update(batch)
+        for shards in (synth_shards, plain):
+            stream = _strong_stream(shards, resume=state.state_dict())
+            _assert_same_batches(list(make_loader(stream, num_workers=num_workers)), full[stop:])
+
+
+def test_a_resampled_resume_reads_only_the_shuffle_buffers_shards(synth_shards, tmp_path, monkeypatch):
+    """A resampled stream's position covers the whole run: reading it all again grew with the run's length."""
+    from depthkit.data import stream as stream_module
+
+    opened = Counter()
+    real = stream_module.iter_raw_samples
+
+    def counted(url):
+        opened[url] += 1
+        return real(url)
+
+    def stream(shards, **kw):
+        return _strong_stream(shards, resampled=True, **kw)
+
+    full = [b for _, b in zip(range(60), stream(synth_shards), strict=False)]
+    state = StreamState()
+    for batch in full[:50]:
+        state.update(batch)
+    monkeypatch.setattr(stream_module, "iter_raw_samples", counted)
+    opened_by = {}
+    for shards in (synth_shards, _without_index(synth_shards, tmp_path)):
+        opened.clear()
+        resumed = stream(shards, resume=state.state_dict())
+        _assert_same_batches([b for _, b in zip(range(10), resumed, strict=False)], full[50:])
+        opened_by[shards] = sum(opened.values())
+    # Counts: at most the 5 buffered samples' shards, then the 30 samples read on (6 per shard). Without: the 150
+    # consumed ones again, too.
+    assert opened_by[synth_shards] <= 5 + 30 // 6 + 1 < 150 // 6 <= max(opened_by.values())
