@@ -22,6 +22,7 @@ npz; see `encode_target`. Writers write `NAME.tar.tmp` and rename, so a crash ne
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -444,7 +445,6 @@ def shard_paths(spec: str | Path | list) -> list[str]:
         ValueError: a folder a depthkit writer never finished (its `WRITING_MARKER`, or `*.tar.tmp` files, and no
             `index.json`).
     """
-    import glob
 
     import braceexpand
 
@@ -463,17 +463,7 @@ def shard_paths(spec: str | Path | list) -> list[str]:
         return list(braceexpand.braceexpand(spec))
     if os.path.isdir(spec):
         found = sorted(glob.glob(os.path.join(spec, "*.tar")))
-        unfinished = sorted(glob.glob(os.path.join(spec, "*.tar.tmp")))
-        marked = os.path.exists(os.path.join(spec, WRITING_MARKER))
-        if (unfinished or marked) and not os.path.exists(os.path.join(spec, "index.json")):
-            # depthkit's writers (synth, data convert) remove an older index first and write theirs last: without
-            # it, a killed run's part.
-            what = f"{len(unfinished)} unfinished shard(s) ({os.path.basename(unfinished[0])})" if unfinished else ""
-            what = what or f"the mark of a writer ({WRITING_MARKER})"
-            raise ValueError(
-                f"folder {spec} holds {what} and no index.json: the run that wrote it was killed (or is still "
-                "running), so its shards are only part of the data; rerun it (synth / data convert: --overwrite)"
-            )
+        _check_finished(spec)
         if not found:
             raise FileNotFoundError(f"no .tar shards in folder {spec}")
         return found
@@ -488,4 +478,22 @@ def shard_paths(spec: str | Path | list) -> list[str]:
             if not os.path.isfile(pattern):
                 raise FileNotFoundError(f"shard not found: {pattern}")
             paths.append(pattern)
+    for folder in sorted({os.path.dirname(p) or "." for p in paths}):  # shards named one by one, or by a pattern
+        _check_finished(folder)
     return paths
+
+
+def _check_finished(folder: str) -> None:
+    """Refuse a folder that a depthkit writer (synth, data convert) did not finish: they remove an older index
+    first and write theirs last, so a mark or a `.tar.tmp` without `index.json` is a killed run's part."""
+    if os.path.exists(os.path.join(folder, "index.json")):
+        return
+    unfinished = sorted(glob.glob(os.path.join(folder, "*.tar.tmp")))
+    if not unfinished and not os.path.exists(os.path.join(folder, WRITING_MARKER)):
+        return
+    what = f"{len(unfinished)} unfinished shard(s) ({os.path.basename(unfinished[0])})" if unfinished else ""
+    raise ValueError(
+        f"folder {folder} holds {what or f'the mark of a writer ({WRITING_MARKER})'} and no index.json: the run that "
+        "wrote it was killed (or is still running), so its shards are only part of the data; rerun it (synth / data "
+        "convert: --overwrite)"
+    )

@@ -297,6 +297,7 @@ class ShardStream(IterableDataset):
         self.resume = resume
         self.epoch = int(resume.get("epoch", 0)) if resume else 0  # the epoch of the next pass
         self._passes = 0  # passes started since construction or `set_epoch`
+        self._bad_shards = 0  # corrupt shards read in this pass (a worker's count)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch `epoch` (otherwise each pass after the first is the next epoch)."""
@@ -391,8 +392,8 @@ class ShardStream(IterableDataset):
         return self.resume.get("epoch", 0) == self.epoch
 
     def _shard_order(self, global_worker: int, total_workers: int) -> Iterator[int]:
-        if self.resampled:
-            rng = np.random.default_rng([self.seed, global_worker, 0x5EED])
+        if self.resampled:  # each pass (epoch) draws anew, like the epoch's permutation below
+            rng = np.random.default_rng([self.seed, self.epoch, global_worker, 0x5EED])
             while True:
                 yield int(rng.integers(len(self.urls)))
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
@@ -403,11 +404,16 @@ class ShardStream(IterableDataset):
         without reading them when `_fast_forward` can, else read and dropped."""
         order = self._shard_order(global_worker, total_workers)
         rng = self._shuffle_rng(global_worker)
-        if skip and (ahead := self._fast_forward(order, rng, skip)) is not None:
+        # Corrupt shards read so far (each gave one placeholder): a resume can step over samples by their shards'
+        # counts only when none was, since a corrupt shard yields another number of samples than its count.
+        intact = int((self.resume or {}).get("bad_shards", {}).get(str(global_worker), -1)) == 0
+        self._bad_shards = 0
+        if skip and intact and (ahead := self._fast_forward(order, rng, skip)) is not None:
             buffer, rest, tail = ahead
             yield from (None for _ in range(skip))
             yield from tail if tail is not None else self._shuffled(rest, rng, buffer)
             return
+        self._bad_shards = 0
         order = self._shard_order(global_worker, total_workers)
         yield from self._shuffled(self._raw_samples(order), self._shuffle_rng(global_worker), [])
 
@@ -423,6 +429,7 @@ class ShardStream(IterableDataset):
         except ShardFormatError:
             if self.on_error == "raise":
                 raise
+            self._bad_shards += 1
             yield {"__key__": "?", "__url__": url, "__corrupt__": True}
 
     def _raw_samples(self, order: Iterator[int]) -> Iterator[dict]:
@@ -492,17 +499,20 @@ class ShardStream(IterableDataset):
         if resume_at is None:  # the epoch ended within the skip: what is left is the end of the shuffled buffer
             rng.shuffle(buffer)
             buffer, tail = [], buffer[skip - yielded :]
-        wanted = sorted(set(buffer) | set(tail or ()) | ({(resume_at[0], 0)} if resume_at else set()))
+        wanted = set(buffer) | set(tail or ())
         read: dict[tuple[int, int], dict] = {}
-        for draw in sorted({d for d, _ in wanted}):
-            samples = list(self._read_shard(shards[draw]))
-            if len(samples) != counts[shards[draw]]:
+        for draw in sorted({d for d, _ in wanted}):  # one shard at a time, keeping only the wanted samples
+            num_samples = 0
+            for offset, raw in enumerate(self._read_shard(shards[draw])):
+                num_samples += 1
+                if (draw, offset) in wanted:
+                    read[draw, offset] = raw
+            if num_samples != counts[shards[draw]]:
                 return None
-            read.update({(draw, o): samples[o] for d, o in wanted if d == draw})
-            if resume_at is not None and draw == resume_at[0]:
-                current = samples[resume_at[1] :]
         if tail is not None:
             return [], iter(()), [read[p] for p in tail]
+        draw, offset = resume_at
+        current = itertools.islice(self._read_shard(shards[draw]), offset, None)
         return [read[p] for p in buffer], itertools.chain(current, self._raw_samples(order)), None
 
     def _no_samples_message(self) -> str:
@@ -570,6 +580,7 @@ class ShardStream(IterableDataset):
             batch["cutmix_mask"], batch["cutmix_index"] = mask_BHW, index_B
         batch["__worker__"], batch["__num_workers__"], batch["__total_workers__"] = workers
         batch["__consumed__"], batch["__skipped__"], batch["__epoch__"] = consumed, skipped, self.epoch
+        batch["__bad_shards__"] = self._bad_shards
         return batch
 
 
@@ -600,15 +611,17 @@ class StreamState:
     next_worker: int = 0
     consumed: dict | None = None
     skipped: dict | None = None
+    bad_shards: dict | None = None
 
     def update(self, batch: dict) -> None:
         if batch["__epoch__"] != self.epoch:
-            self.epoch, self.consumed, self.skipped = batch["__epoch__"], {}, {}
+            self.epoch, self.consumed, self.skipped, self.bad_shards = batch["__epoch__"], {}, {}, {}
         worker = str(batch["__worker__"])
         self.total_workers = batch["__total_workers__"]
         self.next_worker = (batch["__worker__"] + 1) % batch["__num_workers__"]
         self.consumed = {**(self.consumed or {}), worker: batch["__consumed__"]}
         self.skipped = {**(self.skipped or {}), worker: batch["__skipped__"]}
+        self.bad_shards = {**(self.bad_shards or {}), worker: batch["__bad_shards__"]}
 
     @property
     def num_skipped(self) -> int:
@@ -621,6 +634,7 @@ class StreamState:
             "next_worker": self.next_worker,
             "consumed": dict(self.consumed or {}),
             "skipped": dict(self.skipped or {}),
+            "bad_shards": dict(self.bad_shards or {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -628,6 +642,7 @@ class StreamState:
         self.total_workers = state.get("total_workers")
         self.next_worker = state.get("next_worker", 0)
         self.consumed, self.skipped = dict(state.get("consumed", {})), dict(state.get("skipped", {}))
+        self.bad_shards = dict(state.get("bad_shards", {}))
 
 
 def merge_stream_states(states: list[dict]) -> dict:
@@ -640,7 +655,7 @@ def merge_stream_states(states: list[dict]) -> dict:
     (unequal finite streams) would replay its epoch, and is logged.
     """
     first = states[0]
-    merged = {**first, "consumed": {}, "skipped": {}}
+    merged = {**first, "consumed": {}, "skipped": {}, "bad_shards": {}}
     per_rank = (first.get("total_workers") or 0) // len(states)  # global workers of a rank
     for rank, state in enumerate(states):
         if state.get("epoch", 0) != first.get("epoch", 0):
@@ -651,7 +666,7 @@ def merge_stream_states(states: list[dict]) -> dict:
                 first.get("epoch", 0),
             )
             continue
-        for field in ("consumed", "skipped"):
+        for field in ("consumed", "skipped", "bad_shards"):
             own = {w: n for w, n in state.get(field, {}).items() if not per_rank or int(w) // per_rank == rank}
             merged[field].update(own)
     return merged

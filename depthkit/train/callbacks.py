@@ -244,6 +244,8 @@ class Preemption(L.Callback):
             # without depthkit's checks): only its requeue is kept.
             if trainer.is_global_zero:
                 requeue_slurm_job()
+            # Until the job is requeued: srun --kill-on-bad-exit would end rank 0 with the first rank that exits.
+            trainer.strategy.barrier("requeued")
         elif callable(previous):
             previous(signum, None)
         raise SystemExit(128 + signum)

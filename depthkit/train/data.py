@@ -126,6 +126,7 @@ class DepthDataModule(L.LightningDataModule):
         self.transform = TransformConfig(crop_size=crop_size)
         self.states = {"labeled": StreamState(), "unlabeled": StreamState()}
         self._resume: dict = {}
+        self._train_built = False  # train_dataloader ran (a later call is a reload)
 
     def setup(self, stage: str) -> None:
         """Resolve the shards this stage reads (`check_stage_data`; `depthkit` did so before building anything)."""
@@ -143,10 +144,12 @@ class DepthDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (None, None)
 
-    def _stream(self, name: str, spec, *, kind: str, batch_size: int, transform: TransformConfig, **kw):
+    def _stream(
+        self, name: str, spec, *, kind: str, batch_size: int, transform: TransformConfig, reload: bool = False, **kw
+    ):
         hp = self.hparams
         rank, world_size = self._topology()
-        return ShardStream(
+        stream = ShardStream(
             spec,
             kind=kind,
             batch_size=batch_size,
@@ -156,14 +159,18 @@ class DepthDataModule(L.LightningDataModule):
             on_error=hp.on_error,
             rank=rank,
             world_size=world_size,
-            resume=self._resume.get(name),
+            resume=None if reload else self._resume.get(name),
             **kw,
         )
+        if reload:  # `reload_dataloaders_every_n_epochs`: Lightning's epoch, not the resumed one (nor 0)
+            stream.set_epoch(self.trainer.current_epoch)
+        return stream
 
     def train_dataloader(self):
         hp = self.hparams
         pin = self._on_cuda()
         loaders = {}
+        reload, self._train_built = self._train_built, True
         world_size = self._topology()[1] or 1
         if not hp.resampled and world_size > 1:
             rank_zero_warn(
@@ -180,6 +187,7 @@ class DepthDataModule(L.LightningDataModule):
                 batch_size=hp.batch_size,
                 transform=self.transform,
                 resampled=hp.resampled,
+                reload=reload,
             )
             loaders["labeled"] = _loader(labeled, hp.num_workers, pin_memory=pin)
         if hp.unlabeled is None:
@@ -194,6 +202,7 @@ class DepthDataModule(L.LightningDataModule):
             transform=strong,
             resampled=hp.resampled,
             cutmix_p=hp.cutmix_p,
+            reload=reload,
         )
         loaders["unlabeled"] = _loader(unlabeled, hp.num_workers, pin_memory=pin)
         return CombinedLoader(loaders, mode="min_size")
@@ -239,6 +248,10 @@ class DepthDataModule(L.LightningDataModule):
         """The streams' positions, joined over ranks (called on every rank when a checkpoint is saved)."""
         own = {name: state.state_dict() for name, state in self.states.items()}
         trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # The epoch's last batch is taken (Lightning knows: it fetches one ahead), and a resume starts the next
+            # epoch: the streams start it too, rather than with an empty rest of this one.
+            own = {name: StreamState(epoch=state["epoch"] + 1).state_dict() for name, state in own.items()}
         if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
             return own
         everyone: list = [None] * trainer.world_size
@@ -246,7 +259,7 @@ class DepthDataModule(L.LightningDataModule):
         return {name: merge_stream_states([ranks[name] for ranks in everyone]) for name in own}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._resume = {name: dict(s) for name, s in state_dict.items() if s.get("consumed")}
+        self._resume = {name: dict(s) for name, s in state_dict.items() if s.get("consumed") or s.get("epoch")}
         for name, state in state_dict.items():
             if name in self.states:
                 self.states[name].load_state_dict(state)

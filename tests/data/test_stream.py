@@ -511,3 +511,40 @@ def test_a_resampled_resume_reads_only_the_shuffle_buffers_shards(synth_shards, 
     # Counts: at most the 5 buffered samples' shards, then the 30 samples read on (6 per shard). Without: the 150
     # consumed ones again, too.
     assert opened_by[synth_shards] <= 5 + 30 // 6 + 1 < 150 // 6 <= max(opened_by.values())
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 4])
+def test_a_resume_past_a_corrupt_shard_continues_exactly(synth_shards, tmp_path, shuffle_buffer):
+    """A cut shard yields its good samples and one placeholder, not its index count: the resume cannot step over it
+    by counts (it landed elsewhere, replaying samples), so it reads and drops."""
+    shards = tmp_path / "cut"
+    shutil.copytree(synth_shards, shards)
+    first = shard_paths(shards)[np.random.default_rng([0, 0]).permutation(8)[0]]  # epoch 0's first shard
+    data = open(first, "rb").read()
+    open(first, "wb").write(data[: len(data) // 2])
+    kw = {"batch_size": 2, "shuffle_buffer": shuffle_buffer, "on_error": "skip"}
+    full = list(ShardStream(shards, **kw))
+    assert full[-1]["__bad_shards__"] == 1
+    for stop in range(1, len(full)):
+        state = StreamState()
+        for batch in full[:stop]:
+            state.update(batch)
+        assert [b["key"] for b in ShardStream(shards, resume=state.state_dict(), **kw)] == [
+            b["key"] for b in full[stop:]
+        ]
+
+
+def test_each_pass_of_a_resampled_stream_draws_anew(synth_shards):
+    stream = ShardStream(synth_shards, batch_size=4, resampled=True)
+    passes = [[k for _, b in zip(range(6), stream, strict=False) for k in b["key"]] for _ in range(2)]
+    assert passes[0] != passes[1]
+
+
+def test_shards_named_one_by_one_in_a_killed_writers_folder_are_refused(synth_shards, tmp_path):
+    shards = tmp_path / "killed"
+    shutil.copytree(synth_shards, shards)
+    (shards / "index.json").unlink()
+    (shards / ".depthkit-writing").touch()
+    for spec in (str(shards / "*.tar"), str(shards / "synth-{000000..000001}.tar"), [str(shards / "synth-000000.tar")]):
+        with pytest.raises(ValueError, match="holds the mark of a writer"):
+            shard_paths(spec)
