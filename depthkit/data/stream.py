@@ -253,6 +253,8 @@ class ShardStream(IterableDataset):
         rank: This process's rank; None reads it from torch.distributed or the environment.
         world_size: Number of ranks; None as above.
         resume: A `StreamState.state_dict()` to continue from.
+        advance_epoch: Make each pass after the first the next epoch; False repeats the same pass (evaluation:
+            the same order each time).
     """
 
     def __init__(
@@ -272,6 +274,7 @@ class ShardStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         resume: dict | None = None,
+        advance_epoch: bool = True,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -297,6 +300,7 @@ class ShardStream(IterableDataset):
         self.resume = resume
         self.epoch = int(resume.get("epoch", 0)) if resume else 0  # the epoch of the next pass
         self._passes = 0  # passes started since construction or `set_epoch`
+        self.advance_epoch = advance_epoch
         self._bad_shards = 0  # corrupt shards read in this pass (a worker's count)
 
     def set_epoch(self, epoch: int) -> None:
@@ -313,7 +317,7 @@ class ShardStream(IterableDataset):
         run of several epochs new ones.
         """
         if self._passes:
-            self.epoch, self.resume = self.epoch + 1, None
+            self.epoch, self.resume = self.epoch + (1 if self.advance_epoch else 0), None
         self._passes += 1
 
     def __getstate__(self) -> dict:

@@ -227,6 +227,7 @@ class DepthDataModule(L.LightningDataModule):
             world_size=1,
             transform=SampleTransform(transform, seed=hp.seed),
             on_error=hp.on_error,
+            advance_epoch=False,  # each validation sees the images in the same order (panels, tables)
         )
         return _loader(stream, min(hp.num_workers, 1))
 

@@ -72,6 +72,12 @@ def test_each_pass_is_the_next_epoch(synth_shards, num_workers):
         assert {b["__epoch__"] for b in got} == {want[0]["__epoch__"]}
 
 
+def test_an_evaluation_stream_repeats_its_pass(synth_shards):
+    stream = ShardStream(synth_shards, batch_size=4, advance_epoch=False)
+    loader = make_loader(stream, num_workers=1)
+    assert _keys(loader) == _keys(loader) == _keys(stream)
+
+
 def test_a_resampled_stream_augments_each_draw_of_a_sample_anew(synth_shards):
     transform = SampleTransform(TransformConfig(crop_size=28, patch_size=14, strong=True))
     stream = ShardStream(synth_shards, batch_size=4, transform=transform, resampled=True, seed=1)
