@@ -709,6 +709,14 @@ def mixed_batches(labeled, unlabeled) -> Iterator[dict]:
         yield {"labeled": labeled_batch, "unlabeled": unlabeled_batch}
 
 
+def batch_parts(batch: dict) -> dict[str, dict]:
+    """A training step's batches by name: a student's `{"labeled": ..., "unlabeled": ...}` (either may be absent), or
+    a supervised step's single batch as "labeled"."""
+    if "labeled" in batch or "unlabeled" in batch:
+        return {name: batch[name] for name in ("labeled", "unlabeled") if name in batch}
+    return {"labeled": batch}
+
+
 def ratio_batch_sizes(total: int, ratio: tuple[int, int] = (1, 2)) -> tuple[int, int]:
     """Split a per-step batch into labeled and unlabeled parts by `ratio` (each at least 1)."""
     a, b = ratio

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from depthkit.data.stream import batch_parts
 from depthkit.train.module import logs_this_step
 
 log = logging.getLogger("depthkit.train")
@@ -57,24 +58,33 @@ class ThroughputMonitor(L.Callback):
     """Logs `perf/images_per_s` (all ranks), `perf/data_wait_fraction` and `data/skipped` at each logging step.
 
     Both rates cover the steps since the last logging step (the first step, start-up, is left out). Data wait is the
-    time from the end of one step to the start of the next (the loader's turn); the rest is compute. Images count
-    labeled + unlabeled images on this rank, times the world size.
+    time from the end of one step to the start of the next (the loader's turn); the rest is compute. A step after a
+    validation or a checkpoint save is left out too: that time is neither. Images count labeled + unlabeled images
+    on this rank, times the world size.
     """
 
     def __init__(self):
         self._step_end: float | None = None
         self._step_start = 0.0
+        self._interrupted = False  # a validation or a save since the last step
         self._window = [0, 0.0, 0.0]  # images, wait seconds, total seconds
+
+    def on_validation_start(self, trainer, pl_module):
+        self._interrupted = True
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self._interrupted = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step_start = time.perf_counter()
         self._wait = 0.0 if self._step_end is None else self._step_start - self._step_end
+        self._counted, self._interrupted = self._step_end is not None and not self._interrupted, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
-        if self._step_end is not None:
-            parts = batch.values() if "labeled" in batch else [batch]
-            self._window[0] += sum(int(p["image"].shape[0]) for p in parts) * trainer.world_size
+        if self._counted:
+            images = sum(int(part["image"].shape[0]) for part in batch_parts(batch).values())
+            self._window[0] += images * trainer.world_size
             self._window[1] += self._wait
             self._window[2] += now - self._step_start + self._wait
         self._step_end = now

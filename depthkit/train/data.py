@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 
 from depthkit.data.shards import is_local, label_shard_url, shard_paths
-from depthkit.data.stream import ShardStream, StreamState, make_loader, merge_stream_states
+from depthkit.data.stream import ShardStream, StreamState, batch_parts, make_loader, merge_stream_states
 from depthkit.data.transforms import SampleTransform, TransformConfig
 from depthkit.train.callbacks import ignore_preemption_signals
 
@@ -236,8 +236,7 @@ class DepthDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
-            parts = batch if "labeled" in batch or "unlabeled" in batch else {"labeled": batch}
-            for name, part in parts.items():
+            for name, part in batch_parts(batch).items():
                 self.states[name].update(part)
         return batch
 

@@ -178,12 +178,14 @@ def test_metric_training_ignores_depths_the_head_cannot_output():
 def test_a_student_on_pseudo_labels_alone_takes_a_step(tiny_data, tmp_path):
     """Depth Anything V2's students see no labeled image: the batch is all pseudo-labeled, its loss the mean of the
     unlabeled and feature terms. A supervised module still needs labeled data."""
-    run = _fit(tmp_path, tiny_data, "tiny_student", "--data.labeled", "null", steps=1)
+    run = _fit(tmp_path, tiny_data, "tiny_student", "--data.labeled", "null", steps=3)  # the monitors from step 2
     state = _last_checkpoint(run)
-    assert state["global_step"] == 1 and state["DepthDataModule"]["labeled"]["consumed"] == {}
+    assert state["global_step"] == 3 and state["DepthDataModule"]["labeled"]["consumed"] == {}
     batch_size = state["datamodule_hyper_parameters"]["batch_size"]
-    assert state["DepthDataModule"]["unlabeled"]["consumed"] == {"0": batch_size}  # the whole batch: no ratio
-    (row,) = [r for r in _metrics(run) if r.get("train/loss")]
+    assert state["DepthDataModule"]["unlabeled"]["consumed"] == {"0": 3 * batch_size}  # the whole batch: no ratio
+    rows = _metrics(run)
+    assert float(next(r for r in rows if r.get("perf/images_per_s"))["perf/images_per_s"]) > 0
+    row = next(r for r in rows if r.get("train/loss"))
     assert not any(k.startswith("train/labeled/") and row[k] for k in row)
     terms = (float(row["train/term/unlabeled"]), float(row["train/term/feature"]))
     assert float(row["train/loss"]) == pytest.approx(sum(terms) / 2, rel=1e-6)

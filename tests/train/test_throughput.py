@@ -1,0 +1,33 @@
+"""The throughput and data-wait monitor."""
+
+import torch
+
+
+def test_throughput_leaves_out_the_step_after_a_validation_or_a_save():
+    """Validation and checkpoint time read as data wait: the step after each validation showed 96% waiting."""
+    import time
+    from types import SimpleNamespace
+
+    from depthkit.train.callbacks import ThroughputMonitor
+
+    trainer = SimpleNamespace(
+        world_size=1, fast_dev_run=False, _logger_connector=SimpleNamespace(should_update_logs=False)
+    )
+    batch = {"unlabeled": {"image": torch.zeros(3, 3, 2, 2)}}  # a V2 student's step: no labeled part
+    monitor = ThroughputMonitor()
+
+    def step(before=None):
+        if before:
+            before()
+            time.sleep(0.05)
+        monitor.on_train_batch_start(trainer, None, batch, 0)
+        monitor.on_train_batch_end(trainer, None, None, batch, 0)
+
+    step()  # start-up: left out
+    step()
+    assert monitor._window[0] == 3
+    step(lambda: monitor.on_validation_start(trainer, None))
+    step(lambda: monitor.on_save_checkpoint(trainer, None, {}))
+    assert monitor._window[0] == 3 and monitor._window[1] < 0.01
+    step()
+    assert monitor._window[0] == 6
