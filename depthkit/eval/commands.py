@@ -143,5 +143,5 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(result))
     print("wrote " + ", ".join(str(p) for p in written))
     if args.wandb:
-        log_wandb(result, project=args.wandb_project, mode=args.wandb_mode)
+        log_wandb(result, project=args.wandb_project, mode=args.wandb_mode, folder=written[0].parent)
     return 0

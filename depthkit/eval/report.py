@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +169,9 @@ def worst_figure_png(worst: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-def log_wandb(result: dict, *, project: str = "depthkit", mode: str = "offline") -> None:
-    """Log the summary and the per-image table to Weights & Biases (offline unless `mode` says otherwise)."""
+def log_wandb(result: dict, *, project: str = "depthkit", mode: str = "offline", folder=None) -> None:
+    """Log the summary and the per-image table to Weights & Biases (offline unless `mode` says otherwise), with the
+    run's files under `folder` (the results folder; else the working directory)."""
     try:
         import wandb
     except ImportError as err:
@@ -181,7 +183,7 @@ def log_wandb(result: dict, *, project: str = "depthkit", mode: str = "offline")
         "predictions": _jsonable(result["predictions"]),
         "protocol": _jsonable(result["protocol"]),
     }
-    run = wandb.init(project=project, mode=mode, job_type="eval", config=config)
+    run = wandb.init(project=project, mode=mode, job_type="eval", config=config, dir=folder)
     try:
         rows = [_jsonable(r) for r in result["per_image"]]
         columns: list[str] = []
@@ -189,6 +191,8 @@ def log_wandb(result: dict, *, project: str = "depthkit", mode: str = "offline")
             columns += [k for k in row if k not in columns]
         table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
         summary = {f"eval/{k}": v for k, v in _jsonable(result["summary"]).items()}
-        run.log({f"eval/{result['dataset']}_per_image": table, **summary})
+        # A W&B key names an artifact: a manifest's path ("../data/m.csv") is no valid name, its stem is.
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(result["dataset"])).stem).strip("_.") or "dataset"
+        run.log({f"eval/{name}_per_image": table, **summary})
     finally:
         run.finish()

@@ -196,7 +196,7 @@ def test_wandb_logging_is_offline_and_logs_a_table(fake_layout, monkeypatch):
             calls["finished"] = True
 
     fake = types.SimpleNamespace(
-        init=lambda **kw: calls.setdefault("init", kw) and FakeRun(),
+        init=lambda **kw: calls.__setitem__("init", kw) or FakeRun(),
         Table=lambda columns, data: ("table", columns, data),
     )
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -208,6 +208,9 @@ def test_wandb_logging_is_offline_and_logs_a_table(fake_layout, monkeypatch):
     table = calls["log"]["eval/sintel_per_image"]
     assert table[0] == "table" and "abs_rel" in table[1] and len(table[2]) == 2
     assert calls["log"]["eval/abs_rel"] == pytest.approx(0.0, abs=1e-7)
+    # A manifest given by a relative path: its stem names the table (W&B refused "eval/../data/m.csv_per_image").
+    log_wandb({**result, "dataset": "../../data/rgbd/manifest.csv"}, folder="results")
+    assert "eval/manifest_per_image" in calls["log"] and calls["init"]["dir"] == "results"
 
 
 def test_reads_what_depthkit_predict_writes(fake_layout, tmp_path):
