@@ -167,6 +167,16 @@ def ignore_preemption_signals(worker_id: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def mark_preempted(loggers, exit_code: int) -> None:
+    """Tell a W&B run that it was preempted and ends with `exit_code`: W&B otherwise records a preempted run as
+    finished (exit code 0), though the process exits with 128 + the signal."""
+    for logger in loggers:
+        run = getattr(logger, "experiment", None)
+        if hasattr(run, "mark_preempting") and hasattr(run, "finish"):  # a wandb Run
+            run.mark_preempting()
+            run.finish(exit_code=exit_code)
+
+
 def requeue_slurm_job() -> None:
     """`scontrol requeue` this SLURM job (an array job's task), as Lightning's auto-requeue does; a failure is
     logged (an interactive allocation cannot be requeued)."""
@@ -258,6 +268,8 @@ class Preemption(L.Callback):
             trainer.strategy.barrier("requeued")
         elif callable(previous):
             previous(signum, None)
+        if trainer.is_global_zero:
+            mark_preempted(trainer.loggers, 128 + signum)
         raise SystemExit(128 + signum)
 
     def teardown(self, trainer, pl_module, stage):

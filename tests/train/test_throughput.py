@@ -1,4 +1,4 @@
-"""The throughput and data-wait monitor."""
+"""The throughput and data-wait monitor; a preempted run as W&B records it."""
 
 import torch
 
@@ -31,3 +31,17 @@ def test_throughput_leaves_out_the_step_after_a_validation_or_a_save():
     assert monitor._window[0] == 3 and monitor._window[1] < 0.01
     step()
     assert monitor._window[0] == 6
+
+
+def test_a_preempted_run_is_marked_so_in_wandb():
+    from types import SimpleNamespace
+
+    from depthkit.train.callbacks import mark_preempted
+
+    calls = []
+    run = SimpleNamespace(
+        mark_preempting=lambda: calls.append("preempting"), finish=lambda exit_code: calls.append(exit_code)
+    )
+    csv = SimpleNamespace(experiment=SimpleNamespace(log_metrics=lambda *a: None))
+    mark_preempted([csv, SimpleNamespace(experiment=run)], 143)
+    assert calls == ["preempting", 143]
