@@ -147,7 +147,8 @@ class ImagePanels(L.Callback):
         caption = f"step {panel['step']}: input | target | prediction (aligned) | error"
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="panels/train", images=[picture], caption=[caption], step=trainer.global_step)
+                # At the step whose training_step kept it, beside its metrics (global_step has moved on by now).
+                logger.log_image(key="panels/train", images=[picture], caption=[caption], step=panel["step"])
                 return
         from PIL import Image
 

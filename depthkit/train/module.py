@@ -147,6 +147,7 @@ class DepthModule(L.LightningModule):
         self.loss_fn = DepthLoss(loss)
         self.compile_model, self.panel_every_n_steps = compile, panel_every_n_steps
         self.panel: dict | None = None  # the latest sample for `ImagePanels`
+        self._panel_step: int | None = None  # the step of the last one
         self.schedule_steps: int | None = None  # the optimizer steps the learning-rate schedule spans (once fitting)
 
     def setup(self, stage: str) -> None:
@@ -238,7 +239,9 @@ class DepthModule(L.LightningModule):
     def keep_panel(self, batch: dict, pred_BHW: torch.Tensor, targets: tuple | None = None) -> None:
         """Keep the first sample of a batch for `ImagePanels`, every `panel_every_n_steps` steps; `targets` (target,
         valid) when they are not the batch's own labels (a student's pseudo-labels)."""
-        if self.panel_every_n_steps and self.global_step % self.panel_every_n_steps == 0:
+        step = self.global_step
+        if self.panel_every_n_steps and step % self.panel_every_n_steps == 0 and self._panel_step != step:
+            self._panel_step = step  # the first micro-batch of the step only (gradient accumulation)
             target_BHW, valid_BHW = targets or targets_in_space(batch, self.model.meta.output_space)
             self.panel = {
                 "image": batch["image"][0].detach().cpu(),

@@ -1,4 +1,4 @@
-"""The throughput and data-wait monitor; a preempted run as W&B records it."""
+"""The throughput and data-wait monitor; image panels; a preempted run as W&B records it."""
 
 import torch
 
@@ -45,3 +45,17 @@ def test_a_preempted_run_is_marked_so_in_wandb():
     csv = SimpleNamespace(experiment=SimpleNamespace(log_metrics=lambda *a: None))
     mark_preempted([csv, SimpleNamespace(experiment=run)], 143)
     assert calls == ["preempting", 143]
+
+
+def test_a_panel_is_kept_once_per_optimizer_step():
+    """With gradient accumulation each micro-batch of a panel step kept one, and W&B got several panels a step."""
+    from depthkit.train import DepthModule
+
+    module = DepthModule("test_dav2", panel_every_n_steps=1)
+    batch = {"image": torch.zeros(2, 3, 14, 14, dtype=torch.uint8), "target": torch.ones(2, 14, 14)}
+    batch |= {"valid": torch.ones(2, 14, 14, dtype=torch.bool), "meta": [{"output_space": "affine_disparity"}] * 2}
+    module.keep_panel(batch, torch.ones(2, 14, 14))
+    assert module.panel["step"] == 0
+    module.panel = None  # ImagePanels logged it
+    module.keep_panel(batch, torch.ones(2, 14, 14))  # the next micro-batch of the same step
+    assert module.panel is None
