@@ -108,12 +108,23 @@ class ThroughputMonitor(L.Callback):
             pl_module.log("data/skipped", torch.tensor(float(datamodule.num_skipped)), on_step=True, batch_size=1)
 
 
-def colorize(values_HW: np.ndarray, valid_HW: np.ndarray | None = None, cmap: str = "Spectral_r") -> np.ndarray:
-    """A perceptual colour map of a map, robustly normalized over its valid pixels (2nd-98th percentile)."""
+def robust_range(values_HW: np.ndarray, valid_HW: np.ndarray) -> tuple[float, float]:
+    """The 2nd and 98th percentiles of a map's valid, finite pixels ((0, 1) without any)."""
+    valid = valid_HW & np.isfinite(values_HW)
+    return tuple(float(v) for v in np.percentile(values_HW[valid], [2, 98])) if valid.any() else (0.0, 1.0)
+
+
+def colorize(
+    values_HW: np.ndarray,
+    valid_HW: np.ndarray | None = None,
+    cmap: str = "Spectral_r",
+    limits: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """A perceptual colour map of a map over `limits` (default: its own 2nd-98th percentiles of valid pixels)."""
     from matplotlib import colormaps
 
     valid = np.isfinite(values_HW) if valid_HW is None else (valid_HW & np.isfinite(values_HW))
-    lo, hi = np.percentile(values_HW[valid], [2, 98]) if valid.any() else (0.0, 1.0)
+    lo, hi = limits if limits is not None else robust_range(values_HW, valid)
     norm = np.clip((values_HW - lo) / max(hi - lo, 1e-12), 0, 1)
     rgb = (colormaps[cmap](norm)[..., :3] * 255).astype(np.uint8)
     rgb[~valid] = 0
@@ -121,7 +132,12 @@ def colorize(values_HW: np.ndarray, valid_HW: np.ndarray | None = None, cmap: st
 
 
 def panel_image(panel: dict) -> np.ndarray:
-    """input | target | prediction (least-squares aligned to the target) | absolute error, side by side."""
+    """input | target | prediction (least-squares aligned to the target) | absolute error, side by side.
+
+    Target and prediction share one colour scale, the target's (a prediction twice too far, or flat, looks so);
+    near is red in disparity and in depth. The error's scale is fixed at half the target's range, so panels of a
+    run show it shrink.
+    """
     image = panel["image"].permute(1, 2, 0).numpy()
     target, valid, pred = panel["target"].numpy(), panel["valid"].numpy(), panel["pred"].numpy()
     aligned = pred
@@ -130,7 +146,14 @@ def panel_image(panel: dict) -> np.ndarray:
         (scale, shift), *_ = np.linalg.lstsq(a.astype(np.float64), target[valid].astype(np.float64), rcond=None)
         aligned = scale * pred + shift
     error = np.abs(aligned - target)
-    tiles = [image, colorize(target, valid), colorize(aligned, valid), colorize(error, valid, cmap="magma")]
+    lo, hi = robust_range(target, valid)
+    cmap = "Spectral" if panel["space"] == "metric_depth" else "Spectral_r"  # near: small depth, large disparity
+    tiles = [
+        image,
+        colorize(target, valid, cmap, (lo, hi)),
+        colorize(aligned, valid, cmap, (lo, hi)),
+        colorize(error, valid, "magma", (0.0, (hi - lo) / 2)),
+    ]
     return np.concatenate(tiles, axis=1)
 
 

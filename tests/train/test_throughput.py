@@ -59,3 +59,23 @@ def test_a_panel_is_kept_once_per_optimizer_step():
     module.panel = None  # ImagePanels logged it
     module.keep_panel(batch, torch.ones(2, 14, 14))  # the next micro-batch of the same step
     assert module.panel is None
+
+
+def test_panel_tiles_share_the_targets_colour_scale():
+    """Each tile was scaled by its own percentiles: a metric prediction twice too far looked like its target."""
+    import numpy as np
+
+    from depthkit.train.callbacks import panel_image
+
+    target = torch.linspace(1.0, 5.0, 16 * 16).reshape(16, 16)
+    panel = {
+        "image": torch.zeros(3, 16, 16, dtype=torch.uint8),
+        "target": target,
+        "valid": torch.ones(16, 16, dtype=torch.bool),
+    }
+    panel |= {"space": "metric_depth", "step": 0}
+    exact, far = (panel_image({**panel, "pred": k * target}) for k in (1.0, 2.0))
+    w = 16
+    assert np.array_equal(exact[:, w : 2 * w], exact[:, 2 * w : 3 * w])  # a perfect prediction: the target's colours
+    assert not np.array_equal(far[:, w : 2 * w], far[:, 2 * w : 3 * w])
+    assert far[:, 3 * w :].mean() > exact[:, 3 * w :].mean()  # the error tile shows the error
