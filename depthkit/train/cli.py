@@ -76,7 +76,9 @@ class DepthCLI(LightningCLI):
             section.ckpt_path = str(latest_checkpoint(root))
             rank_zero_info(f"--ckpt_path last: {section.ckpt_path}")
         max_steps = (section.get("trainer") or {}).get("max_steps") if subcommand == "fit" else None
-        check_resume(section.get("ckpt_path"), section.get("model"), max_steps)
+        resumed_run = check_resume(section.get("ckpt_path"), section.get("model"), max_steps)
+        if subcommand == "fit" and resumed_run.get("wandb_run_id"):
+            _continue_wandb_run(section.get("trainer") or {}, resumed_run["wandb_run_id"])
         given = section.get("model").clone() if section.get("model") is not None else None
         super()._parse_ckpt_path()
         resumed = self.config[subcommand].get("model")
@@ -122,6 +124,18 @@ class DepthCLI(LightningCLI):
         except (MisconfigurationException, ValueError) as err:
             # Lightning's message may not name the option ("No supported gpu backend found!"): say what was asked.
             raise MisconfigurationException(f"trainer ({_hardware_options(config)}): {err}") from None
+
+
+def _continue_wandb_run(trainer_config, run_id: str) -> None:
+    """A resumed fit logs to the W&B run of its checkpoint (Lightning's WandbLogger resumes a run by its id), not to a
+    new, unlinked one, unless the configuration names a run."""
+    loggers = trainer_config.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("WandbLogger"):
+            args = logger.get("init_args")
+            if args is not None and args.get("id") is None and args.get("version") is None:
+                args.id = run_id
+                rank_zero_info(f"--ckpt_path: continuing W&B run {run_id}")
 
 
 def _logger_under_root_dir(trainer_config) -> None:
@@ -224,16 +238,19 @@ def latest_checkpoint(root: Path) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = None) -> None:
+def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = None) -> dict:
     """Refuse a `--ckpt_path` that is no `depthkit fit` checkpoint, or one of another module or model, or one that
     `max_steps` (given when fitting) leaves nothing to train; warn when `max_steps` changes the run's schedule.
 
     `module_config` is the configured `model` section (`class_path`, `init_args`). Lightning would take a
     teacher's run for a student's, or turn a relative teacher's configuration into the metric one of the
     checkpoint, without a word; a weights file fails deep inside it. Read with `mmap`: the tensors stay on disk.
+
+    Returns:
+        The checkpoint's depthkit record (`DepthModule.on_save_checkpoint`; empty when there is none to read).
     """
     if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry"):
-        return
+        return {}
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--ckpt_path {path}: no such file")
@@ -264,9 +281,10 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
                 f"{max_steps} makes it span {max_steps}: from step {step} on the learning rate follows the new "
                 "length (a resumed run equals the uninterrupted one only with the same max_steps)"
             )
+    record = dict(obj.get("depthkit") or {})
     if module_config is None:
-        return
-    kind, configured = (obj.get("depthkit") or {}).get("module"), str(module_config.class_path).rsplit(".", 1)[-1]
+        return record
+    kind, configured = record.get("module"), str(module_config.class_path).rsplit(".", 1)[-1]
     if kind is not None and kind != configured:
         raise ValueError(f"--ckpt_path {path} is a {kind} run; this config trains a {configured}")
     found, args = training_config(obj), module_config.init_args
@@ -278,6 +296,7 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
                 f"--ckpt_path {path} is a run of {found['model']} ({'; '.join(diffs)}); to start a run from its "
                 "weights, set model.checkpoint_path instead"
             )
+    return record
 
 
 def check_scored_weights(subcommand: str, module_args) -> None:

@@ -209,6 +209,9 @@ class DepthModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # `--ckpt_path` checks that it resumes the same kind of run, and says when the schedule's length changes.
         checkpoint["depthkit"] = {"module": type(self).__name__, "schedule_steps": self.schedule_steps}
+        logger = self._trainer.logger if self._trainer is not None else None
+        if logger is not None and type(logger).__name__ == "WandbLogger":  # a resumed fit continues this W&B run
+            checkpoint["depthkit"]["wandb_run_id"] = str(logger.version)
 
     def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
         """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""

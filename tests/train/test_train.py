@@ -509,6 +509,14 @@ def test_wandb_offline_run_holds_metrics_and_panels(tiny_data, tmp_path, monkeyp
     configs = sorted(tmp_path.glob("depthkit/*/config.yaml"), key=lambda p: p.stat().st_mtime)
     assert len(configs) == 2 and all((c.parent / "checkpoints/last.ckpt").is_file() for c in configs)
     assert [yaml.safe_load(c.read_text())["model"]["init_args"]["optim"]["encoder_lr"] for c in configs] == [2e-4, 1e-3]
+    # A resumed fit continues its checkpoint's W&B run (it began a new, unlinked one), in the same run folder.
+    first = configs[0].parent
+    assert torch.load(first / "checkpoints/last.ckpt", weights_only=False)["depthkit"]["wandb_run_id"] == first.name
+    wandb_module.finish()
+    resume = ["--ckpt_path", str(first / "checkpoints/last.ckpt"), "--model.panel_every_n_steps", "1"]
+    _fit(tmp_path, tiny_data, "tiny_teacher", *wandb, *resume, steps=3)
+    assert len(list(tmp_path.glob("depthkit/*/config.yaml"))) == 2
+    assert torch.load(first / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
 
 
 def _teacher_args(tiny_data, tmp_path, *extra: str) -> list[str]:
