@@ -147,6 +147,7 @@ class DepthModule(L.LightningModule):
         self.loss_fn = DepthLoss(loss)
         self.compile_model, self.panel_every_n_steps = compile, panel_every_n_steps
         self.panel: dict | None = None  # the latest sample for `ImagePanels`
+        self.eval_rows: list[dict] = []  # this validation's (or test's) per-image metrics
         self._panel_step: int | None = None  # the step of the last one
         self.schedule_steps: int | None = None  # the optimizer steps the learning-rate schedule spans (once fitting)
 
@@ -200,11 +201,35 @@ class DepthModule(L.LightningModule):
     def _evaluate(self, stage: str, batch: dict) -> None:
         out, pred_BHW = self.labeled_loss(batch)
         self.log_terms(stage, out, batch_size=batch["image"].shape[0])
-        metrics = aligned_metrics(pred_BHW, batch, self.model.meta.output_space)
-        if metrics:
-            self.log_dict(
-                {f"{stage}/{k}": v for k, v in metrics.items()}, batch_size=batch["image"].shape[0], sync_dist=True
-            )
+        rows = aligned_image_metrics(pred_BHW, batch, self.model.meta.output_space)
+        if rows:
+            self.eval_rows.extend(rows)
+            means = {f"{stage}/{k}": sum(r[k] for r in rows) / len(rows) for k in EVAL_METRICS}
+            self.log_dict(means, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_rows = []
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_rows = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_table("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_table("test")
+
+    def _log_eval_table(self, stage: str) -> None:
+        """The evaluation's per-image metrics as a table, to loggers that take tables (W&B). Every rank evaluates all
+        the images (`DepthDataModule`), so rank 0's rows are all of them."""
+        rows, self.eval_rows = self.eval_rows, []
+        if not rows or self._trainer is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        columns = ["key", *EVAL_METRICS]
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "log_table"):
+                data = [[row[c] for c in columns] for row in rows]
+                logger.log_table(key=f"{stage}/per_image", columns=columns, data=data, step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # `--ckpt_path` checks that it resumes the same kind of run, and says when the schedule's length changes.
@@ -503,13 +528,20 @@ def _allow_missing_frozen_keys(module, incompatible_keys) -> None:
 
 
 def aligned_metrics(pred_BHW: torch.Tensor, batch: dict, output_space: str) -> dict[str, float]:
-    """Mean AbsRel and delta1 over a batch of metric-depth targets, after the evaluation protocol's alignment.
-
-    Relative predictions: per-image least squares in disparity space (`depthkit.eval`); metric ones: none.
-    Targets that are not metric depth are skipped (no metrics).
-    """
+    """Mean AbsRel and delta1 over a batch of metric-depth targets (see `aligned_image_metrics`); {} without any."""
     import numpy as np
 
+    rows = aligned_image_metrics(pred_BHW, batch, output_space)
+    return {k: float(np.mean([r[k] for r in rows])) for k in EVAL_METRICS} if rows else {}
+
+
+EVAL_METRICS = ("abs_rel", "delta1")
+
+
+def aligned_image_metrics(pred_BHW: torch.Tensor, batch: dict, output_space: str) -> list[dict]:
+    """Per image of a batch with a metric-depth target: its key, AbsRel and delta1 after the evaluation protocol's
+    alignment. Relative predictions: per-image least squares in disparity space (`depthkit.eval`); metric ones:
+    none. Targets that are not metric depth, and images with under 2 valid pixels, are left out."""
     from depthkit.eval.alignment import align_to_depth
     from depthkit.eval.metrics import depth_metrics
 
@@ -531,10 +563,9 @@ def aligned_metrics(pred_BHW: torch.Tensor, batch: dict, output_space: str) -> d
             min_depth=1e-3,
             max_depth=cap,
         )
-        rows.append(depth_metrics(depth_HW, target_HW, mask_HW))
-    if not rows:
-        return {}
-    return {k: float(np.mean([r[k] for r in rows])) for k in ("abs_rel", "delta1")}
+        metrics = depth_metrics(depth_HW, target_HW, mask_HW)
+        rows.append({"key": batch["key"][b], **{k: float(metrics[k]) for k in EVAL_METRICS}})
+    return rows
 
 
 def replace_config(config, **changes):

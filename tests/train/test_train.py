@@ -498,11 +498,24 @@ def test_wandb_offline_run_holds_metrics_and_panels(tiny_data, tmp_path, monkeyp
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb = ["--config", str(REPO / "configs/overlay/wandb.yaml")]
-    _fit(tmp_path, tiny_data, "tiny_teacher", *wandb, "--model.panel_every_n_steps", "1", steps=2)
+    _fit(
+        tmp_path,
+        tiny_data,
+        "tiny_teacher",
+        *wandb,
+        "--model.panel_every_n_steps",
+        "1",
+        "--trainer.val_check_interval",
+        "2",
+        steps=2,
+    )
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")  # under default_root_dir, not the working directory
     assert list(run_dir.glob("run-*.wandb")), "no offline run file"
     panels = list(run_dir.glob("files/media/images/panels/*.png"))
     assert panels, f"no image panels in {run_dir}"
+    (table,) = run_dir.glob("files/media/table/val/per_image_*.table.json")  # the validation at the end of fit
+    table = json.loads(table.read_text())
+    assert table["columns"] == ["key", "abs_rel", "delta1"] and len(table["data"]) >= 2
     # Each run's config.yaml beside its own checkpoints: a second run in the same folder overwrites nothing.
     wandb_module.finish()  # a new process starts a new run; in this one, the logger would resume the active run
     _fit(tmp_path, tiny_data, "tiny_teacher", *wandb, "--model.optim.encoder_lr", "0.001", steps=1)
