@@ -454,8 +454,8 @@ def shard_paths(spec: str | Path | list) -> list[str]:
         return [p for s in spec for p in shard_paths(s)]
     spec = str(spec)
     if not is_local(spec):
-        scheme = spec.split("://", 1)[0] + "://" if "://" in spec else "pipe:"
-        if scheme not in REMOTE_SCHEMES:
+        if not spec.startswith(REMOTE_SCHEMES):
+            scheme = spec.split("://", 1)[0] + "://"
             raise ValueError(
                 f"shard URL {spec}: {scheme} is not read directly (http://, https://, pipe: are); stream it through "
                 f"a command, e.g. 'pipe:aws s3 cp {spec} -' or 'pipe:gsutil cat {spec}', or give a local path"

@@ -20,7 +20,7 @@ DataLoader with a random sampler is: the first pass is epoch 0, or the resumed s
 `make_loader`'s loader starts the pass in the main process, before its workers copy the stream.
 
 Resampled mode (`resampled=True`) draws shards with replacement forever, from a generator seeded by
-`(seed, global worker)`: the mode for step-based training, where ranks must never run dry at different times.
+`(seed, epoch, global worker)`: the mode for step-based training, where ranks must never run dry at different times.
 
 Resuming. Each batch carries `__worker__` (global worker id) and `__consumed__` (raw samples that worker has
 taken from its shards so far, skipped ones included). `StreamState.update(batch)` records them after the batch is
@@ -349,7 +349,7 @@ class ShardStream(IterableDataset):
                 "or resampled=True"
             )
         skip = self._resume_skip(global_worker, total_workers)
-        consumed, skipped = 0, self._resume_skipped(global_worker) if skip else 0
+        consumed, skipped = 0, self._resumed("skipped", global_worker) if skip else 0
         batch: list[dict] = []
         for raw in self._samples(global_worker, total_workers, skip):
             consumed += 1
@@ -387,10 +387,11 @@ class ShardStream(IterableDataset):
             )
         if not self._same_epoch():
             return 0
-        return int(self.resume.get("consumed", {}).get(str(global_worker), 0))
+        return self._resumed("consumed", global_worker)
 
-    def _resume_skipped(self, global_worker: int) -> int:
-        return int(self.resume.get("skipped", {}).get(str(global_worker), 0))
+    def _resumed(self, field: str, global_worker: int, default: int = 0) -> int:
+        """A global worker's count in the resume state (`consumed`, `skipped`, `bad_shards`)."""
+        return int((self.resume or {}).get(field, {}).get(str(global_worker), default))
 
     def _same_epoch(self) -> bool:
         return self.resume.get("epoch", 0) == self.epoch
@@ -410,7 +411,7 @@ class ShardStream(IterableDataset):
         rng = self._shuffle_rng(global_worker)
         # Corrupt shards read so far (each gave one placeholder): a resume can step over samples by their shards'
         # counts only when none was, since a corrupt shard yields another number of samples than its count.
-        intact = int((self.resume or {}).get("bad_shards", {}).get(str(global_worker), -1)) == 0
+        intact = self._resumed("bad_shards", global_worker, default=-1) == 0  # unknown in older states
         self._bad_shards = 0
         if skip and intact and (ahead := self._fast_forward(order, rng, skip)) is not None:
             buffer, rest, tail = ahead

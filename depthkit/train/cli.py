@@ -126,27 +126,34 @@ class DepthCLI(LightningCLI):
             raise MisconfigurationException(f"trainer ({_hardware_options(config)}): {err}") from None
 
 
+def _wandb_logger_args(trainer_config) -> list[Namespace]:
+    """The `init_args` of the configured W&B loggers (`trainer.logger`, one or a list), to edit in place."""
+    loggers = trainer_config.get("logger")
+    return [
+        logger.init_args
+        for logger in (loggers if isinstance(loggers, list) else [loggers])
+        if isinstance(logger, Namespace)
+        and str(logger.get("class_path", "")).endswith("WandbLogger")
+        and logger.get("init_args") is not None
+    ]
+
+
 def _continue_wandb_run(trainer_config, run_id: str) -> None:
     """A resumed fit logs to the W&B run of its checkpoint (Lightning's WandbLogger resumes a run by its id), not to a
     new, unlinked one, unless the configuration names a run."""
-    loggers = trainer_config.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("WandbLogger"):
-            args = logger.get("init_args")
-            if args is not None and args.get("id") is None and args.get("version") is None:
-                args.id = run_id
-                rank_zero_info(f"--ckpt_path: continuing W&B run {run_id}")
+    for args in _wandb_logger_args(trainer_config):
+        if args.get("id") is None and args.get("version") is None:
+            args.id = run_id
+            rank_zero_info(f"--ckpt_path: continuing W&B run {run_id}")
 
 
 def _logger_under_root_dir(trainer_config) -> None:
     """A W&B logger given no `save_dir` (or its default, ".") writes under `trainer.default_root_dir`, as the CSV
     logger does, instead of wherever the command runs: one run's files (W&B's, the checkpoints, config.yaml,
     preempted.ckpt) in one tree."""
-    loggers = trainer_config.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("WandbLogger"):
-            if logger.get("init_args") is not None and str(logger.init_args.get("save_dir") or ".") == ".":
-                logger.init_args.save_dir = trainer_config.get("default_root_dir") or os.getcwd()
+    for args in _wandb_logger_args(trainer_config):
+        if str(args.get("save_dir") or ".") == ".":
+            args.save_dir = trainer_config.get("default_root_dir") or os.getcwd()
 
 
 class RunConfig(SaveConfigCallback):

@@ -203,15 +203,9 @@ class DepthModule(L.LightningModule):
         self.log_terms(stage, out, batch_size=batch["image"].shape[0])
         rows = aligned_image_metrics(pred_BHW, batch, self.model.meta.output_space)
         if rows:
-            self.eval_rows.extend(rows)
-            means = {f"{stage}/{k}": sum(r[k] for r in rows) / len(rows) for k in EVAL_METRICS}
+            self.eval_rows.extend(rows)  # the epoch end logs them as a table, and empties the list
+            means = {f"{stage}/{k}": v for k, v in mean_metrics(rows).items()}
             self.log_dict(means, batch_size=batch["image"].shape[0], sync_dist=True)
-
-    def on_validation_epoch_start(self) -> None:
-        self.eval_rows = []
-
-    def on_test_epoch_start(self) -> None:
-        self.eval_rows = []
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_table("val")
@@ -529,13 +523,18 @@ def _allow_missing_frozen_keys(module, incompatible_keys) -> None:
 
 def aligned_metrics(pred_BHW: torch.Tensor, batch: dict, output_space: str) -> dict[str, float]:
     """Mean AbsRel and delta1 over a batch of metric-depth targets (see `aligned_image_metrics`); {} without any."""
-    import numpy as np
-
     rows = aligned_image_metrics(pred_BHW, batch, output_space)
-    return {k: float(np.mean([r[k] for r in rows])) for k in EVAL_METRICS} if rows else {}
+    return mean_metrics(rows) if rows else {}
 
 
 EVAL_METRICS = ("abs_rel", "delta1")
+
+
+def mean_metrics(rows: list[dict]) -> dict[str, float]:
+    """The mean of each of `EVAL_METRICS` over per-image rows (`aligned_image_metrics`)."""
+    import numpy as np
+
+    return {k: float(np.mean([row[k] for row in rows])) for k in EVAL_METRICS}
 
 
 def aligned_image_metrics(pred_BHW: torch.Tensor, batch: dict, output_space: str) -> list[dict]:
