@@ -162,10 +162,10 @@ def sample_figure(out: Path, checkpoints: dict[str, Path], path: Path) -> None:
     import torch
     from PIL import Image
 
+    from depthkit.colors import colorize
     from depthkit.data.stream import ShardStream
     from depthkit.data.transforms import SampleTransform, TransformConfig
     from depthkit.models import create_model
-    from depthkit.train.callbacks import colorize
 
     transform = SampleTransform(TransformConfig(crop_size=CROP, random_crop=False, hflip=False))
     batch = next(iter(ShardStream(out / "data/heldout", batch_size=4, transform=transform)))

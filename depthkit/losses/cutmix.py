@@ -38,7 +38,8 @@ def cutmix_loss(
 
     Returns:
         For every "<term>_per_image" of `loss_fn` (including "loss_per_image"): the area-weighted combination
-        and its batch mean "<term>"; "num_valid" (m + m'); "loss_own", "loss_partner" (each region's batch mean).
+        and its batch mean "<term>"; "num_valid" (m + m'); "loss_own", "loss_partner" (each region's batch mean:
+        "loss_partner" is 0 when no image is mixed); "mixed_fraction" (the share of valid pixels in partner regions).
     """
     if cutmix_mask_BHW.dtype != torch.bool or cutmix_mask_BHW.shape != valid_BHW.shape:
         raise ValueError(
@@ -60,4 +61,5 @@ def cutmix_loss(
     result["num_valid"] = num_valid_B
     result["loss_own"] = own["loss"]
     result["loss_partner"] = partner["loss"]
+    result["mixed_fraction"] = num_partner_B.sum() / num_valid_B.sum().clamp_min(1)
     return result

@@ -147,7 +147,7 @@ class DepthLoss(nn.Module):
     back-propagate), "loss_per_image", "num_valid" and each term ("ssi" and, when weighted, "gradient"; or
     "silog"), unweighted, with their "<term>_per_image". With `cutmix_mask_BHW` (bool, True where the pixel
     comes from the partner image) every term is computed per region, with its own alignment, and averaged by
-    area (`cutmix_loss`); "loss_own" / "loss_partner" are added.
+    area (`cutmix_loss`); "loss_own" / "loss_partner" / "mixed_fraction" are added.
 
     For SSI the gradient term sits on the aligned residual: s * pred + t - target (lsq) or
     pred_hat - target_hat (median/MAD), with gradients through the alignment.

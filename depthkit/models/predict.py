@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from depthkit._files import replacing
+from depthkit.colors import colorize
 from depthkit.spaces import METRIC_DEPTH
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".gif")
@@ -121,15 +122,10 @@ def check_unit_range(low: float, high: float) -> None:
         )
 
 
-def colorize(values: np.ndarray, output_space: str, cmap: str = "inferno") -> np.ndarray:
+def colorize_nearness(values: np.ndarray, output_space: str, cmap: str = "inferno") -> np.ndarray:
     """uint8 RGB `H x W x 3`: per-image min-max, near bright (metric depth inverted), through `cmap`."""
-    import matplotlib
-
     nearness = -values if output_space == METRIC_DEPTH else values
-    lo, hi = float(np.min(nearness)), float(np.max(nearness))
-    scaled = (nearness - lo) / (hi - lo) if hi > lo else np.zeros_like(nearness)
-    rgba = matplotlib.colormaps[cmap](scaled.astype(np.float64), bytes=True)
-    return np.ascontiguousarray(rgba[..., :3])
+    return colorize(nearness, cmap=cmap, limits=(float(np.min(nearness)), float(np.max(nearness))))
 
 
 def to_png16(values: np.ndarray, output_space: str) -> tuple[np.ndarray, dict]:
@@ -163,7 +159,7 @@ def write_outputs(
     for kind in save:
         if kind == "color":
             path = out_dir / f"{name}_color.png"
-            image = Image.fromarray(colorize(values, output_space, cmap))
+            image = Image.fromarray(colorize_nearness(values, output_space, cmap))
             _atomic_write(path, lambda f, im=image: im.save(f, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
         elif kind == "png16":
             path = out_dir / f"{name}_16bit.png"

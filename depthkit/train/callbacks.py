@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from depthkit._files import write_bytes_atomic
+from depthkit.colors import colorize, robust_range
 from depthkit.data.stream import batch_parts
 from depthkit.train.module import logs_this_step
 
@@ -108,29 +110,6 @@ class ThroughputMonitor(L.Callback):
             pl_module.log("data/skipped", torch.tensor(float(datamodule.num_skipped)), on_step=True, batch_size=1)
 
 
-def robust_range(values_HW: np.ndarray, valid_HW: np.ndarray) -> tuple[float, float]:
-    """The 2nd and 98th percentiles of a map's valid, finite pixels ((0, 1) without any)."""
-    valid = valid_HW & np.isfinite(values_HW)
-    return tuple(float(v) for v in np.percentile(values_HW[valid], [2, 98])) if valid.any() else (0.0, 1.0)
-
-
-def colorize(
-    values_HW: np.ndarray,
-    valid_HW: np.ndarray | None = None,
-    cmap: str = "Spectral_r",
-    limits: tuple[float, float] | None = None,
-) -> np.ndarray:
-    """A perceptual colour map of a map over `limits` (default: its own 2nd-98th percentiles of valid pixels)."""
-    from matplotlib import colormaps
-
-    valid = np.isfinite(values_HW) if valid_HW is None else (valid_HW & np.isfinite(values_HW))
-    lo, hi = limits if limits is not None else robust_range(values_HW, valid)
-    norm = np.clip((values_HW - lo) / max(hi - lo, 1e-12), 0, 1)
-    rgb = (colormaps[cmap](norm)[..., :3] * 255).astype(np.uint8)
-    rgb[~valid] = 0
-    return rgb
-
-
 def panel_image(panel: dict) -> np.ndarray:
     """input | target | prediction (least-squares aligned to the target) | absolute error, side by side.
 
@@ -159,28 +138,34 @@ def panel_image(panel: dict) -> np.ndarray:
 
 class ImagePanels(L.Callback):
     """Every time the module keeps a sample (`panel_every_n_steps`), logs an input | target | prediction | error
-    panel: to W&B (`WandbLogger.log_image`) when it is the logger, else as PNG under the log directory."""
+    panel as `panels/<name>` (a student's pseudo-labeled sample: `panels/train_unlabeled`): to W&B
+    (`WandbLogger.log_image`) when it is the logger, else as PNG under the log directory (`panels/<name>/`)."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        panel = getattr(pl_module, "panel", None)
-        if panel is None or not trainer.is_global_zero:
+        panels = getattr(pl_module, "panels", None)
+        if not panels or not trainer.is_global_zero:
             return
-        pl_module.panel = None
+        pl_module.panels = {}
+        for name, panel in panels.items():
+            self.log_panel(trainer, name, panel)
+
+    @staticmethod
+    def log_panel(trainer, name: str, panel: dict) -> None:
         picture = panel_image(panel)
-        caption = f"step {panel['step']}: input | target | prediction (aligned) | error"
+        caption = f"step {panel['step']}: input | {panel.get('target_name', 'target')} | prediction (aligned) | error"
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 # At the step whose training_step kept it, beside its metrics (global_step has moved on by now).
-                logger.log_image(key="panels/train", images=[picture], caption=[caption], step=panel["step"])
+                logger.log_image(key=f"panels/{name}", images=[picture], caption=[caption], step=panel["step"])
                 return
         from PIL import Image
 
         # `trainer.log_dir` would broadcast across ranks; only rank 0 is here, so ask the logger directly.
-        folder = Path(getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir) / "panels"
+        folder = Path(getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir) / "panels" / name
         folder.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         Image.fromarray(picture).save(buf, format="PNG")
-        (folder / f"step_{panel['step']:08d}.png").write_bytes(buf.getvalue())
+        write_bytes_atomic(folder / f"step_{panel['step']:08d}.png", buf.getvalue())
 
 
 def ignore_preemption_signals(worker_id: int) -> None:

@@ -110,7 +110,7 @@ class DepthCLI(LightningCLI):
             if weights is not None:
                 check_scored_weights(subcommand, weights)
         if subcommand:
-            _logger_under_root_dir(self.config[subcommand].get("trainer") or {})
+            _wandb_defaults(self.config[subcommand].get("trainer") or {})
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -147,13 +147,18 @@ def _continue_wandb_run(trainer_config, run_id: str) -> None:
             rank_zero_info(f"--ckpt_path: continuing W&B run {run_id}")
 
 
-def _logger_under_root_dir(trainer_config) -> None:
-    """A W&B logger given no `save_dir` (or its default, ".") writes under `trainer.default_root_dir`, as the CSV
-    logger does, instead of wherever the command runs: one run's files (W&B's, the checkpoints, config.yaml,
-    preempted.ckpt) in one tree."""
+def _wandb_defaults(trainer_config) -> None:
+    """Settle what the W&B overlay leaves open. A W&B logger given no `save_dir` (or its default, ".") writes under
+    `trainer.default_root_dir`, as the CSV logger does, instead of wherever the command runs: one run's files (W&B's,
+    the checkpoints, config.yaml, preempted.ckpt) in one tree. `WANDB_MODE`, when set (online, offline, disabled),
+    decides over the configured `offline`: the overlay's `offline: true` is depthkit's default, and W&B users switch
+    modes with that variable."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
     for args in _wandb_logger_args(trainer_config):
         if str(args.get("save_dir") or ".") == ".":
             args.save_dir = trainer_config.get("default_root_dir") or os.getcwd()
+        if mode:
+            args.offline = mode in ("offline", "dryrun")  # otherwise W&B reads the variable itself
 
 
 class RunConfig(SaveConfigCallback):
@@ -168,6 +173,13 @@ class RunConfig(SaveConfigCallback):
         path = run_dir(trainer) / self.config_filename
         path.parent.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, str(path), skip_unset=False, overwrite=self.overwrite, multifile=self.multifile)
+        # Lightning gives a logger the module's and the data's arguments; the rest of the run's configuration (steps,
+        # precision, devices, accumulation, seed) goes to the loggers without a config.yaml beside them (W&B's run
+        # config), so runs compare on it there.
+        run = {k: v for k, v in self.config.as_dict().items() if k not in ("model", "data")}
+        for logger in trainer.loggers:
+            if not isinstance(logger, CSVLogger | TensorBoardLogger):
+                logger.log_hyperparams(run)
 
 
 def run_dir(trainer: Trainer) -> Path:

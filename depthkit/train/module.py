@@ -108,7 +108,8 @@ class DepthModule(L.LightningModule):
         compile: Wrap the model in `torch.compile`.
         grad_checkpointing: Recompute each encoder block in the backward instead of keeping its activations
             (timm's `set_grad_checkpointing`): less memory for large models and crops, about a third more compute.
-        panel_every_n_steps: Keep a sample for the image-panel callback every N steps (0: never).
+        panel_every_n_steps: Keep a sample for the image-panel callback every N steps (0: never); a student keeps
+            one of its labeled and one of its pseudo-labeled images.
     """
 
     def __init__(
@@ -146,9 +147,9 @@ class DepthModule(L.LightningModule):
             )
         self.loss_fn = DepthLoss(loss)
         self.compile_model, self.panel_every_n_steps = compile, panel_every_n_steps
-        self.panel: dict | None = None  # the latest sample for `ImagePanels`
+        self.panels: dict[str, dict] = {}  # panel name -> the latest sample kept for `ImagePanels`
         self.eval_rows: list[dict] = []  # this validation's (or test's) per-image metrics
-        self._panel_step: int | None = None  # the step of the last one
+        self._panel_steps: dict[str, int] = {}  # panel name -> the step of its last sample
         self.schedule_steps: int | None = None  # the optimizer steps the learning-rate schedule spans (once fitting)
 
     def setup(self, stage: str) -> None:
@@ -247,6 +248,10 @@ class DepthModule(L.LightningModule):
             if not logs_this_step(self._trainer):
                 return
             values = on_host(values)
+            for name in [n for n in values if n.endswith("loss_partner")]:
+                # No image mixed: the partner regions have no loss, and a logged 0 would pull their curve down.
+                if values.get(name.removesuffix("loss_partner") + "mixed_fraction", 1) == 0:
+                    del values[name]
         for name, value in values.items():
             # Every rank sees the same validation data (see DepthDataModule.val_dataloader), so the epoch-end sync
             # of validation values changes nothing; it makes checkpoint monitors provably agree across ranks.
@@ -258,20 +263,23 @@ class DepthModule(L.LightningModule):
                 sync_dist=stage != "train",
             )
 
-    def keep_panel(self, batch: dict, pred_BHW: torch.Tensor, targets: tuple | None = None) -> None:
-        """Keep the first sample of a batch for `ImagePanels`, every `panel_every_n_steps` steps; `targets` (target,
-        valid) when they are not the batch's own labels (a student's pseudo-labels)."""
+    def keep_panel(
+        self, batch: dict, pred_BHW: torch.Tensor, targets: tuple | None = None, name: str = "train"
+    ) -> None:
+        """Keep the first sample of a batch as panel `name` for `ImagePanels`, every `panel_every_n_steps` steps;
+        `targets` (target, valid) when they are not the batch's own labels (a student's pseudo-labels)."""
         step = self.global_step
-        if self.panel_every_n_steps and step % self.panel_every_n_steps == 0 and self._panel_step != step:
-            self._panel_step = step  # the first micro-batch of the step only (gradient accumulation)
+        if self.panel_every_n_steps and step % self.panel_every_n_steps == 0 and self._panel_steps.get(name) != step:
+            self._panel_steps[name] = step  # the first micro-batch of the step only (gradient accumulation)
             target_BHW, valid_BHW = targets or targets_in_space(batch, self.model.meta.output_space)
-            self.panel = {
+            self.panels[name] = {
                 "image": batch["image"][0].detach().cpu(),
                 "target": target_BHW[0].detach().float().cpu(),
                 "valid": valid_BHW[0].detach().cpu(),
                 "pred": pred_BHW[0].detach().float().cpu(),
                 "space": self.model.meta.output_space,
-                "step": self.global_step,
+                "step": step,
+                "target_name": "pseudo-label" if targets is not None else "target",
             }
 
     # -- optimization ----------------------------------------------------------------------------------------
@@ -432,8 +440,7 @@ class StudentModule(DepthModule):
             total = total / sum(weight for weight, _ in terms.values())
         if labeled is not None:
             self.keep_panel(labeled, pred_l_BHW)
-        else:
-            self.keep_panel({"image": image_B3HW}, pred_u_BHW, (target_BHW, valid_BHW))
+        self.keep_panel({"image": image_B3HW}, pred_u_BHW, (target_BHW, valid_BHW), name="train_unlabeled")
         n = image_B3HW.shape[0] + (labeled["image"].shape[0] if labeled is not None else 0)
         values |= {f"term/{k}": loss for k, (_, loss) in terms.items()} | {"loss": total}
         self.log_scalars("train", values, batch_size=n)

@@ -40,6 +40,8 @@ def test_cutmix_equals_manual_per_region_computation(loss_fn):
     torch.testing.assert_close(out["loss_per_image"], torch.tensor(per_image))
     assert out["num_valid"].tolist() == valid_BHW.sum(dim=(1, 2)).tolist()
     assert {"loss_own", "loss_partner"} <= set(out)
+    partner_pixels = (valid_BHW & mask_BHW).sum().item()
+    assert out["mixed_fraction"].item() == pytest.approx(partner_pixels / valid_BHW.sum().item())
 
 
 def piecewise_affine_batch():

@@ -55,10 +55,10 @@ def test_a_panel_is_kept_once_per_optimizer_step():
     batch = {"image": torch.zeros(2, 3, 14, 14, dtype=torch.uint8), "target": torch.ones(2, 14, 14)}
     batch |= {"valid": torch.ones(2, 14, 14, dtype=torch.bool), "meta": [{"output_space": "affine_disparity"}] * 2}
     module.keep_panel(batch, torch.ones(2, 14, 14))
-    assert module.panel["step"] == 0
-    module.panel = None  # ImagePanels logged it
+    assert module.panels["train"]["step"] == 0
+    module.panels = {}  # ImagePanels logged it
     module.keep_panel(batch, torch.ones(2, 14, 14))  # the next micro-batch of the same step
-    assert module.panel is None
+    assert module.panels == {}
 
 
 def test_panel_tiles_share_the_targets_colour_scale():
@@ -79,3 +79,21 @@ def test_panel_tiles_share_the_targets_colour_scale():
     assert np.array_equal(exact[:, w : 2 * w], exact[:, 2 * w : 3 * w])  # a perfect prediction: the target's colours
     assert not np.array_equal(far[:, w : 2 * w], far[:, 2 * w : 3 * w])
     assert far[:, 3 * w :].mean() > exact[:, 3 * w :].mean()  # the error tile shows the error
+
+
+def test_the_partner_regions_loss_is_not_logged_when_no_image_is_mixed(monkeypatch):
+    """CutMix mixes each image with p=0.5: a step that mixed none has no partner-region loss, and logging 0 for it
+    pulled the `loss_partner` curve towards 0."""
+    import depthkit.train.module as module_lib
+    from depthkit.train import DepthModule
+
+    module = DepthModule("test_dav2")
+    logged = {}
+    monkeypatch.setattr(module_lib, "logs_this_step", lambda trainer: True)
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.__setitem__(name, float(value)))
+    for mixed in (0.0, 0.25):
+        logged.clear()
+        values = {"unlabeled/loss_own": torch.tensor(0.5), "unlabeled/loss_partner": torch.tensor(0.0)}
+        module.log_scalars("train", values | {"unlabeled/mixed_fraction": torch.tensor(mixed)}, batch_size=2)
+        assert ("train/unlabeled/loss_partner" in logged) == (mixed > 0)
+        assert logged["train/unlabeled/loss_own"] == 0.5 and logged["train/unlabeled/mixed_fraction"] == mixed

@@ -76,6 +76,22 @@ def test_wandb_overlay_parses():
     assert config.trainer.logger.init_args.offline is True
 
 
+@pytest.mark.parametrize("mode, offline", [(None, True), ("online", False), ("offline", True), ("disabled", False)])
+def test_wandb_mode_decides_over_the_overlays_offline(mode, offline, monkeypatch):
+    from depthkit.train.cli import _wandb_defaults
+
+    if mode is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    overlay, model = REPO / "configs/overlay/wandb.yaml", REPO / "configs/model/tiny_teacher.yaml"
+    config = parse(["--config", str(overlay), "--model", str(model), "--data.labeled", "x"])
+    config.trainer.default_root_dir = "/runs"
+    _wandb_defaults(config.trainer)
+    assert config.trainer.logger.init_args.offline is offline  # `disabled`: W&B reads the variable itself
+    assert config.trainer.logger.init_args.save_dir == "/runs"
+
+
 def _fit(tmp_path, data_root, recipe: str, *extra: str, steps: int = 1) -> Path:
     """Run `depthkit fit` in-process on the tiny data; returns the run folder."""
     data = {
@@ -146,13 +162,18 @@ def test_fit_shows_its_own_progress_bar_unless_told_otherwise(tiny_data):
 
 @pytest.mark.parametrize("recipe", ["tiny_teacher", "tiny_metric", "tiny_student"])
 def test_one_step_of_every_recipe_type(recipe, tiny_data, tmp_path):
-    run = _fit(tmp_path, tiny_data, recipe, steps=2)
+    run = _fit(tmp_path, tiny_data, recipe, "--model.panel_every_n_steps", "1", steps=2)
     rows = _metrics(run)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    (log_dir,) = run.glob("lightning_logs/version_*")
+    panels = {p.parent.name for p in log_dir.glob("panels/*/step_*.png")}
     if recipe == "tiny_student":
         keys = rows[0].keys()
         assert {"train/term/labeled", "train/term/unlabeled", "train/term/feature"} <= set(keys)
+        assert panels == {"train", "train_unlabeled"}  # the pseudo-labeled images too, not the labeled ones alone
+    else:
+        assert panels == {"train"}
     assert any(r.get("perf/images_per_s") for r in rows) and any(r.get("lr-AdamW/encoder") for r in rows)
 
 
@@ -517,6 +538,9 @@ def test_wandb_offline_run_holds_metrics_and_panels(tiny_data, tmp_path, monkeyp
     table = json.loads(table.read_text())
     assert table["columns"] == ["key", "abs_rel", "delta1"] and len(table["data"]) >= 2
     # Each run's config.yaml beside its own checkpoints: a second run in the same folder overwrites nothing.
+    # The run's config holds the trainer's settings, beside the module's and the data's arguments.
+    config = wandb_module.run.config
+    assert config["trainer"]["max_steps"] == 2 and config["optim"]["encoder_lr"] == 2e-4
     wandb_module.finish()  # a new process starts a new run; in this one, the logger would resume the active run
     _fit(tmp_path, tiny_data, "tiny_teacher", *wandb, "--model.optim.encoder_lr", "0.001", steps=1)
     configs = sorted(tmp_path.glob("depthkit/*/config.yaml"), key=lambda p: p.stat().st_mtime)
@@ -809,7 +833,7 @@ def test_preemption_saves_a_checkpoint_that_resumes_the_run(name, slurm, tiny_da
     proc = fit(run, "--model.panel_every_n_steps", "5")
     try:
         deadline = time.monotonic() + 120
-        while not (run / "lightning_logs/version_0/panels/step_00000010.png").exists():
+        while not (run / "lightning_logs/version_0/panels/train/step_00000010.png").exists():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         os.killpg(proc.pid, signum)
