@@ -50,20 +50,12 @@ def register(subparsers) -> None:
 
 
 def _check_out(out, overwrite: bool) -> None:
+    """Before any input is read: `--out` may be written (a folder without shards, or `--overwrite`)."""
     from pathlib import Path
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    existing = sorted(out.glob("*.tar"))  # none when the folder does not exist yet
-    if existing and not overwrite:
-        raise ValueError(
-            f"--out {out} already holds {len(existing)} shard(s) (e.g. {existing[0].name}); "
-            "pass --overwrite to replace them"
-        )
-    # `*.tar.tmp`: shards an interrupted run never finished (writers rename a shard only when it is complete).
-    for path in [*existing, *out.glob("*.tar.tmp")]:
-        path.unlink()
+    from depthkit.data.convert import check_out_dir
+
+    check_out_dir(Path(out), overwrite, ("--out", "--overwrite"))
 
 
 def _check_positive(args: argparse.Namespace, *names: str, minimum: int = 1) -> None:
@@ -89,6 +81,7 @@ def run_convert(args: argparse.Namespace) -> int:
             prefix=args.prefix,
             licence=args.licence,
             on_error=args.on_error,
+            overwrite=args.overwrite,
         )
     else:
         index = convert_images(
@@ -98,6 +91,7 @@ def run_convert(args: argparse.Namespace) -> int:
             prefix=args.prefix,
             licence=args.licence,
             on_error=args.on_error,
+            overwrite=args.overwrite,
         )
     print(
         f"wrote {index['num_samples']} {index['kind']} samples in {len(index['shards'])} shard(s) to {args.out}"
@@ -126,6 +120,7 @@ def run_synth(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         image_format=args.image_format,
         workers=args.workers,
+        overwrite=args.overwrite,
     )
     print(
         f"wrote {index['num_samples']} synthetic {index['kind']} scenes in {len(index['shards'])} shard(s) "

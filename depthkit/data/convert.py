@@ -22,16 +22,39 @@ def write_index(out_dir: str | Path, index: dict) -> None:
     write_json_atomic(Path(out_dir) / "index.json", index)
 
 
+def check_out_dir(out_dir: Path, overwrite: bool, options: tuple[str, str] = ("out_dir", "overwrite=True")) -> list:
+    """The shards `out_dir` holds, when it may be written: a folder (or nothing yet) without shards, or `overwrite`.
+
+    Raises:
+        ValueError: naming the two `options` (the folder's and the overwrite's, as the caller spells them).
+    """
+    folder_option, overwrite_option = options
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{folder_option} {out_dir} is a file, not a folder")
+    existing = sorted(out_dir.glob("*.tar"))  # none when the folder does not exist yet
+    if existing and not overwrite:
+        raise ValueError(
+            f"{folder_option} {out_dir} already holds {len(existing)} shard(s) (e.g. {existing[0].name}); "
+            f"pass {overwrite_option} to replace them"
+        )
+    return existing
+
+
 @contextmanager
-def writing(out_dir: Path):
+def writing(out_dir: Path, *, overwrite: bool = False):
     """Mark `out_dir` as being written until the block ends: readers refuse it while it holds the mark and no index
     (`shard_paths`), so a killed writer's part is never taken for a dataset. An older dataset's `index.json` is
-    removed first: it would vouch for the new shards (a killed `--overwrite` run once looked complete)."""
+    removed first: it would vouch for the new shards (a killed `--overwrite` run once looked complete). A folder
+    holding shards is refused (`check_out_dir`) unless `overwrite`; then its shards are removed."""
+    existing = check_out_dir(out_dir, overwrite)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "index.json").unlink(missing_ok=True)
     marker = out_dir / WRITING_MARKER
     marker.touch()
+    # `*.tar.tmp`: shards an interrupted run never finished (writers rename a shard only when it is complete).
+    for path in [*existing, *out_dir.glob("*.tar.tmp")]:
+        path.unlink()
     try:
         yield
     except BaseException:
@@ -44,7 +67,14 @@ def writing(out_dir: Path):
 
 
 def _write(
-    samples: Iterable[tuple[dict, dict]], out_dir, *, kind: str, shard_size: int, prefix: str, skipped: list[str]
+    samples: Iterable[tuple[dict, dict]],
+    out_dir,
+    *,
+    kind: str,
+    shard_size: int,
+    prefix: str,
+    skipped: list[str],
+    overwrite: bool,
 ) -> dict:
     """Encode `(sample, encode_kwargs)` pairs into shards and write the index.
 
@@ -52,7 +82,7 @@ def _write(
     all of it) and `out_dir` when this call created it.
     """
     out_dir = Path(out_dir)
-    with writing(out_dir):
+    with writing(out_dir, overwrite=overwrite):
         writer = ShardWriter(out_dir, prefix=prefix, shard_size=shard_size)
         try:
             with writer:
@@ -74,7 +104,14 @@ def _write(
 
 
 def convert_manifest(
-    manifest, out_dir, *, shard_size: int = 1000, prefix: str = "shard", licence: str = "", on_error: str = "raise"
+    manifest,
+    out_dir,
+    *,
+    shard_size: int = 1000,
+    prefix: str = "shard",
+    licence: str = "",
+    on_error: str = "raise",
+    overwrite: bool = False,
 ) -> dict:
     """Convert a manifest of RGB-D pairs into labeled shards; returns the index."""
     skipped: list[str] = []
@@ -103,7 +140,9 @@ def convert_manifest(
             scale = row.codec.scale if row.codec.depth_format.startswith("uint16_png") else None
             yield sample, {"target_scale": scale}
 
-    return _write(samples(), out_dir, kind="labeled", shard_size=shard_size, prefix=prefix, skipped=skipped)
+    return _write(
+        samples(), out_dir, kind="labeled", shard_size=shard_size, prefix=prefix, skipped=skipped, overwrite=overwrite
+    )
 
 
 def find_images(folder) -> list[Path]:
@@ -119,7 +158,14 @@ def find_images(folder) -> list[Path]:
 
 
 def convert_images(
-    folder, out_dir, *, shard_size: int = 1000, prefix: str = "shard", licence: str = "", on_error: str = "raise"
+    folder,
+    out_dir,
+    *,
+    shard_size: int = 1000,
+    prefix: str = "shard",
+    licence: str = "",
+    on_error: str = "raise",
+    overwrite: bool = False,
 ) -> dict:
     """Convert a folder of photos (recursive) into unlabeled shards; returns the index."""
     folder = Path(folder)
@@ -148,7 +194,9 @@ def convert_images(
                 sample["image_bytes"] = passthrough
             yield sample, {}
 
-    return _write(samples(), out_dir, kind="unlabeled", shard_size=shard_size, prefix=prefix, skipped=skipped)
+    return _write(
+        samples(), out_dir, kind="unlabeled", shard_size=shard_size, prefix=prefix, skipped=skipped, overwrite=overwrite
+    )
 
 
 def _synth_shard(job: tuple) -> tuple[str, int]:
@@ -177,6 +225,7 @@ def write_synthetic(
     shard_size: int = 1000,
     image_format: str = "jpg",
     workers: int = 1,
+    overwrite: bool = False,
 ) -> dict:
     """Render `num` procedural scenes into shards (in parallel over shards); returns the index."""
     for name, value in (("num", num), ("shard_size", shard_size), ("workers", workers)):
@@ -188,7 +237,7 @@ def write_synthetic(
         (str(out_dir), i, first_index + start, min(shard_size, num - start), tuple(size), seed, labeled, image_format)
         for i, start in enumerate(range(0, num, shard_size))
     ]
-    with writing(Path(out_dir)):
+    with writing(Path(out_dir), overwrite=overwrite):
         start_time = time.perf_counter()
         if workers > 1 and len(jobs) > 1:
             import multiprocessing as mp

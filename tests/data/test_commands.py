@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,20 @@ def test_a_writer_interrupted_over_an_older_dataset_leaves_no_index_to_vouch_for
     monkeypatch.setattr(convert, "_synth_shard", real)
     assert main(again) == 0
     assert len(shard_paths(out)) == 3 and not (out / ".depthkit-writing").exists()
+
+
+def test_the_python_writers_refuse_a_folder_that_holds_shards_unless_told_to_overwrite(tmp_path):
+    """`write_synthetic` (and the converters) wrote into a folder with another dataset: its index was removed, its
+    shards stayed and the folder kept the writer's mark, so neither dataset could be read."""
+    from depthkit.data.convert import write_synthetic
+
+    out = tmp_path / "synth"
+    write_synthetic(out, num=4, size=(28, 28), shard_size=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match=r"synth already holds 2 shard\(s\) .*pass overwrite=True to replace them"):
+        write_synthetic(out, num=2, size=(28, 28), seed=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the older dataset is untouched
+    (out / "synth-000009.tar.tmp").write_bytes(b"half a shard")
+    index = write_synthetic(out, num=2, size=(28, 28), seed=1, overwrite=True)
+    assert [Path(p).name for p in shard_paths(out)] == ["synth-000000.tar"] and index["num_samples"] == 2
+    assert not list(out.glob("*.tmp")) and not (out / ".depthkit-writing").exists()
