@@ -114,6 +114,9 @@ def check_size(prefix: str, build, size: str, args, workdir: Path) -> float:
     if not hasattr(official, "infer_image"):
         return worst
     photo = np.asarray(Image.open(args.image).convert("RGB"))
+    # The official `image2tensor` sends the image to CUDA or MPS whenever one is there: both models go along.
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    official.to(device), ours.to(device)
     with torch.no_grad():
         expected = official.infer_image(photo[:, :, ::-1].copy(), args.input_size)  # the official API takes BGR
         got = ours.infer(photo, input_size=args.input_size).values

@@ -79,16 +79,16 @@ class PaddedDepthModel(nn.Module):
         return pred_BHW[:, :height, :width].float()
 
 
+def _cubic_kernel(x: torch.Tensor, a: float) -> torch.Tensor:
+    """Keys' cubic convolution kernel at distances `x` >= 0 (zero from 2 on)."""
+    near = ((a + 2) * x - (a + 3)) * x * x + 1  # x <= 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < x < 2
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros(())))
+
+
 def _cubic_weights(t: torch.Tensor, a: float = -0.75) -> list[torch.Tensor]:
     """Bicubic weights of the taps at floor - 1, floor, floor + 1, floor + 2 for fractional offsets `t`."""
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+    return [_cubic_kernel(d, a) for d in (t + 1, t, 1 - t, 2 - t)]
 
 
 def _bicubic_matrix(out_len, in_len: int, scale: torch.Tensor) -> torch.Tensor:
@@ -105,6 +105,16 @@ def _bicubic_matrix(out_len, in_len: int, scale: torch.Tensor) -> torch.Tensor:
         index = torch.clamp(first + (k - 1), 0, in_len - 1)
         matrix_ns = matrix_ns + weight[:, None] * (index[:, None] == cols_1s).to(torch.float32)
     return matrix_ns
+
+
+def _bicubic_aa_matrix(out_len, in_len: int, scale: torch.Tensor) -> torch.Tensor:
+    """`out_len x in_len` matrix of torch's antialiased bicubic (`antialias=True`: PIL's filter, a = -0.5, widened by
+    the downscale factor, rows normalized; taps outside the input dropped, not clamped) at a given scale."""
+    dst = torch.arange(out_len, dtype=torch.float32)
+    stretch = torch.clamp(1 / scale, min=1.0)  # the filter's width in input pixels, over its width at scale 1
+    offset_ns = (torch.arange(in_len, dtype=torch.float32)[None] + 0.5 - (dst[:, None] + 0.5) / scale) / stretch
+    weight_ns = _cubic_kernel(offset_ns.abs(), a=-0.5)
+    return weight_ns / weight_ns.sum(dim=1, keepdim=True)
 
 
 def traceable_pos_embed(encoder: nn.Module, grid_h, grid_w) -> torch.Tensor:
@@ -131,8 +141,9 @@ def traceable_pos_embed(encoder: nn.Module, grid_h, grid_w) -> torch.Tensor:
     cols_1s = torch.arange(side, dtype=torch.float32)[None]
     eye_hs = (torch.arange(grid_h, dtype=torch.float32)[:, None] == cols_1s).to(torch.float32)
     eye_ws = (torch.arange(grid_w, dtype=torch.float32)[:, None] == cols_1s).to(torch.float32)
-    resize_hs = native * eye_hs + (1 - native) * _bicubic_matrix(grid_h, side, scale_h)  # h x s
-    resize_ws = native * eye_ws + (1 - native) * _bicubic_matrix(grid_w, side, scale_w)  # w x s
+    bicubic = _bicubic_aa_matrix if encoder.config.interpolate_antialias else _bicubic_matrix
+    resize_hs = native * eye_hs + (1 - native) * bicubic(grid_h, side, scale_h)  # h x s
+    resize_ws = native * eye_ws + (1 - native) * bicubic(grid_w, side, scale_w)  # w x s
     grid_hwD = torch.einsum("hs,stD,wt->hwD", resize_hs, grid_ssD, resize_ws)
     grid_1ND = grid_hwD.reshape(1, -1, grid_ssD.shape[-1])  # 1 x N x D, row-major
     return torch.cat([pos_embed_1TD[:, :1], grid_1ND], dim=1).to(dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,11 @@ def export_weights(model, out: str | os.PathLike, *, layout: str = "official") -
         )
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix picks the file format
     try:
-        written = save_checkpoint(model, tmp, layout=layout)
+        with warnings.catch_warnings(record=True) as caught:  # they name the temporary file: name `path`
+            warnings.simplefilter("always")
+            written = save_checkpoint(model, tmp, layout=layout)
+        for warning in caught:
+            warnings.warn(str(warning.message).replace(str(tmp), str(path)), warning.category, stacklevel=2)
         reread = load_checkpoint(DepthModel(model.config), tmp)
         expected, got = model.state_dict(), reread.state_dict()
         differ = [k for k, v in expected.items() if not torch.equal(v.detach().cpu(), got[k])]

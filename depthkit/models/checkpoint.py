@@ -63,9 +63,11 @@ def find_pretrained(filename: str, model_name: str, checkpoint_path: str | os.Pa
     Args:
         filename: Official file name, e.g. "depth_anything_v2_vits.pth".
         model_name: For the error message.
-        checkpoint_path: A folder to look in instead of `checkpoint_dir()`.
+        checkpoint_path: A folder to look in instead of `checkpoint_dir()`, or the official file itself.
     """
     folder = Path(checkpoint_path).expanduser() if checkpoint_path is not None else checkpoint_dir()
+    if folder.is_file():
+        return folder
     candidates = [folder / filename]
     for path in candidates:
         if path.is_file():
@@ -293,6 +295,8 @@ def hf_config(config: DepthModelConfig) -> dict:
         raise ValueError("the transformers DepthAnything model has no BatchNorm or class-token readout head")
     if enc.num_register_tokens:
         raise ValueError("the transformers DepthAnything neck assumes one prefix token; register tokens don't fit")
+    if enc.interpolate_antialias:
+        raise ValueError("transformers' DINOv2 resizes the position embedding without antialiasing")
     out_indices = [i + 1 for i in config.tap_indices]  # transformers counts the embeddings as stage 0
     backbone = {
         "model_type": "dinov2",
@@ -441,10 +445,13 @@ def _weights_file(path: str | os.PathLike) -> Path:
 
 
 def _safetensors_config(path: Path) -> dict | None:
-    """A `.safetensors` file's model: the `config.json` beside it (a transformers folder), else its metadata."""
+    """A `.safetensors` file's model: the one its own metadata names (a depthkit file), else the `config.json` beside
+    it (a transformers folder). The metadata comes first: a depthkit file beside another export's `config.json` was
+    built from that config, silently (an 80 m metric model as the 20 m one)."""
+    named = _metadata_config(path)
     config_path = path.parent / HF_CONFIG_NAME
-    if not config_path.is_file():
-        return _metadata_config(path)
+    if named is not None or not config_path.is_file():
+        return named
     try:
         return json.loads(config_path.read_text())
     except ValueError as err:
@@ -526,7 +533,8 @@ def check_training_config(
     config: DepthModelConfig,
     source: str,
     hint: str = "load it with depthkit.models.load_model(checkpoint_path=...) (the commands do), which builds the "
-    "model the checkpoint names",
+    "model the checkpoint names; to start from its weights as another model on purpose (a fine-tuning), "
+    "depthkit.models.load_checkpoint(model, path, check_config=False)",
 ) -> None:
     """Raise a `ValueError` if a training checkpoint was trained as a different model than `config`.
 

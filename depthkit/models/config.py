@@ -40,6 +40,9 @@ class EncoderConfig:
     """Layer-scale initial value (Depth Anything builds DINOv2 with 1.0)."""
     interpolate_offset: float = 0.1
     """DINOv2's position-embedding resize offset; 0.1 reproduces the official checkpoints' outputs exactly."""
+    interpolate_antialias: bool = False
+    """Antialiased bicubic position-embedding resize: False in DINOv2 and Depth Anything; DINOv2-reg is built with
+    True (and `interpolate_offset=0.0`, `num_register_tokens=4`)."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate over the blocks (0 in Depth Anything)."""
 

@@ -111,12 +111,12 @@ class DinoV2Encoder(VisionTransformer):
         pos_embed_1TD = pos_embed_1TD.float()
         cls_pos_11D = pos_embed_1TD[:, :1]
         grid_1Dss = pos_embed_1TD[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # 1 x D x s x s
-        offset = self.config.interpolate_offset
+        offset, antialias = self.config.interpolate_offset, self.config.interpolate_antialias
         if offset:
             scale = ((grid_h + offset) / side, (grid_w + offset) / side)
-            grid_1Dhw = F.interpolate(grid_1Dss, scale_factor=scale, mode="bicubic", antialias=False)
+            grid_1Dhw = F.interpolate(grid_1Dss, scale_factor=scale, mode="bicubic", antialias=antialias)
         else:
-            grid_1Dhw = F.interpolate(grid_1Dss, size=(grid_h, grid_w), mode="bicubic", antialias=False)
+            grid_1Dhw = F.interpolate(grid_1Dss, size=(grid_h, grid_w), mode="bicubic", antialias=antialias)
         assert grid_1Dhw.shape[-2:] == (grid_h, grid_w), (grid_1Dhw.shape, grid_h, grid_w)
         grid_1ND = grid_1Dhw.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)  # 1 x N x D
         return torch.cat([cls_pos_11D, grid_1ND], dim=1).to(dtype)

@@ -3,7 +3,7 @@
 Names are `<family>_<size>`; `pretrained=True` loads the official file named here from the local folder:
 
 - `dav2_vits`, `dav2_vitb`, `dav2_vitl`, `dav2_vitg`: Depth Anything V2, taps [2,5,8,11] / [2,5,8,11] /
-  [4,11,17,23] / [9,19,29,39], affine_disparity; `depth_anything_v2_{size}.pth`.
+  [4,11,17,23] / [9,19,29,39], affine_disparity; `depth_anything_v2_{size}.pth` (Giant's is not released).
 - `dav1_vits`, `dav1_vitb`, `dav1_vitl`: Depth Anything V1, taps the last four blocks, affine_disparity;
   `depth_anything_{size}14.pth`.
 - `dav2_metric_{vits,vitb,vitl}`: V2 metric, indoor (Hypersim), metric_depth = sigmoid * 20 m;
@@ -16,7 +16,9 @@ Names are `<family>_<size>`; `pretrained=True` loads the official file named her
   objects within a few CPU minutes, where `test_dav2` stops at the floor's ramp. No official file.
 
 `dav2_metric_{size}` is the official metric architecture with the official constructor's default `max_depth=20`;
-pass `max_depth=...` to change it (any override of a config field works, see `create_model`).
+pass `max_depth=...` to change it (any override of a config field works, see `create_model`). Weights trained
+as another model than the one built are refused (a metric file of 80 m into a 20 m model would scale every
+output); to start from them on purpose, `load_checkpoint(model, path, check_config=False)`.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def create_model(
             `$DEPTHKIT_HOME/checkpoints`, default `~/.cache/depthkit/checkpoints`), under the official file name.
         checkpoint_path: A checkpoint to load instead (official `.pth`, depthkit `.pth`/`.safetensors`, or a
             transformers folder / `model.safetensors`); with `pretrained=True`, a folder to look in for the
-            official file.
+            official file, or that file.
         **overrides: Config fields to change (see `model_config`).
 
     Returns:

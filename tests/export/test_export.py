@@ -59,10 +59,21 @@ def test_position_embedding_resize_matches_dinov2_at_every_grid():
             traceable_pos_embed(encoder, *grid_hw), encoder.interpolate_pos_embed(*grid_hw), rtol=0, atol=1e-5
         )
     no_offset = create_model("test_dav2", interpolate_offset=0.0).encoder  # the transformers variant
-    for grid_hw in [(3, 8), (5, 5), (6, 6)]:
-        torch.testing.assert_close(
-            traceable_pos_embed(no_offset, *grid_hw), no_offset.interpolate_pos_embed(*grid_hw), rtol=0, atol=1e-5
-        )
+    # DINOv2-reg's resize (antialiased, no offset), and antialiased with the offset: down, up and mixed grids.
+    registers = create_model("test_dav2", interpolate_offset=0.0, interpolate_antialias=True, num_register_tokens=4)
+    antialiased = create_model("test_dav2", interpolate_antialias=True)
+    for other in (registers.encoder, antialiased.encoder):
+        with torch.no_grad():
+            other.pos_embed.normal_()
+    for variant in (no_offset, registers.encoder, antialiased.encoder):
+        for grid_hw in [(3, 8), (5, 5), (6, 6), (1, 1), (2, 3), (11, 4), (37, 20)]:
+            torch.testing.assert_close(
+                traceable_pos_embed(variant, *grid_hw), variant.interpolate_pos_embed(*grid_hw), rtol=0, atol=1e-5
+            )
+    plain = create_model("test_dav2").encoder
+    plain.load_state_dict(antialiased.encoder.state_dict())
+    with torch.no_grad():  # the two resizes differ, so the comparisons above tell them apart
+        assert not torch.allclose(plain.interpolate_pos_embed(2, 3), antialiased.encoder.interpolate_pos_embed(2, 3))
 
 
 def test_non_multiple_sizes_are_zero_padded_and_cropped(exported, model):

@@ -99,3 +99,15 @@ def test_bad_output_or_a_mismatch_writes_nothing(tmp_path, monkeypatch, capsys):
         with pytest.raises(ValueError, match=f"{layout} weights did not read back identical: encoder"):
             export_weights(model, tmp_path / name, layout=layout)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_lossy_export_warns_naming_the_file_written(tmp_path):
+    """The warning named the temporary file the export verifies before renaming it into place."""
+    import warnings
+
+    out = tmp_path / "metric80.pth"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_weights(create_model("test_dav2_metric", max_depth=80.0), out, layout="depthkit")
+    (message,) = [str(w.message) for w in caught if "keeps the weights only" in str(w.message)]
+    assert message.startswith(f"{out} keeps the weights only") and out.is_file()

@@ -223,8 +223,9 @@ def test_depthkit_safetensors_name_their_model_in_the_metadata(tmp_path):
 
     metric = _random_model("test_dav2_metric", max_depth=80.0)
     path = save_checkpoint(metric, tmp_path / "metric.safetensors", layout="depthkit")
+    save_checkpoint(_random_model("test_dav2"), tmp_path, layout="hf")  # another export's config.json beside it
     loaded = load_model(checkpoint_path=path)  # no --model needed, built with its override
-    assert loaded.meta.name == "test_dav2_metric" and loaded.meta.max_depth == 80.0
+    assert loaded.meta.name == "test_dav2_metric" and loaded.meta.max_depth == 80.0  # not the config.json's model
     _assert_same(loaded.state_dict(), metric.state_dict())
     with pytest.raises(ValueError, match="holds a test_dav2_metric model \\(the model its metadata names\\)"):
         load_model("test_dav2", path)  # same tensor shapes: without the metadata it would load silently
@@ -274,9 +275,11 @@ def test_pretrained_looks_only_in_the_local_folder(tmp_path, monkeypatch):
     model = _random_model("test_dav2")
     save_checkpoint(model, tmp_path / "home" / "checkpoints" / "tiny_official.pth")
     _assert_same(create_model("test_dav2", pretrained=True).state_dict(), model.state_dict())
-    # checkpoint_path with pretrained=True is a folder to look in.
+    # checkpoint_path with pretrained=True is a folder to look in, or the file itself.
     with pytest.raises(FileNotFoundError, match=f"looked for {tmp_path / 'elsewhere' / 'tiny_official.pth'}"):
         create_model("test_dav2", pretrained=True, checkpoint_path=tmp_path / "elsewhere")
+    given = tmp_path / "home" / "checkpoints" / "tiny_official.pth"
+    _assert_same(create_model("test_dav2", pretrained=True, checkpoint_path=given).state_dict(), model.state_dict())
 
 
 def test_pretrained_encoder_looks_for_the_dinov2_file(tmp_path, monkeypatch):
