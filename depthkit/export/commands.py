@@ -107,11 +107,13 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     size_hw = parse_size(args.size) if args.size else None
     images = None
     if args.verify_images:
+        from depthkit.export.verification import named_images
         from depthkit.models.predict import collect_inputs
 
-        images = [item.path for item in collect_inputs(args.verify_images)]
-        if not images:
+        paths = [item.path for item in collect_inputs(args.verify_images)]
+        if not paths:
             raise FileNotFoundError(f"no images found in {' '.join(args.verify_images)}")
+        images = named_images(paths)  # read now: a bad one is named before the export, not after it
     verify_sizes = [parse_size(s) for s in args.verify_sizes.split(",") if s.strip()] if args.verify_sizes else None
     model = load_model(checkpoint=args.checkpoint, model=args.model, weights=args.weights)
     export_onnx(

@@ -347,7 +347,7 @@ def export_onnx(
     axis_names = {0: "batch", 2: "height", 3: "width"}
     dynamic_axes = {
         INPUT_NAME: {i: n for i, n in axis_names.items() if n in dynamic},
-        output_name: {(1 if i == 0 else i - 1): n for i, n in axis_names.items() if n in dynamic},
+        output_name: {(0 if i == 0 else i - 1): n for i, n in axis_names.items() if n in dynamic},  # B x H x W
     }
     meta = graph_meta(model, precision=precision, dynamic=dynamic, size_hw=size_hw)
     tmp = _tmp_path(path)
@@ -372,6 +372,14 @@ def export_onnx(
         for key, value in to_props(meta).items():
             proto.metadata_props.add(key=key, value=value)
         proto.doc_string = f"depthkit {meta.depthkit_version} export of {meta.name}; see depthkit/export/metadata.py"
+        # The output's declared shape: named dynamic axes, sizes for static ones (the tracer leaves them all symbolic).
+        output_dims = proto.graph.output[0].type.tensor_type.shape.dim
+        declared = (("batch", batch), ("height", size_hw[0]), ("width", size_hw[1]))
+        for dim, (name, static) in zip(output_dims, declared, strict=True):
+            if name in dynamic:
+                dim.dim_param = name
+            else:
+                dim.dim_value = static
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as err:
@@ -380,13 +388,21 @@ def export_onnx(
         report = None
         if verify:
             sizes = verify_sizes or verification.default_verify_sizes(size_hw, patch, dynamic)
-            report = verification.verify_onnx(
-                reference, tmp, sizes=sizes, images=verify_images, precision=precision, batch=batch
-            )
+            failed = path.with_name(path.stem + ".failed.onnx")
+            try:
+                report = verification.verify_onnx(
+                    reference, tmp, sizes=sizes, images=verify_images, precision=precision, batch=batch
+                )
+            except Exception as err:  # noqa: BLE001 - ONNX Runtime's own errors: the graph does not run
+                os.replace(tmp, failed)
+                message = " ".join(str(err).split())
+                raise verification.VerificationError(
+                    f"the exported graph does not run as PyTorch does ({type(err).__name__}: {message[:500]}); it is "
+                    f"kept as {failed} for inspection"
+                ) from None
             if log:
                 log(report.format())
             if not report.passed:
-                failed = path.with_name(path.stem + ".failed.onnx")
                 os.replace(tmp, failed)
                 raise verification.VerificationError(
                     f"ONNX Runtime differs from PyTorch beyond the {precision} tolerance "

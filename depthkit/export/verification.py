@@ -125,15 +125,21 @@ def default_images() -> list[tuple[str, np.ndarray]]:
     return [(path.name, read_image(path))]
 
 
-def _named_images(images: Sequence | None) -> list[tuple[str, np.ndarray]]:
+def named_images(images: Sequence | None) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB array) of each image: a file path (read, a bad file named), an array, or a (name, array) pair."""
     if images is None:
         return default_images()
     from depthkit.models.predict import read_image
 
     named = []
     for i, image in enumerate(images):
-        if isinstance(image, str | os.PathLike):
-            named.append((Path(image).name, read_image(Path(image))))
+        if isinstance(image, tuple):
+            named.append(image)
+        elif isinstance(image, str | os.PathLike):
+            try:
+                named.append((Path(image).name, read_image(Path(image))))
+            except Exception as err:  # noqa: BLE001 - PIL raises many types; say which image
+                raise ValueError(f"verification image {image}: {type(err).__name__}: {err}") from None
         else:
             named.append((f"#{i}", np.asarray(image)))
     return named
@@ -161,7 +167,7 @@ def verify_onnx(
     sizes: Sequence[tuple[int, int]],
     images: Sequence | None = None,
     precision: str = "fp32",
-    batch: int = 2,
+    batch: int | None = None,
     seed: int = 0,
     tolerance: float | None = None,
 ) -> VerifyReport:
@@ -171,9 +177,10 @@ def verify_onnx(
         model: The `DepthModel` that was exported (a float32 CPU copy is used as the reference).
         onnx_path: The graph.
         sizes: (H, W) input sizes; need not be multiples of the patch size.
-        images: Real images (uint8 `H x W x 3` arrays or file paths); default `default_images()`.
+        images: Real images (uint8 `H x W x 3` arrays, file paths or `named_images` pairs); default
+            `default_images()`.
         precision: The graph's precision, "fp32" or "fp16": picks the tolerance.
-        batch: Batch size of the random inputs.
+        batch: Batch size of the random inputs; default the graph's static batch, or 2 for a dynamic one.
         seed: Seed of the random inputs.
         tolerance: Override `TOLERANCES[precision]`.
 
@@ -188,13 +195,15 @@ def verify_onnx(
         raise ValueError(f"precision {precision!r} is not one of {', '.join(TOLERANCES)}")
     session = OnnxDepthModel(onnx_path)
     check_meta(session.meta, model)
+    if batch is None:
+        batch = session.input_shape[0] if isinstance(session.input_shape[0], int) else 2
     param = next(model.parameters())
     if param.dtype != torch.float32 or param.device.type != "cpu" or model.training:
         model = copy.deepcopy(model).float().cpu().eval()  # the caller's model is left as it is
     reference = PaddedDepthModel(model)
     generator = torch.Generator().manual_seed(seed)
     inputs: list[tuple[str, torch.Tensor]] = []
-    named = _named_images(images)
+    named = named_images(images)
     for index, (height, width) in enumerate(sizes):
         inputs.append(("random", torch.randn(batch, 3, height, width, generator=generator)))
         name, image = named[index % len(named)]

@@ -385,8 +385,8 @@ def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
-    """ "official", "depthkit" or "hf", from the key prefixes; a `ValueError` if none fits."""
+def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "state_dict") -> str:
+    """ "official", "depthkit" or "hf", from the key prefixes; a `ValueError` naming `source` if none fits."""
     keys = list(state_dict)
     if any(k.startswith((_OFFICIAL_ENCODER, _OFFICIAL_HEAD)) for k in keys):
         return "official"
@@ -394,7 +394,7 @@ def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
         return "hf"
     if any(k.startswith(("encoder.", "head.")) for k in keys):
         return "depthkit"
-    raise ValueError(f"unrecognized checkpoint layout; first keys: {', '.join(keys[:5])}")
+    raise ValueError(f"{source}: unrecognized checkpoint layout; first keys: {', '.join(keys[:5])}")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -594,7 +594,7 @@ def convert_to_depthkit(
     state_dict: dict[str, torch.Tensor], model, source: str = "state_dict", found_config: dict | None = None
 ) -> dict[str, torch.Tensor]:
     """Check `state_dict` strictly against `model` in the state dict's own layout, then convert it to depthkit."""
-    layout = detect_layout(state_dict)
+    layout = detect_layout(state_dict, source)
     own = model.state_dict()
     if found_config is not None and "model_overrides" in found_config:
         check_training_config(found_config, model.config, source)

@@ -10,7 +10,8 @@ Outputs, per input image `<name>` (the path relative to the folder it was found 
 - `<name>.npy`: the float32 prediction itself, in the model's output space.
 
 Files are written under a temporary name and renamed, so an interrupted run never leaves half a file.
-Bad images (unreadable, not an image) are reported by name and skipped.
+Bad images (unreadable, not an image, or not for the model: too elongated, a float image beyond [0, 1]) are reported
+by name and skipped.
 """
 
 from __future__ import annotations
@@ -210,6 +211,12 @@ def run_predict(
     skipped: list[str] = []
     num_written = 0
     bar = tqdm(total=len(inputs), unit="img", desc="predict", disable=not progress, file=sys.stderr)
+
+    def skip(item: InputImage, err: Exception) -> None:
+        skipped.append(f"{item.path}: {type(err).__name__}: {err}")
+        bar.write(f"skipped {skipped[-1]}", file=sys.stderr)
+        bar.update(1)
+
     try:
         for start in range(0, len(inputs), chunk_size):
             chunk = inputs[start : start + chunk_size]
@@ -219,12 +226,19 @@ def run_predict(
                     images.append(read_image(item.path))
                     good.append(item)
                 except Exception as err:  # noqa: BLE001 - any unreadable file is reported and skipped
-                    skipped.append(f"{item.path}: {type(err).__name__}: {err}")
-                    bar.write(f"skipped {skipped[-1]}", file=sys.stderr)
-                    bar.update(1)
+                    skip(item, err)
             if not images:
                 continue
-            for item, prediction in zip(good, predict(images), strict=True):
+            try:
+                predicted = list(zip(good, predict(images), strict=True))
+            except ValueError:  # an image the model cannot take (too elongated, a float image beyond [0, 1]): which
+                predicted = []
+                for item, image in zip(good, images, strict=True):
+                    try:
+                        predicted.append((item, predict([image])[0]))
+                    except ValueError as err:
+                        skip(item, err)
+            for item, prediction in predicted:
                 write_outputs(prediction.values, prediction.output_space, out_dir, item.name, save, cmap)
                 num_written += 1
                 bar.update(1)

@@ -149,7 +149,10 @@ def create_model(
     if pretrained:
         filename = checkpoint_filename(name)
         if filename is None:
-            raise FileNotFoundError(f"{name} has no official weights; pass checkpoint_path=... for your own")
+            raise FileNotFoundError(
+                f"{name} has no official weights; give your own (commands: --checkpoint PATH; Python: "
+                "checkpoint_path=...)"
+            )
         ckpt.load_checkpoint(model, ckpt.find_pretrained(filename, name, checkpoint_path))
     elif checkpoint_path is not None:
         ckpt.load_checkpoint(model, checkpoint_path)

@@ -40,6 +40,8 @@ def test_graph_is_dynamic_in_batch_height_and_width(exported, model):
     onnx.checker.check_model(graph, full_check=True)
     dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 3, "height", "width"]
+    output_dims = [d.dim_param or d.dim_value for d in graph.graph.output[0].type.tensor_type.shape.dim]
+    assert output_dims == ["batch", "height", "width"]  # batch was declared on the output's height axis
     assert graph.graph.output[0].name == model.meta.output_space
     session = OnnxDepthModel(exported.path)
     rng = np.random.default_rng(0)
@@ -180,6 +182,32 @@ def test_failed_verification_writes_nothing_at_the_path(model, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.failed.onnx"]  # no temporary file, no bad.onnx
 
 
+def test_a_graph_that_does_not_run_is_kept_and_named_in_one_line(model, tmp_path, monkeypatch):
+    """A shape the tracer froze makes ONNX Runtime fail at another size: that is what verification is for, and it
+    gave ONNX Runtime's traceback and deleted the graph."""
+    real = PaddedDepthModel.forward
+
+    def frozen(self, image_BCHW):
+        height, width = int(image_BCHW.shape[-2]), int(image_BCHW.shape[-1])  # Python ints: constants in the graph
+        return real(self, image_BCHW).reshape(image_BCHW.shape[0], height, width)
+
+    monkeypatch.setattr(PaddedDepthModel, "forward", frozen)
+    with pytest.raises(VerificationError, match=r"does not run as PyTorch does .*kept as .*frozen.failed.onnx") as err:
+        export_onnx(model, tmp_path / "frozen.onnx", size_hw=EXPORT_SIZE, verify_sizes=[(42, 70)], log=None)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frozen.failed.onnx"]
+
+
+def test_a_bad_verification_image_is_named_before_the_export(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a whole jpeg")
+    out = tmp_path / "x.onnx"
+    args = ["export", "onnx", "--model", "test_dav2", "--weights", str(checkpoint), "--out", str(out)]
+    assert main([*args, "--verify-images", str(bad)]) == 1
+    assert f"verification image {bad}" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.onnx"))
+
+
 def test_training_checkpoint_names_its_model(tmp_path):
     model = tiny_model("test_dav2_metric")
     ckpt = tmp_path / "last.ckpt"  # the layout `depthkit fit` writes (Lightning): hyper_parameters + state_dict
@@ -216,6 +244,11 @@ def test_command_static_graph(checkpoint, export_dir, photos, capsys):
     assert "verification passed" in printed and "1 x 3 x 42 x 56" in printed and f"wrote {out}" in printed
     session = OnnxDepthModel(out)
     assert session.static_size_hw == (42, 56) and session.meta.dynamic_axes == ()
+    output_dims = [d.dim_param or d.dim_value for d in onnx.load(str(out)).graph.output[0].type.tensor_type.shape.dim]
+    assert output_dims == [1, 42, 56]
+    from depthkit.export.verification import verify_onnx
+
+    assert verify_onnx(load_model(checkpoint=checkpoint, model="test_dav2"), out, sizes=[(42, 56)]).passed  # batch 1
     with pytest.raises(ValueError, match="static height of 42"):
         session(np.zeros((1, 3, 56, 56), np.float32))
     prediction = session.infer(np.zeros((30, 100, 3), np.uint8))  # resized to the static size, and back

@@ -240,7 +240,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_model("test_dav2", checkpoint_path=tmp_path / "nope.pth")
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="unrecognized checkpoint layout; first keys: a"):
+    with pytest.raises(ValueError, match="other.pth: unrecognized checkpoint layout; first keys: a"):
         create_model("test_dav2", checkpoint_path=tmp_path / "other.pth")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="does not hold a state_dict"):

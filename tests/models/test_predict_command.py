@@ -76,10 +76,15 @@ def test_bad_images_are_skipped_and_named(tmp_path, capsys):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees when shown
     Image.fromarray(rgb).save(inputs / "rotated.jpg", exif=exif)
+    # Readable, but not for the model: it stopped the whole run, naming no file.
+    Image.fromarray(rgb[:1].repeat(2, axis=0)[:, :, 0].repeat(10, axis=1)).save(inputs / "strip.png")  # 2 x 400
+    Image.fromarray(rgb[:, :, 0].astype(np.float32)).save(inputs / "float255.tif")  # a float image in 0-255
     out = tmp_path / "out"
     assert main(["predict", str(inputs), "--out", str(out), "--save", "npy", *TINY]) == 0
     captured = capsys.readouterr()
-    assert "skipped 1 bad input" in captured.out
+    assert "skipped 3 bad input" in captured.out
+    assert "strip.png: ValueError: a 2x400 image is too elongated" in captured.err
+    assert "float255.tif: ValueError: a float image must hold values in [0, 1]" in captured.err
     named = [line for line in (captured.out + captured.err).splitlines() if "broken.jpg" in line]
     assert len(named) == 1, f"each bad input is named once: {named}"
     assert "broken.jpg" in captured.err
