@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where --csv writes")
     args = parser.parse_args(argv)
 
-    from depthkit.export import OnnxDepthModel, export_onnx
+    from depthkit.export import TOLERANCES, OnnxDepthModel, export_onnx
     from depthkit.export.exporter import PaddedDepthModel, parse_size
     from depthkit.models import create_model
 
@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     image_BCHW = torch.randn(args.batch, 3, height, width, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{args.model}.onnx"
-        export_onnx(model, path, opset=args.opset, size_hw=(height, width), verify=False, log=None)
+        try:
+            export_onnx(model, path, opset=args.opset, size_hw=(height, width), verify=False, log=None)
+        except ValueError as err:  # e.g. a --size that is not a multiple of the patch size
+            parser.error(str(err))
         session = OnnxDepthModel(path, num_threads=threads)
         graph_input = image_BCHW.numpy()
         reference = PaddedDepthModel(model).eval()
@@ -109,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model:<12} {f'{args.batch} x {height} x {width}':>14} {threads:>7} {row['torch_eager_ms']:>15.2f} "
         f"{row['onnxruntime_ms']:>15.2f} {row['ratio_torch_over_ort']:>10.2f} {row['max_rel_err']:>12}"
     )
+    if max_rel > TOLERANCES["fp32"]:
+        print(f"FAIL: the graph differs from PyTorch by {max_rel:.2e} > {TOLERANCES['fp32']:.0e}", file=sys.stderr)
+        return 1
     if args.csv:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         out_path = args.out_dir / "export_cpu.csv"

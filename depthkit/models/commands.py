@@ -46,7 +46,11 @@ def register(subparsers) -> None:
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     predict.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     predict.add_argument(
-        "--input-size", type=int, default=518, help="short side of the network input, rounded to the patch size"
+        "--input-size",
+        type=int,
+        default=518,
+        help="short side of the network input, rounded to the patch size (an --onnx graph's static sides keep their "
+        "size)",
     )
     predict.add_argument("--cmap", default="inferno", help="matplotlib colormap of the color output")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
