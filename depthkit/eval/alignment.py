@@ -55,12 +55,18 @@ class AlignmentFit:
     Attributes:
         scale: Fitted scale (1 for `none`).
         shift: Fitted shift, in the fit's space (0 for `none` and `median`).
-        degenerate: True when the prediction was constant over the mask, so only a shift could be fitted.
+        degenerate: True when the prediction was constant over the mask, so only a shift could be fitted, or had
+            no finite value there to fit (`NO_FIT`: it scores as ZoeDepth scores NaN, at `min_depth`).
     """
 
     scale: float
     shift: float
     degenerate: bool = False
+
+
+NO_FIT = AlignmentFit(scale=0.0, shift=0.0, degenerate=True)
+"""The fit of a prediction with no finite (for depth alignments: positive) value on the scored pixels. Such an image
+is scored, not skipped: skipping would reward a model for failing on it."""
 
 
 def resolve_alignment(requested: str | None, *, output_space: str, default_relative: str) -> tuple[str, str]:
@@ -170,6 +176,8 @@ def align_to_depth(
     if alignment == "lsq_disparity":
         disparity_HW = _inverse(pred_HW) if output_space == METRIC_DEPTH else pred_HW.astype(np.float64)
         fit_mask_HW = mask_HW & np.isfinite(disparity_HW)
+        if not fit_mask_HW.any():  # nothing to fit (NaN, or a metric depth of 0 everywhere): scored as NaN is
+            return np.full(pred_HW.shape, float(min_depth)), NO_FIT  # (`clamp_depth`)
         fit = fit_scale_shift(disparity_HW[fit_mask_HW], 1.0 / target_HW[fit_mask_HW].astype(np.float64))
         # MiDaS: disparity below 1/cap (including negative) is raised to 1/cap, so depth stays finite. Non-finite
         # predictions stay so up to `clamp_depth`: NaN becomes min_depth, as in the other alignments.
@@ -181,8 +189,8 @@ def align_to_depth(
     if alignment == "none":
         return clamp_depth(depth_HW, min_depth, cap), AlignmentFit(scale=1.0, shift=0.0)
     fit_mask_HW = mask_HW & np.isfinite(depth_HW) & (depth_HW > 0)
-    if not fit_mask_HW.any():
-        raise ValueError("the prediction has no positive finite depth on the valid pixels")
+    if not fit_mask_HW.any():  # nothing to fit: the prediction as it is, clamped (NaN and 0 to min_depth)
+        return clamp_depth(depth_HW, min_depth, cap), NO_FIT
     if alignment == "median":
         median_pred = float(np.median(depth_HW[fit_mask_HW]))
         scale = float(np.median(target_HW[fit_mask_HW])) / median_pred

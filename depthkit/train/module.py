@@ -202,11 +202,12 @@ class DepthModule(L.LightningModule):
     def _evaluate(self, stage: str, batch: dict) -> None:
         out, pred_BHW = self.labeled_loss(batch)
         self.log_terms(stage, out, batch_size=batch["image"].shape[0])
-        rows = aligned_image_metrics(pred_BHW, batch, self.model.meta.output_space)
+        rows = aligned_image_metrics(pred_BHW, batch, self.model.meta)
         if rows:
             self.eval_rows.extend(rows)  # the epoch end logs them as a table, and empties the list
             means = {f"{stage}/{k}": v for k, v in mean_metrics(rows).items()}
-            self.log_dict(means, batch_size=batch["image"].shape[0], sync_dist=True)
+            # Weighted by the images scored, not the batch: the epoch value is then the mean over images.
+            self.log_dict(means, batch_size=len(rows), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_table("val")
@@ -528,9 +529,9 @@ def _allow_missing_frozen_keys(module, incompatible_keys) -> None:
     missing[:] = [k for k in missing if k.split(".", 1)[0] not in FROZEN_NETWORKS]  # the root module's keys
 
 
-def aligned_metrics(pred_BHW: torch.Tensor, batch: dict, output_space: str) -> dict[str, float]:
+def aligned_metrics(pred_BHW: torch.Tensor, batch: dict, meta) -> dict[str, float]:
     """Mean AbsRel and delta1 over a batch of metric-depth targets (see `aligned_image_metrics`); {} without any."""
-    rows = aligned_image_metrics(pred_BHW, batch, output_space)
+    rows = aligned_image_metrics(pred_BHW, batch, meta)
     return mean_metrics(rows) if rows else {}
 
 
@@ -544,30 +545,39 @@ def mean_metrics(rows: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([row[k] for row in rows])) for k in EVAL_METRICS}
 
 
-def aligned_image_metrics(pred_BHW: torch.Tensor, batch: dict, output_space: str) -> list[dict]:
+def aligned_image_metrics(pred_BHW: torch.Tensor, batch: dict, meta) -> list[dict]:
     """Per image of a batch with a metric-depth target: its key, AbsRel and delta1 after the evaluation protocol's
-    alignment. Relative predictions: per-image least squares in disparity space (`depthkit.eval`); metric ones:
-    none. Targets that are not metric depth, and images with under 2 valid pixels, are left out."""
-    from depthkit.eval.alignment import align_to_depth
-    from depthkit.eval.metrics import depth_metrics
+    alignment. Relative predictions: per-image least squares in disparity space (`depthkit.eval`), depth capped at
+    `FAR_DEPTH_CAP`; metric ones: none, and ground truth only within the model's range (`MIN_METRIC_DEPTH` to its
+    `max_depth`, as Depth Anything V2's metric `train.py` validates). Targets that are not metric depth, and images
+    with under `MIN_SCORED_PIXELS` such pixels (as `depthkit eval` and that `train.py`), are left out. No cap comes
+    from the ground truth itself: each image's own largest depth hid every over-estimate beyond it.
 
+    Args:
+        meta: The model's `ModelMeta` (its output space and, for metric models, `max_depth`).
+    """
+    from depthkit.eval.alignment import FAR_DEPTH_CAP, align_to_depth
+    from depthkit.eval.metrics import depth_metrics
+    from depthkit.eval.runner import MIN_SCORED_PIXELS
+
+    metric = meta.output_space == METRIC_DEPTH
+    min_depth, max_depth = (MIN_METRIC_DEPTH, meta.max_depth) if metric else (1e-3, FAR_DEPTH_CAP)
     rows = []
-    for b, meta in enumerate(batch["meta"]):
-        if meta.get("output_space") != METRIC_DEPTH:
+    for b, sample_meta in enumerate(batch["meta"]):
+        if sample_meta.get("output_space") != METRIC_DEPTH:
             continue
         target_HW = batch["target"][b].detach().float().cpu().numpy()
-        mask_HW = batch["valid"][b].detach().cpu().numpy() & (target_HW > 0)
-        if mask_HW.sum() < 2:
+        mask_HW = batch["valid"][b].detach().cpu().numpy() & (target_HW > min_depth) & (target_HW <= max_depth)
+        if mask_HW.sum() < MIN_SCORED_PIXELS:
             continue
-        cap = float(target_HW[mask_HW].max())
         depth_HW, _ = align_to_depth(
             pred_BHW[b].detach().float().cpu().numpy(),
             target_HW,
             mask_HW,
-            alignment="none" if output_space == METRIC_DEPTH else "lsq_disparity",
-            output_space=output_space,
-            min_depth=1e-3,
-            max_depth=cap,
+            alignment="none" if metric else "lsq_disparity",
+            output_space=meta.output_space,
+            min_depth=min_depth,
+            max_depth=max_depth,
         )
         metrics = depth_metrics(depth_HW, target_HW, mask_HW)
         rows.append({"key": batch["key"][b], **{k: float(metrics[k]) for k in EVAL_METRICS}})

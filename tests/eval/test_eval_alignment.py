@@ -99,6 +99,24 @@ def test_non_finite_disparity_goes_to_the_nearest_bound_not_to_the_shift(scene):
     assert fit.scale > 0 and depth_HW[0, :3].tolist() == [1e-3, 1e-3, 10.0]
 
 
+@pytest.mark.parametrize(
+    ("alignment", "space", "value"),
+    [
+        ("lsq_disparity", AFFINE_DISPARITY, np.nan),
+        ("lsq_disparity", METRIC_DEPTH, 0.0),
+        ("lsq_depth", METRIC_DEPTH, np.nan),
+        ("median", METRIC_DEPTH, 0.0),
+    ],
+)
+def test_a_prediction_with_nothing_to_fit_is_scored_at_min_depth_not_refused(scene, alignment, space, value):
+    """An all-NaN prediction (an fp16 overflow), or a metric depth of 0 everywhere, stopped `depthkit eval` with
+    'cannot fit an alignment on zero pixels' and no image named. It scores as ZoeDepth scores NaN: min_depth."""
+    target_HW, mask_HW = scene
+    depth_HW, fit = _align(np.full(target_HW.shape, value), target_HW, mask_HW, alignment, space)
+    assert fit.degenerate and (depth_HW == 1e-3).all()
+    assert depth_metrics(depth_HW, target_HW, mask_HW)["delta1"] == 0.0
+
+
 def test_constant_prediction_is_a_flagged_degenerate_fit():
     fit = fit_scale_shift(np.full(10, 3.0), np.arange(10.0))
     assert fit.degenerate and fit.scale == 0.0 and fit.shift == pytest.approx(4.5)

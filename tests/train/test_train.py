@@ -302,9 +302,7 @@ def test_teacher_learns_depth_on_held_out_scenes(tiny_data):
     def abs_rel() -> float:
         module.eval()
         with torch.no_grad():
-            return sum(
-                aligned_metrics(module(b["image"]), b, module.model.meta.output_space)["abs_rel"] for b in val
-            ) / len(val)
+            return sum(aligned_metrics(module(b["image"]), b, module.model.meta)["abs_rel"] for b in val) / len(val)
 
     before = abs_rel()
     optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-3)
