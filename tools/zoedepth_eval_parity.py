@@ -21,6 +21,9 @@ out-of-range, inf and nan values (exercises the bilinear resize and the clamp). 
             as a model run on the whole frame would give it), then `compute_metrics(gt, pred,
             config=DATASETS_CONFIG[dataset])` (Garg crop on the 352x1216 box; NYU: Eigen crop), mean over images.
 
+The predictions are of the whole frame, so this checks the scoring; that a model run by `depthkit eval` is shown the
+KB box, as ZoeDepth's eval loader crops the image, is tested in tests/eval/test_eval_runner.py.
+
 Prints the metrics side by side per dataset and prediction kind, and the maximum relative difference (summary
 and per image); exits 1 above `--tolerance` (ZoeDepth works in float32, depthkit in float64).
 """

@@ -53,17 +53,35 @@ def crop_mask(shape: tuple[int, int], crop: str | None) -> np.ndarray:
         top, bottom, left, right = _FRACTION_CROPS[crop]
         mask_HW[int(top * height) : int(bottom * height), int(left * width) : int(right * width)] = True
     elif crop in ("kb_garg", "kb_eigen"):
-        kb_height, kb_width = KB_CROP_HW
-        if height < kb_height or width < kb_width:
-            raise ValueError(
-                f"the {crop} crop needs a KITTI frame of at least 1216x352; ground truth is {width}x{height}"
-            )
-        row, col = height - kb_height, (width - kb_width) // 2
-        inner_HW = crop_mask(KB_CROP_HW, "garg" if crop == "kb_garg" else "eigen_kitti")
-        mask_HW[row : row + kb_height, col : col + kb_width] = inner_HW
+        rows, cols = kb_box(shape)
+        mask_HW[rows, cols] = crop_mask(KB_CROP_HW, "garg" if crop == "kb_garg" else "eigen_kitti")
     else:
         raise ValueError(f"crop={crop!r}; expected one of {', '.join(CROPS)}")
     return mask_HW
+
+
+def kb_box(shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The KITTI-benchmark crop box of a frame (`KB_CROP_HW`: the bottom 352 rows, the centred 1216 columns), as
+    (rows, columns) slices."""
+    height, width = shape
+    kb_height, kb_width = KB_CROP_HW
+    if height < kb_height or width < kb_width:
+        raise ValueError(f"the KITTI-benchmark crop needs a frame of at least 1216x352; this one is {width}x{height}")
+    row, col = height - kb_height, (width - kb_width) // 2
+    return slice(row, row + kb_height), slice(col, col + kb_width)
+
+
+def input_crop(sample: dict, crop: str | None) -> dict:
+    """The sample as the model sees it under `crop`: the KB crops (`kb_garg`, `kb_eigen`) cut the image and its
+    ground truth to the KB box before inference, as ZoeDepth (`do_kb_crop` in its eval loader) and Marigold
+    (`kitti_benchmark_crop` on the RGB too) do; the other crops only mask the scored pixels."""
+    if crop not in ("kb_garg", "kb_eigen"):
+        return sample
+    rows, cols = kb_box(sample["target"].shape)
+    cropped = {**sample, "uncropped_hw": sample["target"].shape}
+    for name in ("image", "target", "valid"):
+        cropped[name] = sample[name][rows, cols]
+    return cropped
 
 
 def evaluation_mask(

@@ -84,6 +84,8 @@ def write_results(result: dict, out: str | Path) -> list[Path]:
     if result.get("_worst"):
         write_bytes_atomic(paths["worst_png"], worst_figure_png(result["_worst"]))
         written.append(paths["worst_png"])
+    else:  # an earlier run's figure beside these results would show another run's images
+        paths["worst_png"].unlink(missing_ok=True)
     return written
 
 
@@ -116,6 +118,8 @@ def format_table(result: dict) -> str:
     limit = result.get("limit")
     if expected and result["num_images"] != expected:
         count += f"  (the standard split has {expected}: not comparable to published numbers)"
+    elif expected and result["num_skipped"]:
+        count += f"  (published means are over all {expected}: not comparable to published numbers)"
     elif limit is not None and result["num_images"] >= limit:  # a set without a known size, cut by --limit
         count += f"  (--limit {limit}: part of the set, not comparable to published numbers)"
     lines.append(count)

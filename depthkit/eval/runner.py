@@ -5,10 +5,11 @@
     result = evaluate(items, predictor, protocol)      # JSON-ready dict: summary, per-image rows, protocol
     print(format_table(result))                         # depthkit.eval.report
 
-Per image: predict, resize to ground-truth size (bilinear), build the scored mask (valid, inside the depth range,
-inside the crop), align (`depthkit.eval.alignment`), clamp, score (`depthkit.eval.metrics`). The benchmark's
-number is the mean over images; the per-image table is kept. Images with fewer than `MIN_SCORED_PIXELS` scored
-pixels are listed as skipped, not scored (Depth Anything V2 `metric_depth/train.py` skips those below 10).
+Per image: under a KITTI-benchmark crop, cut image and ground truth to its box (`metrics.input_crop`); predict,
+resize to ground-truth size (bilinear), build the scored mask (valid, inside the depth range, inside the crop),
+align (`depthkit.eval.alignment`), clamp, score (`depthkit.eval.metrics`). The benchmark's number is the mean over
+images; the per-image table is kept. Images with fewer than `MIN_SCORED_PIXELS` scored pixels are listed as
+skipped, not scored (Depth Anything V2 `metric_depth/train.py` skips those below 10).
 
 Legend: `pred_HW` prediction at ground-truth size, `target_HW` depth (m), `mask_HW` scored pixels.
 """
@@ -31,6 +32,8 @@ from depthkit.eval.metrics import (
     DEPTH_METRICS,
     depth_metrics,
     evaluation_mask,
+    input_crop,
+    kb_box,
     mean_over_images,
     pair_accuracy,
     resize_bilinear,
@@ -309,12 +312,19 @@ def evaluate(
     cap = max_depth if np.isfinite(max_depth) else FAR_DEPTH_CAP
     result["alignment"] = {"name": name, "reason": reason, "depth_cap": cap}
     result["metric_space"] = metric_space
-    rows, worst = [], []
+    rows, worst, stretched = [], [], None
     for start in range(0, len(items), max(1, predictor.batch_size)):
         batch = items[start : start + max(1, predictor.batch_size)]
-        samples = [item.load() for item in batch]
+        samples = [input_crop(item.load(), crop) for item in batch]
         for item, sample, pred in zip(batch, samples, predictor.predict(batch, samples), strict=True):
             target_HW = sample["target"]
+            full_hw = sample.get("uncropped_hw")
+            gap = _log_aspect_gap(pred.shape, full_hw) if full_hw is not None else np.inf
+            if gap < _log_aspect_gap(pred.shape, target_HW.shape):
+                # A saved prediction of the whole frame (at any resolution): at the frame's size, then its KB box.
+                pred = (pred if pred.shape == full_hw else resize_bilinear(pred, full_hw))[kb_box(full_hw)]
+            if not stretched and _aspect_differs(pred.shape, target_HW.shape):
+                stretched = item.key
             pred_HW = resize_bilinear(pred, target_HW.shape)
             mask_HW = evaluation_mask(target_HW, sample["valid"], min_depth=min_depth, max_depth=max_depth, crop=crop)
             row = {"key": item.key, "group": item.group, "num_pixels": int(mask_HW.sum())}
@@ -343,6 +353,12 @@ def evaluate(
                 worst.sort(key=lambda w: -w["abs_rel"])
                 del worst[num_worst:]
         _progress(min(start + len(batch), len(items)), len(items), started, progress)
+    if stretched is not None:
+        print(
+            f"warning: predictions are stretched to their ground truth's aspect ratio (first: {stretched}); a "
+            "transposed or cropped prediction?",
+            file=sys.stderr,
+        )
     scored = [r for r in rows if r["status"] == "ok"]
     result["num_scored"] = len(scored)
     result["num_skipped"] = len(rows) - len(scored)
@@ -353,6 +369,17 @@ def evaluate(
     if num_worst > 0:
         result["_worst"] = worst  # thumbnails for report.worst_figure_png; not written to JSON
     return result
+
+
+def _log_aspect_gap(shape_a: tuple[int, int], shape_b: tuple[int, int]) -> float:
+    """|log| of the ratio of two H x W shapes' aspect ratios (0 for the same aspect)."""
+    return abs(float(np.log((shape_a[1] / shape_a[0]) / (shape_b[1] / shape_b[0]))))
+
+
+def _aspect_differs(shape_a: tuple[int, int], shape_b: tuple[int, int], tolerance: float = 0.02) -> bool:
+    """Whether two H x W shapes' aspect ratios differ by more than `tolerance` (relative): a resize between them
+    stretches the picture. A low-resolution prediction of the same frame differs by rounding only."""
+    return _log_aspect_gap(shape_a, shape_b) > np.log1p(tolerance)
 
 
 def _worst_entry(abs_rel: float, key: str, sample: dict, depth_HW: np.ndarray, mask_HW: np.ndarray) -> dict:

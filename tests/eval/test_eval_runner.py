@@ -177,6 +177,13 @@ def test_reports_are_written_and_printed(fake_layout, tmp_path):
     unsized = {**result, "protocol": {**result["protocol"], "num_expected": None}}
     assert "(--limit 2: part of the set" in format_table({**unsized, "limit": 2})  # 2 images scored
     assert "not comparable" not in format_table({**unsized, "limit": None})
+    # The whole split with skipped images is not the published mean either.
+    whole = {**result, "protocol": {**result["protocol"], "num_expected": 2}}
+    assert "not comparable" not in format_table(whole)
+    assert "published means are over all 2" in format_table({**whole, "num_scored": 1, "num_skipped": 1})
+    # A run without --worst leaves no figure of an earlier run beside its results.
+    write_results({**result, "_worst": None}, tmp_path / "out" / "res.json")
+    assert not (tmp_path / "out" / "res_worst.png").exists()
     long_name = "scene_with_a_name_longer_than_the_column"
     result["groups"][long_name] = result["groups"].pop("outdoor")
     rows = format_table(result).splitlines()
@@ -237,3 +244,33 @@ def test_reads_what_depthkit_predict_writes(fake_layout, tmp_path):
     with pytest.raises(ValueError, match=r"frame_0001.npy: written as affine_disparity, but --output-space is metric"):
         FolderPredictor(both, output_space=METRIC_DEPTH).load(items[0].key, items[0].name)
     assert FolderPredictor(both, output_space=AFFINE_DISPARITY).load(items[0].key, items[0].name).shape == (4, 5)
+
+
+def test_kitti_images_are_cut_to_the_benchmark_box_before_the_model_sees_them(fake_layout):
+    """ZoeDepth and Marigold crop image and ground truth to the KB box (352 x 1216) before inference; depthkit fed
+    the whole 375 x 1242 frame, so every KITTI number came from another input. A saved prediction of the whole frame
+    is cut to the box too."""
+    root, _ = fake_layout("kitti")
+    protocol, items = load_benchmark("kitti", root)
+    seen = []
+
+    def exact(sample):  # the true affine disparity of whatever the model is shown
+        seen.append((sample["image"].shape[:2], sample["target"].shape))
+        return (2.0 / np.where(sample["valid"], sample["target"], 1.0) + 0.1).astype(np.float32)
+
+    result = evaluate(items, ArrayPredictor(exact, AFFINE_DISPARITY), protocol)
+    assert seen and all(shapes == ((352, 1216), (352, 1216)) for shapes in seen)
+    assert result["num_scored"] == len(items) and result["summary"]["abs_rel"] < 1e-6
+    full = ArrayPredictor(
+        lambda s: np.pad(exact(s), ((375 - 352, 0), (13, 13)), constant_values=-5.0), AFFINE_DISPARITY
+    )
+    assert evaluate(items, full, protocol)["summary"]["abs_rel"] < 1e-6  # the padding (frame outside the box) is cut
+    # A low-resolution prediction of the whole frame is resized to the frame, then cut (not stretched to the box):
+    # a curve across the frame's 1242 columns is, in the box, its columns 13 to 1228 (a curve, as the alignment
+    # absorbs any affine change).
+    ramp_w = (2.0 + np.linspace(0.0, 1.0, 621) ** 2).astype(np.float32)
+    half = ArrayPredictor(lambda s: np.broadcast_to(ramp_w, (188, 621)).copy(), AFFINE_DISPARITY)
+    box_w = (2.0 + ((13 + np.arange(1216)) / 1241) ** 2).astype(np.float32)
+    shown = ArrayPredictor(lambda s: np.broadcast_to(box_w, (352, 1216)).copy(), AFFINE_DISPARITY)
+    got, expected = (evaluate(items, p, protocol)["summary"] for p in (half, shown))
+    assert got["abs_rel"] == pytest.approx(expected["abs_rel"], rel=1e-6) and got["abs_rel"] > 0.01
