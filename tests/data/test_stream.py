@@ -192,8 +192,14 @@ def test_transform_crops_to_multiples_of_14_without_blending_invalid(rgbd_shards
     assert batch["image"].shape == (4, 3, 98, 126) and batch["image"].dtype == torch.uint8
     assert batch["target"].shape == (4, 98, 126) and batch["valid"].dtype == torch.bool
     assert torch.all(batch["target"][~batch["valid"]] == 0)
-    # nearest-neighbour resizing: every valid target value existed in the source map
-    assert torch.all(batch["target"][batch["valid"]] > 0)
+    # nearest-neighbour resizing: every valid target value existed in the source map (a blend of a depth with an
+    # invalid 0, or of two depths, would not)
+    sources = {}
+    for raw in (r for path in shard_paths(rgbd_shards) for r in iter_tar_samples(path)):
+        source = decode_sample(raw)
+        sources[raw["__key__"]] = source["target"][source["valid"]]
+    for key, target_HW, valid_HW in zip(batch["key"], batch["target"], batch["valid"], strict=True):
+        assert valid_HW.any() and np.isin(target_HW[valid_HW].numpy(), sources[key]).all(), key
 
 
 def test_transform_of_png16_steps_is_exactly_the_transform_of_the_decoded_target(rgbd_shards):

@@ -39,16 +39,27 @@ def test_exactly_affine_disparity_is_recovered(scene):
 
 def test_exactly_affine_depth_is_recovered_by_lsq_depth(scene):
     target_HW, mask_HW = scene
-    depth_HW, fit = _align(3.0 * target_HW - 1.0, target_HW, mask_HW, "lsq_depth", METRIC_DEPTH)
+    pred_HW = 3.0 * target_HW - 1.0
+    pred_HW[~mask_HW] = 500.0  # whatever lies outside the mask must not matter
+    depth_HW, fit = _align(pred_HW, target_HW, mask_HW, "lsq_depth", METRIC_DEPTH)
     assert (fit.scale, fit.shift) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
     assert depth_metrics(depth_HW, target_HW, mask_HW)["abs_rel"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_median_scaling_recovers_a_scale(scene):
     target_HW, mask_HW = scene
-    depth_HW, fit = _align(target_HW / 7.0, target_HW, mask_HW, "median", METRIC_DEPTH)
+    pred_HW = target_HW / 7.0
+    pred_HW[~mask_HW] = 500.0  # whatever lies outside the mask must not matter
+    depth_HW, fit = _align(pred_HW, target_HW, mask_HW, "median", METRIC_DEPTH)
     assert fit.scale == pytest.approx(7.0)
     assert depth_metrics(depth_HW, target_HW, mask_HW)["abs_rel"] == pytest.approx(0.0, abs=1e-12)
+    # The ratio of the medians, not of the means: far outliers in the prediction leave it as it is.
+    target_HW = np.arange(1.0, 12.0).reshape(1, 11)
+    pred_HW = target_HW / 7.0
+    pred_HW[0, -2:] = [100.0, 200.0]
+    _, fit = _align(pred_HW, target_HW, np.ones_like(target_HW, dtype=bool), "median", METRIC_DEPTH, max_depth=50.0)
+    assert fit.scale == pytest.approx(np.median(target_HW) / np.median(pred_HW), rel=1e-12)
+    assert fit.scale == pytest.approx(7.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("factor", [1.1, 0.9, 1.3])

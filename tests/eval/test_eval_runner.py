@@ -67,6 +67,11 @@ def test_real_data_affine_disparity_plus_noise(real_items):
     # Scored in disparity space instead (Depth Anything's statement): also small, and recorded.
     result = evaluate(items[:3], ArrayPredictor(affine, AFFINE_DISPARITY), protocol, metric_space="disparity")
     assert result["metric_space"] == "disparity" and result["summary"]["abs_rel"] < 0.08
+    # A metric prediction twice too far: AbsRel 1 in depth, |1/(2g) - 1/g| / (1/g) = 0.5 in disparity.
+    doubled = ArrayPredictor(lambda s: 2 * np.where(s["valid"], s["target"], 1.0).astype(np.float32), METRIC_DEPTH)
+    for space, expected in (("depth", 1.0), ("disparity", 0.5)):
+        summary = evaluate(items[:3], doubled, protocol, metric_space=space)["summary"]
+        assert summary["abs_rel"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_folder_predictions_npy_and_png_at_another_size(fake_layout, tmp_path):

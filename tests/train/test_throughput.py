@@ -28,7 +28,7 @@ def test_throughput_leaves_out_the_step_after_a_validation_or_a_save():
     assert monitor._window[0] == 3
     step(lambda: monitor.on_validation_start(trainer, None))
     step(lambda: monitor.on_save_checkpoint(trainer, None, {}))
-    assert monitor._window[0] == 3 and monitor._window[1] < 0.01
+    assert monitor._window[0] == 3 and monitor._window[1] < 0.05  # the 0.05 s waits are not in the window
     step()
     assert monitor._window[0] == 6
 

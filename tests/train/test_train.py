@@ -891,6 +891,9 @@ def two_process_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_read_disjoint_shards_and_stay_in_sync(strategy, two_process_runs):
+    """Under DDP each rank holds its own copy, so equal parameters mean synchronized gradients. Under FSDP2 the full
+    state dict is gathered from the one sharded copy and is equal by construction: what checks FSDP2's training is
+    `test_fsdp2_shards_every_network_and_trains_as_ddp_does`."""
     run = two_process_runs[strategy]
     keys = [set((run / f"keys_{r}.txt").read_text().split()) for r in range(2)]
     assert keys[0] and keys[1] and not (keys[0] & keys[1])
