@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, pseudo-label, evaluate and export monocular depth models.",
         epilog="Training: depthkit fit|validate|test --config A.yaml [--config B.yaml ...] (LightningCLI).",
     )
+    from depthkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"depthkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -40,15 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    for verb in ("fit", "validate", "test"):  # listed in --help (and typo errors); `main` hands them to LightningCLI
+        subparsers.add_parser(verb, help=f"training (LightningCLI): see depthkit {verb} --help")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("fit", "validate", "test"):
-        from depthkit.train.cli import run_lightning_cli
+        try:
+            from depthkit.train.cli import run_lightning_cli
 
-        return run_lightning_cli(argv)
+            return run_lightning_cli(argv)
+        except KeyboardInterrupt:  # before Lightning's own handler (which ends a started run with exit code 1)
+            print(f"depthkit {argv[0]}: interrupted", file=sys.stderr)
+            return 130
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -56,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (ValueError, OSError) as err:  # bad input, or a path that cannot be read or written: one line, no traceback
+    except (ValueError, OSError, MemoryError) as err:  # bad input, a path that cannot be read or written, a size
+        # too large for memory: one line, no traceback
         print(f"depthkit {args.command}: error: {_message(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -66,7 +66,7 @@ def fit(out: Path, recipe: str, name: str, steps: int, extra: list[str]) -> Path
         "    - class_path: lightning.pytorch.loggers.CSVLogger\n"
         f"      init_args: {{save_dir: '{run_dir}', name: csv}}\n"
         "    - class_path: lightning.pytorch.loggers.WandbLogger\n"
-        f"      init_args: {{project: depthkit-demo, name: {name}, offline: true, save_dir: '{out / 'wandb'}'}}\n"
+        f"      init_args: {{project: depthkit-demo, name: {name}, offline: true, save_dir: '{out}'}}\n"  # out/wandb
     )
     run(
         [
@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="start over")
     parser.add_argument("--steps", type=int, default=1200, help="optimizer steps of teacher and student each")
     args = parser.parse_args(argv)
+    if not (REPO / "recipes").is_dir():  # an installed wheel: the recipes and configs are files of the repository
+        parser.error(f"the demo runs from a clone of depthkit (it trains with its recipes/ and configs/): {REPO}")
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -300,19 +302,25 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[demo] 5/7 evaluate", flush=True)
     scores = held_out_scores(out, {"teacher": teacher, "student": student})
-    run(
-        [
-            "eval",
-            "--model",
-            MODEL,
-            "--checkpoint",
-            str(teacher),
-            "--dataset",
-            str(SHARED_RGBD),
-            "--out",
-            str(out / "eval_rgbd_teacher.json"),
-        ]
-    )
+    if SHARED_RGBD.is_file():
+        run(
+            [
+                "eval",
+                "--model",
+                MODEL,
+                "--checkpoint",
+                str(teacher),
+                "--dataset",
+                str(SHARED_RGBD),
+                "--out",
+                str(out / "eval_rgbd_teacher.json"),
+            ]
+        )
+        real_data = "Real data (teacher on ../shared/data/rgbd, tiny model, for format sanity only): "
+        real_data += "`eval_rgbd_teacher.json`."
+    else:
+        real_data = f"Real data: skipped, no {SHARED_RGBD} (the sample data beside the clone)."
+        print(f"[demo] {real_data}", flush=True)
 
     onnx, release = out / "student.onnx", out / "student_official.pth"
     if stage("6/7 export the student: ONNX (verified) and weights for the official code", release):
@@ -346,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "Checks:",
         *[f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()],
         "",
-        "Real data (teacher on ../shared/data/rgbd, tiny model, for format sanity only): `eval_rgbd_teacher.json`.",
+        real_data,
         "",
         "![samples](samples.png)",
         "",

@@ -29,6 +29,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
         "eval_rgbd_teacher.json",
     ):
         assert (out / name).is_file(), name
+    assert (out / "wandb").is_dir() and not (out / "wandb" / "wandb").exists()  # W&B's runs, one folder deep
     report = (out / "report.md").read_text()
     assert "| ramp |" in report and "| teacher |" in report and "| student |" in report
     # Three steps cannot meet the honesty bar: the demo must say so and fail, not pass quietly.

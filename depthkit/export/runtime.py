@@ -147,6 +147,8 @@ def _providers(device: str) -> list:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    if device == "auto":  # CUDA when this onnxruntime has it (onnxruntime-gpu), else the CPU
+        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "cuda" or device.startswith("cuda:"):
@@ -154,7 +156,7 @@ def _providers(device: str) -> list:
             raise ValueError(f"device {device!r}: no CUDAExecutionProvider in onnxruntime ({', '.join(available)})")
         device_id = int(device.split(":", 1)[1]) if ":" in device else 0
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-    raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
 
 
 class OnnxDepthModel:
@@ -162,7 +164,7 @@ class OnnxDepthModel:
 
     Args:
         path: The `.onnx` file written by `depthkit export onnx`.
-        device: "cpu" (default), "cuda" or "cuda:N" (needs onnxruntime-gpu).
+        device: "cpu" (default), "cuda" or "cuda:N" (needs onnxruntime-gpu), or "auto" (CUDA when available).
         num_threads: ONNX Runtime intra-op threads (None: its default, one per core).
     """
 

@@ -44,7 +44,11 @@ def register(subparsers) -> None:
         "--save", default="color,png16,npy", help="comma-separated outputs: color, png16, npy (default: all)"
     )
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    predict.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    predict.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: CUDA when available), cpu, cuda, cuda:1, ... (--onnx: its CUDA)",
+    )
     predict.add_argument(
         "--input-size",
         type=int,

@@ -123,7 +123,7 @@ def test_predict_onnx_options(exported, checkpoint, photos, tmp_path, capsys):
     assert main([*args, "--model", "dav2_vits"]) == 1
     assert "an export of test_dav2" in capsys.readouterr().err
     assert main([*args, "--device", "tpu"]) == 1
-    assert "expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
     assert main(["predict", str(photos[0]), "--out", out, "--no-progress"]) == 1
     assert "--model NAME is required" in capsys.readouterr().err
 
