@@ -9,9 +9,11 @@ FRESH ?= 0
 
 .PHONY: install demo test lint format clean
 
-$(STAMP): pyproject.toml constraints.txt
-	@# A venv whose creation stopped half way (no pip: Debian without python3-venv) is made again, not reused.
-	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+$(STAMP): pyproject.toml constraints.txt depthkit/__init__.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# A venv without pip (its creation stopped half way: Debian without python3-venv) gets pip, or a clear message.
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --upgrade >/dev/null 2>&1 || \
+		{ echo "make: $(VENV) has no pip and ensurepip failed: remove $(VENV) and run make again" >&2; exit 1; }
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)

@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except (ValueError, OSError, MemoryError) as err:  # bad input, a path that cannot be read or written, a size
         # too large for memory: one line, no traceback
-        print(f"depthkit {args.command}: error: {_message(err)}", file=sys.stderr)
+        print(f"depthkit {args.command}: error: {_message(err) or type(err).__name__}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:  # torch's out of memory (CPU or CUDA) is a RuntimeError: one line too
+        if "out of memory" not in str(err).lower():
+            raise
+        print(f"depthkit {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"depthkit {args.command}: interrupted", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,9 @@ class Stages:
 
 def run(args: list[str]) -> None:
     print("  $ depthkit " + " ".join(args), flush=True)
-    result = subprocess.run([sys.executable, "-m", "depthkit.cli", *args])
+    # Offline whatever the shell says: WANDB_MODE decides over a config's `offline`, and the demo never uploads.
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-m", "depthkit.cli", *args], env=env)
     if result.returncode != 0:
         raise SystemExit(f"[demo] FAILED: depthkit {' '.join(args[:2])} exited with {result.returncode}")
 
@@ -319,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         real_data = "Real data (teacher on ../shared/data/rgbd, tiny model, for format sanity only): "
         real_data += "`eval_rgbd_teacher.json`."
     else:
+        (out / "eval_rgbd_teacher.json").unlink(missing_ok=True)  # an earlier run's, of another teacher
         real_data = f"Real data: skipped, no {SHARED_RGBD} (the sample data beside the clone)."
         print(f"[demo] {real_data}", flush=True)
 

@@ -42,7 +42,7 @@ from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, check_space
 
 MIN_SCORED_PIXELS = 10
 METRIC_SPACES = ("depth", "disparity")
-RESULT_VERSION = 1
+RESULT_VERSION = 2  # 2: protocol.model_input (KITTI: the model is shown the KB box; version 1 fed the whole frame)
 
 
 class Predictor(TypingProtocol):
@@ -53,7 +53,9 @@ class Predictor(TypingProtocol):
     description: dict
 
     def predict(self, items: list[EvalItem], samples: list[dict]) -> list[np.ndarray]:
-        """Predictions (any size; resized to ground truth) for decoded `samples` of `items`."""
+        """Predictions (any size; resized to ground truth) for decoded `samples` of `items`. Under a KB crop the
+        samples are already cut to the box (`metrics.input_crop`); a saved prediction may still be of the whole
+        frame (`evaluate` cuts it)."""
         ...
 
 
@@ -223,7 +225,9 @@ def _progress(done: int, total: int, started: float, enabled: bool) -> None:
 
 def _protocol_dict(protocol: Protocol, min_depth: float, max_depth: float, crop: str) -> dict:
     out = asdict(protocol)
-    out.update(min_depth=min_depth, max_depth=max_depth, crop=crop)
+    # What the model is shown: the KB crops cut the frame to its box first (`metrics.input_crop`).
+    model_input = "kb_box" if crop in ("kb_garg", "kb_eigen") else "full_frame"
+    out.update(min_depth=min_depth, max_depth=max_depth, crop=crop, model_input=model_input)
     return out
 
 

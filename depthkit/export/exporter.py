@@ -293,8 +293,8 @@ def export_onnx(
         fp16: float16 weights and compute (input and output stay float32).
         verify: Compare ONNX Runtime with PyTorch (`verification.verify_onnx`) before the file appears.
         verify_sizes: (H, W) sizes to verify at (default `verification.default_verify_sizes`).
-        verify_images: Real images for the verification (uint8 `H x W x 3` arrays or paths); default a photo
-            that ships with matplotlib.
+        verify_images: Real images for the verification (uint8 `H x W x 3` arrays, paths or `named_images` pairs),
+            read before the export; default a photo that ships with matplotlib.
         log: Where progress and the verification table go (None: silent).
 
     Returns:
@@ -327,6 +327,7 @@ def export_onnx(
                     f"verify size {h}x{w}: the graph's {axis} is static ({fixed}, the export size "
                     f"{size_hw[0]}x{size_hw[1]}); verify at that {axis}, or make {axis} dynamic"
                 )
+    images = verification.named_images(verify_images) if verify else None  # read first: a bad one is named now
     precision = "fp16" if fp16 else "fp32"
     dtype = torch.float16 if fp16 else torch.float32
     num_bytes = sum(p.numel() for p in model.parameters()) * (2 if fp16 else 4)
@@ -389,25 +390,28 @@ def export_onnx(
         if verify:
             sizes = verify_sizes or verification.default_verify_sizes(size_hw, patch, dynamic)
             failed = path.with_name(path.stem + ".failed.onnx")
+
+            def keep_failed(reason: str) -> verification.VerificationError:
+                os.replace(tmp, failed)
+                return verification.VerificationError(f"{reason}; the graph is kept as {failed} for inspection")
+
             try:
                 report = verification.verify_onnx(
-                    reference, tmp, sizes=sizes, images=verify_images, precision=precision, batch=batch
+                    reference, tmp, sizes=sizes, images=images, precision=precision, batch=batch
                 )
-            except Exception as err:  # noqa: BLE001 - ONNX Runtime's own errors: the graph does not run
-                os.replace(tmp, failed)
-                message = " ".join(str(err).split())
-                raise verification.VerificationError(
-                    f"the exported graph does not run as PyTorch does ({type(err).__name__}: {message[:500]}); it is "
-                    f"kept as {failed} for inspection"
-                ) from None
+            except verification.VerificationError as err:  # metadata or output shapes not the model's
+                raise keep_failed(str(err)) from None
+            except Exception as err:
+                if not type(err).__module__.startswith("onnxruntime"):
+                    raise
+                message = " ".join(str(err).split())  # ONNX Runtime's error: the graph does not run at a size
+                raise keep_failed(f"the exported graph does not run ({type(err).__name__}: {message[:500]})") from None
             if log:
                 log(report.format())
             if not report.passed:
-                os.replace(tmp, failed)
-                raise verification.VerificationError(
+                raise keep_failed(
                     f"ONNX Runtime differs from PyTorch beyond the {precision} tolerance "
-                    f"(max relative error {report.max_rel:.2e} > {report.tolerance:.0e}); the graph is kept as "
-                    f"{failed} for inspection"
+                    f"(max relative error {report.max_rel:.2e} > {report.tolerance:.0e})"
                 )
         os.replace(tmp, path)
     finally:

@@ -283,7 +283,7 @@ def build_predictor(
         model: If given, the model name the graph must hold (a `ValueError` otherwise).
         input_size: Short-side target size.
         batch_size: Most images per graph run.
-        device: "cpu", "cuda" or "cuda:N".
+        device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when this onnxruntime has it).
     """
     session = OnnxDepthModel(path, device=device)
     if model is not None and model != session.meta.name:

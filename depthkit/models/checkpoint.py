@@ -473,8 +473,11 @@ def _metadata_config(path: Path) -> dict | None:
     """The model a depthkit `.safetensors` names in its metadata (`_model_metadata`), else None."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
+    def read_metadata(name: str) -> dict:
+        with safe_open(name, "pt") as f:
+            return f.metadata() or {}
+
+    metadata = read_file(read_metadata, str(path))  # a corrupt file: one line naming it
     if "depthkit_model" not in metadata:
         return None
     overrides = json.loads(metadata.get("depthkit_model_overrides") or "{}")

@@ -29,6 +29,7 @@ import numpy as np
 
 from depthkit._files import replacing
 from depthkit.colors import colorize
+from depthkit.models.sizing import UnsupportedImage
 from depthkit.spaces import METRIC_DEPTH
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".gif")
@@ -114,10 +115,11 @@ def pil_to_rgb(image) -> np.ndarray:
 
 
 def check_unit_range(low: float, high: float) -> None:
-    """A `ValueError` unless a float image's values (its minimum and maximum) lie in [0, 1]; NaN fails too. The
-    torch and the ONNX `infer` share it: a 0-255 float image would otherwise give a silent wrong prediction."""
+    """An `UnsupportedImage` (a `ValueError`) unless a float image's values (its minimum and maximum) lie in [0, 1];
+    NaN fails too. The torch and the ONNX `infer` share it: a 0-255 float image would otherwise give a silent wrong
+    prediction."""
     if not (low >= -1e-3 and high <= 1 + 1e-3):
-        raise ValueError(
+        raise UnsupportedImage(
             f"a float image must hold values in [0, 1], this one spans [{low:g}, {high:g}]"
             + (" (a 0-255 image? pass it as uint8, or divide by 255)" if high > 1.5 else "")
         )
@@ -126,7 +128,9 @@ def check_unit_range(low: float, high: float) -> None:
 def colorize_nearness(values: np.ndarray, output_space: str, cmap: str = "inferno") -> np.ndarray:
     """uint8 RGB `H x W x 3`: per-image min-max, near bright (metric depth inverted), through `cmap`."""
     nearness = -values if output_space == METRIC_DEPTH else values
-    return colorize(nearness, cmap=cmap, limits=(float(np.min(nearness)), float(np.max(nearness))))
+    finite = nearness[np.isfinite(nearness)]  # one NaN or inf would spoil the limits of the whole picture
+    limits = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    return colorize(nearness, cmap=cmap, limits=limits)
 
 
 def to_png16(values: np.ndarray, output_space: str) -> tuple[np.ndarray, dict]:
@@ -231,12 +235,12 @@ def run_predict(
                 continue
             try:
                 predicted = list(zip(good, predict(images), strict=True))
-            except ValueError:  # an image the model cannot take (too elongated, a float image beyond [0, 1]): which
+            except UnsupportedImage:  # an image the model cannot take (too elongated, a float image beyond [0, 1])
                 predicted = []
                 for item, image in zip(good, images, strict=True):
                     try:
                         predicted.append((item, predict([image])[0]))
-                    except ValueError as err:
+                    except UnsupportedImage as err:
                         skip(item, err)
             for item, prediction in predicted:
                 write_outputs(prediction.values, prediction.output_space, out_dir, item.name, save, cmap)

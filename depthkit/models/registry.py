@@ -241,7 +241,7 @@ def create_encoder(
             name (its encoder).
         pretrained: Load the original DINOv2 weights (`dinov2_{size}14_pretrain.pth`) from the checkpoint folder.
         checkpoint_path: A file to load instead: original DINOv2, official Depth Anything (`pretrained.*` is
-            taken) or depthkit; with `pretrained=True`, a folder to look in.
+            taken) or depthkit; with `pretrained=True`, a folder to look in, or the file itself.
         **overrides: `EncoderConfig` fields to change.
     """
     from depthkit.models import checkpoint as ckpt

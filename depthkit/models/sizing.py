@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+
+class UnsupportedImage(ValueError):
+    """An image the model cannot take as it is (too elongated, a float image beyond [0, 1], empty): commands that
+    run over many images skip and name it; any other error stops them."""
+
+
 MAX_ASPECT_RATIO = 16
 """Images longer than this many times their width (or wider than this many times their height) are refused: the
 short side goes to the input size, so a 4 x 400 strip would become a 518 x 51800 network input (137,000 tokens),
@@ -40,9 +46,9 @@ def official_resize_hw(height: int, width: int, input_size: int = 518, multiple:
         ValueError: an empty image, or one whose aspect ratio is beyond `MAX_ASPECT_RATIO`.
     """
     if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
+        raise UnsupportedImage(f"image size must be positive, got {height}x{width}")
     if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
-        raise ValueError(
+        raise UnsupportedImage(
             f"a {height}x{width} image is too elongated (beyond {MAX_ASPECT_RATIO}:1): its short side at the input "
             "size would make a network input too large for any device; crop it"
         )

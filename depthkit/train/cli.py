@@ -179,7 +179,10 @@ class RunConfig(SaveConfigCallback):
         run = {k: v for k, v in self.config.as_dict().items() if k not in ("model", "data")}
         for logger in trainer.loggers:
             if not isinstance(logger, CSVLogger | TensorBoardLogger):
-                logger.log_hyperparams(run)
+                try:  # rank 0 only: an error here would leave the other ranks waiting for it
+                    logger.log_hyperparams(run)
+                except Exception as err:  # noqa: BLE001 - e.g. a logger that refuses changed values on resume
+                    rank_zero_warn(f"{type(logger).__name__} did not take the run configuration: {err}")
 
 
 def run_dir(trainer: Trainer) -> Path:

@@ -250,9 +250,10 @@ class DepthModule(L.LightningModule):
                 return
             values = on_host(values)
             for name in [n for n in values if n.endswith("loss_partner")]:
-                # No image mixed: the partner regions have no loss, and a logged 0 would pull their curve down.
+                # No image mixed: the partner regions have no loss. A logged 0 pulled their curve down, and a key left
+                # out is sent again with its last value (Lightning keeps an epoch's keys): NaN, a gap in the curve.
                 if values.get(name.removesuffix("loss_partner") + "mixed_fraction", 1) == 0:
-                    del values[name]
+                    values[name] = torch.tensor(float("nan"))
         for name, value in values.items():
             # Every rank sees the same validation data (see DepthDataModule.val_dataloader), so the epoch-end sync
             # of validation values changes nothing; it makes checkpoint monitors provably agree across ranks.
@@ -269,6 +270,8 @@ class DepthModule(L.LightningModule):
     ) -> None:
         """Keep the first sample of a batch as panel `name` for `ImagePanels`, every `panel_every_n_steps` steps;
         `targets` (target, valid) when they are not the batch's own labels (a student's pseudo-labels)."""
+        if self._trainer is not None and not self._trainer.is_global_zero:  # only rank 0 logs them: no copies
+            return
         step = self.global_step
         if self.panel_every_n_steps and step % self.panel_every_n_steps == 0 and self._panel_steps.get(name) != step:
             self._panel_steps[name] = step  # the first micro-batch of the step only (gradient accumulation)
@@ -557,7 +560,7 @@ def aligned_image_metrics(pred_BHW: torch.Tensor, batch: dict, meta) -> list[dic
         meta: The model's `ModelMeta` (its output space and, for metric models, `max_depth`).
     """
     from depthkit.eval.alignment import FAR_DEPTH_CAP, align_to_depth
-    from depthkit.eval.metrics import depth_metrics
+    from depthkit.eval.metrics import depth_metrics, evaluation_mask
     from depthkit.eval.runner import MIN_SCORED_PIXELS
 
     metric = meta.output_space == METRIC_DEPTH
@@ -567,7 +570,8 @@ def aligned_image_metrics(pred_BHW: torch.Tensor, batch: dict, meta) -> list[dic
         if sample_meta.get("output_space") != METRIC_DEPTH:
             continue
         target_HW = batch["target"][b].detach().float().cpu().numpy()
-        mask_HW = batch["valid"][b].detach().cpu().numpy() & (target_HW > min_depth) & (target_HW <= max_depth)
+        valid_HW = batch["valid"][b].detach().cpu().numpy()
+        mask_HW = evaluation_mask(target_HW, valid_HW, min_depth=min_depth, max_depth=max_depth, crop=None)
         if mask_HW.sum() < MIN_SCORED_PIXELS:
             continue
         depth_HW, _ = align_to_depth(

@@ -96,7 +96,7 @@ def test_predict_onnx_matches_predict_torch(exported, checkpoint, shared_data, t
     """Every photo of ../shared/data/unlabeled (the folder, as a user passes it) through both paths."""
     from depthkit.models.predict import IMAGE_SUFFIXES
 
-    common = ["--save", "npy", "--input-size", "42", "--batch-size", "4", "--no-progress"]
+    common = ["--save", "npy", "--input-size", "42", "--batch-size", "4", "--no-progress", "--device", "cpu"]
     folder = shared_data / "unlabeled"
     inputs = [str(folder)]
     photos = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
