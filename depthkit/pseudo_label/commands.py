@@ -50,7 +50,7 @@ def register(subparsers) -> None:
         "--encoding",
         choices=("npz", "f16", "png16"),  # job.ENCODINGS (not imported: it pulls in torch)
         default="npz",
-        help="npz: float32, lossless (default); f16: float16 npz, ~3x smaller, ~4x faster to write; "
+        help="npz: float32, lossless (default); f16: float16 npz, ~3x smaller, ~3x faster to write; "
         "png16: rounded to 1/65535 of each image's max",
     )
     parser.add_argument(
