@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # Modules that define sub-commands, in the order `--help` lists them.
@@ -63,6 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # SIGTERM as an exception, for the length of the command (pseudo-label stops its ranks itself: launch.stop_ranks).
+    catch_term = args.command != "pseudo-label" and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if catch_term else None
+    try:
+        return _run(args)
+    finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """A sub-command's handler, its errors as one line."""
     try:
         result = args.func(args)
     except (ValueError, OSError, MemoryError) as err:  # bad input, a path that cannot be read or written, a size
@@ -78,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"depthkit {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM (`kill`, a job scheduler) ends the command as an exception, so its `finally` blocks remove the
+    temporary files it was writing; the default action left them behind. Exit status 128 + 15, as a kill."""
+    raise SystemExit(128 + signum)
 
 
 def _message(err: Exception) -> str:

@@ -322,3 +322,24 @@ def test_every_supported_opset_exports_and_verifies(model, tmp_path, opset):
     assert result.verification.passed and result.verification.max_rel < 1e-5
     imports = {i.domain: i.version for i in onnx.load(str(result.path)).opset_import}
     assert imports[""] == opset
+
+
+def test_a_terminated_export_leaves_no_temporary_file(checkpoint, tmp_path, monkeypatch):
+    """SIGTERM (a kill, a scheduler's time limit) ended the command on the spot: the hidden temporary graph stayed.
+    It now ends as an exception, whose cleanup runs; the exit status stays a kill's, and the handler is restored."""
+    import os
+    import signal
+
+    real_export = torch.onnx.export
+
+    def killed_while_writing(*args, **kwargs):
+        real_export(*args, **kwargs)  # the temporary file is written
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(torch.onnx, "export", killed_while_writing)
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["export", "onnx", "--model", "test_dav2", "--weights", str(checkpoint), "--out", str(tmp_path / "m.onnx")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
