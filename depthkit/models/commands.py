@@ -73,15 +73,12 @@ def _build_predictor(args: argparse.Namespace):
         )
     if not args.model and not args.checkpoint:
         raise ValueError("--model NAME is required (or --onnx PATH, or a `depthkit fit` --checkpoint)")
-    import torch
 
     from depthkit.models import load_model, torch_device
 
     if args.checkpoint and args.random_weights:
         raise ValueError("--checkpoint and --random-weights exclude each other")
     device = torch_device(args.device)
-    if args.random_weights:
-        torch.manual_seed(0)
     try:  # a training checkpoint builds the model it trained
         model = load_model(args.model, args.checkpoint, pretrained=not args.random_weights)
     except FileNotFoundError as err:

@@ -172,7 +172,8 @@ def load_model(name: str | None = None, checkpoint_path: str | os.PathLike | Non
     Args:
         name: A registered name; with a training checkpoint it must be the one the checkpoint names.
         checkpoint_path: Weights to load.
-        pretrained: Without a checkpoint, load the official weights from the local folder (False: random init).
+        pretrained: Without a checkpoint, load the official weights from the local folder (False: random init,
+            seeded, so every command's `--random-weights` builds the same model; the global RNG is left as it was).
 
     Returns:
         The `DepthModel` in eval mode, on the CPU.
@@ -188,7 +189,13 @@ def load_model(name: str | None = None, checkpoint_path: str | os.PathLike | Non
     if checkpoint_path is None:
         if name is None:
             raise ValueError("name the model (--model NAME) or give a checkpoint (--checkpoint PATH)")
-        return create_model(name, pretrained=pretrained).eval()
+        if pretrained:
+            return create_model(name, pretrained=True).eval()
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return create_model(name).eval()
     source = str(checkpoint_path)
     state_dict, found = ckpt.read_checkpoint(checkpoint_path)
     trained = found.get("model") if found is not None and "model_overrides" in found else None

@@ -326,3 +326,15 @@ def test_a_torch_file_of_a_model_with_overrides_warns_that_it_keeps_weights_only
     save_checkpoint(model, tmp_path / "metric.safetensors")  # records the overrides: nothing to warn of
     with pytest.raises(ValueError, match=r"drop_path_rate=2.0 is not a probability"):
         create_model("test_dav2", drop_path_rate=2.0)
+
+
+def test_random_weights_are_the_same_model_in_every_command():
+    """predict seeded its --random-weights model and eval did not: the same smoke test scored two models."""
+    from depthkit.models import load_model
+
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    first, second = (load_model("test_dav2", pretrained=False) for _ in range(2))
+    _assert_same(first.state_dict(), second.state_dict())
+    assert torch.equal(torch.rand(3), expected_draw)  # the caller's random stream is left as it was
