@@ -114,18 +114,26 @@ class _RecentReads:
 def _check_end(tar: tarfile.TarFile, reads: _RecentReads) -> None:
     """Raise `tarfile.ReadError` unless the archive ends with its end-of-archive marker (zero blocks).
 
-    `tarfile` takes a damaged header after the first member, and a file cut off between two members, for the end
-    of the archive: the samples after it would be lost without a word.
+    `tarfile` takes a damaged header after the first member, a zeroed one, and a file cut off between two members,
+    for the end of the archive: the samples after it would be lost without a word. The rest of the stream is read:
+    only zeros (the record padding) may follow the marker.
     """
     if getattr(tar.fileobj, "comptype", None) != "tar":  # compressed: offsets are in the decompressed stream
         return
-    end = reads.bytes_at(tar.offset, 2 * tarfile.BLOCKSIZE)
-    if end is None:
+    # What the stream holds from the end tarfile saw: at least the marker's two blocks, and all that was read past it.
+    tail = reads.bytes_at(tar.offset, max(2 * tarfile.BLOCKSIZE, reads.pos - tar.offset))
+    if tail is None:
         return
-    if len(end) < tarfile.BLOCKSIZE:
+    if len(tail) < tarfile.BLOCKSIZE:
         raise tarfile.ReadError("cut off: no end-of-archive marker")
-    if any(end[: tarfile.BLOCKSIZE]):
+    if any(tail[: tarfile.BLOCKSIZE]):
         raise tarfile.ReadError(f"damaged member header at byte {tar.offset}")
+    # Only zeros may follow the marker (padding to the record size). A header zeroed in the middle (a bad sector, a
+    # hole left by a crash) reads as the marker too: the members after it would be dropped without a word.
+    while tail:
+        if tail.count(0) != len(tail):
+            raise tarfile.ReadError(f"zeroed member header at byte {tar.offset}: archive data follows it")
+        tail = reads.raw.read(1 << 20)
 
 
 CURL_EXITS = {6: ": unknown host", 7: ": could not connect", 22: ": an HTTP error, e.g. 404", 28: ": timed out"}

@@ -348,9 +348,10 @@ def test_bad_samples_raise_or_are_counted(tmp_path, synth_shards, caplog):
     assert 1 <= state.num_skipped <= 3  # batches carry the running count up to the last batch
 
 
-@pytest.mark.parametrize("damage", ["cut", "header"])
+@pytest.mark.parametrize("damage", ["cut", "header", "zeroed header"])
 def test_a_tar_cut_between_members_or_with_a_damaged_header_is_an_error(damage, synth_shards, tmp_path):
-    """Python's tarfile takes both for the end of the archive: the samples after them would vanish silently."""
+    """Python's tarfile takes these for the end of the archive: the samples after them would vanish silently. A
+    zeroed header (a bad sector) even looks like the end-of-archive marker: only the data after it tells."""
     path = shard_paths(synth_shards)[0]
     with tarfile.open(path) as tar:
         members = tar.getmembers()
@@ -358,7 +359,8 @@ def test_a_tar_cut_between_members_or_with_a_damaged_header_is_an_error(damage, 
     first_of_third = next(m for m in members if m.name.startswith(keys[2] + "."))
     data = open(path, "rb").read()
     at = first_of_third.offset  # a header block, between the second sample and the third
-    broken = data[:at] if damage == "cut" else data[:at] + b"x" * 512 + data[at + 512 :]
+    filler = b"x" if damage == "header" else b"\0"
+    broken = data[:at] if damage == "cut" else data[:at] + filler * 512 + data[at + 512 :]
     (tmp_path / "broken.tar").write_bytes(broken)
     read = []
     with pytest.raises(ShardFormatError, match=rf"broken.tar: corrupt or unreadable tar after key {keys[0]}"):
