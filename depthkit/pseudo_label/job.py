@@ -28,6 +28,7 @@ each rank its own unfinished shards again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -280,7 +281,10 @@ def prepare(config: PseudoLabelConfig, *, device: torch.device, sha256: str | No
 def check_inputs(plan: Plan, records: dict[str, dict]) -> None:
     """Refuse to skip a finished shard whose input changed: output shards are matched to inputs by file name, and
     labels of another shard's images (re-converted photos, another dataset's `shard-000000.tar`) would be kept.
-    A local input is known by its size and first key (one header read; a file's hash would read whole datasets).
+    A local input is known by its size, first key and a digest of its member list (names and sizes: a pass over the
+    headers, seeking past the data; a file's hash would read whole datasets). Re-encoded images of the same keys
+    change their sizes; the archive's size alone rarely changes (tar pads to 10 KiB records). Records written before
+    the digest existed are compared on the fields they have.
 
     Raises:
         ValueError: naming the shard, the input it was labeled from and the one given now.
@@ -289,7 +293,7 @@ def check_inputs(plan: Plan, records: dict[str, dict]) -> None:
         record = records.get(name)
         if record is None or "input_bytes" not in record or not is_local(url):
             continue
-        now = input_identity(url)
+        now = {field: value for field, value in input_identity(url).items() if field in record}
         then = {field: record.get(field) for field in now}
         if now != then:
             raise ValueError(
@@ -299,12 +303,27 @@ def check_inputs(plan: Plan, records: dict[str, dict]) -> None:
 
 
 def input_identity(url: str) -> dict:
-    """A local input shard's identity in its record: its size and its first sample's key (one header read)."""
-    return {"input_bytes": os.path.getsize(url), "first_key": first_key(url)}
+    """A local input shard's identity in its record: its size, its first sample's key and `members_digest`."""
+    return {"input_bytes": os.path.getsize(url), "first_key": first_key(url), "members_sha256": members_digest(url)}
+
+
+def members_digest(path: str) -> str | None:
+    """sha256 of a local tar's member names and sizes, in order (headers only), or None for an unreadable one."""
+    digest = hashlib.sha256()
+    try:
+        with tarfile.open(path, "r:") as tar:  # random access: seeks past each member's data
+            for member in tar:
+                digest.update(f"{member.name}\t{member.size}\n".encode())
+    except (tarfile.TarError, OSError):
+        return None
+    return digest.hexdigest()
 
 
 def _identity(fields: dict) -> str:
-    return f"{fields['input_bytes']} bytes, first key {fields['first_key']!r}"
+    described = [f"{fields['input_bytes']} bytes" if "input_bytes" in fields else None]
+    described.append(f"first key {fields['first_key']!r}" if "first_key" in fields else None)
+    described.append(f"members {str(fields['members_sha256'])[:12]}" if "members_sha256" in fields else None)
+    return ", ".join(d for d in described if d)
 
 
 # ---------------------------------------------------------------------------------------------------------------
