@@ -17,7 +17,7 @@ or `npz`), `target_scale` (png16 only: the unit of one step, metres for metric d
 Pseudo-labels add `provenance` (teacher checkpoint hash, model name, resolution, TTA, depthkit version, time).
 
 A labeled sample's target is stored as png16 when that is exact (integer-coded sources such as mm PNGs), else as
-npz; see `encode_target`. Writers write `NAME.tar.tmp` and rename, so a crash never leaves a half shard.
+npz; see `encode_target`. Writers write `STEM.HOST-PID.tar.tmp` and rename, so a crash never leaves a half shard.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import glob
 import io
 import json
 import os
+import socket
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -378,11 +379,16 @@ class ShardWriter:
 
 
 class TarWriter:
-    """One tar shard written to `PATH.tmp` and renamed to `PATH` on `close()` (never half-written)."""
+    """One tar shard written to a temporary name and renamed to `PATH` on `close()` (never half-written).
+
+    The temporary name is this process's own (`STEM.HOST-PID.tar.tmp`, see `temporary_tar`): two writers of one
+    shard (two jobs on one output by mistake) each write their own file, and whichever renames last leaves a whole
+    shard of its own, never one written into by both.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.tmp_path = temporary_tar(self.path)
         self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.USTAR_FORMAT)
         self.num_samples = 0
 
@@ -402,6 +408,19 @@ class TarWriter:
     def abort(self) -> None:
         self._tar.close()
         self.tmp_path.unlink(missing_ok=True)
+
+
+def temporary_tar(path: Path) -> Path:
+    """This process's temporary name for shard `path`: `STEM.HOST-PID.tar.tmp` (ends in `.tar.tmp`, the unfinished
+    shards that readers refuse in a folder without an index)."""
+    return path.with_name(f"{path.stem}.{socket.gethostname()}-{os.getpid()}{path.suffix}.tmp")
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """Temporary files of shard `path` that other processes left (`temporary_tar`, or the older `NAME.tmp`)."""
+    pattern = glob.escape(str(path.with_name(path.stem))) + ".*" + glob.escape(path.suffix) + ".tmp"
+    found = [Path(p) for p in glob.glob(pattern)] + [path.with_name(path.name + ".tmp")]
+    return [p for p in found if p.exists() and p != temporary_tar(path)]
 
 
 def _member_order(name: str) -> tuple[int, str]:

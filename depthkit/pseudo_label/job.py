@@ -18,8 +18,8 @@ Pipeline (three stages that overlap):
    `KEY.target.npz` (float32, lossless; or float16, or `KEY.target.png`: see `PseudoLabelConfig.encoding`),
    `KEY.json` (kind "pseudo", output space, provenance), with confidence `KEY.confidence.png`, compressed by a few
    encoder threads (zlib and PNG release the GIL, so this overlaps the forward passes; zlib level 1, since at GPU
-   speed encoding is the job's most costly CPU work) into `X.tar.tmp`. At the end of the shard it is renamed to
-   `X.tar`, then its record is written and `index.json` refreshed (`depthkit.pseudo_label.index`).
+   speed encoding is the job's most costly CPU work) into `X.HOST-PID.tar.tmp`. At the end of the shard it is renamed
+   to `X.tar`, then its record is written and `index.json` refreshed (`depthkit.pseudo_label.index`).
 
 Shards are assigned round-robin by position in the input list: shard i belongs to rank i % world_size, so every
 shard has exactly one writer whatever order ranks start or finish in, and a rerun with the same world size gives
@@ -54,6 +54,7 @@ from depthkit.data.shards import (
     is_local,
     shard_file_name,
     shard_paths,
+    stale_temporaries,
 )
 from depthkit.data.stream import first_key, iter_raw_samples
 from depthkit.pseudo_label.index import (
@@ -509,7 +510,8 @@ class ShardWriterThread:
 
     The labeler sends `("samples", work, slots)` for each newly labeled prefix of a shard and `("end", work)` when
     the shard is complete. Samples are encoded by `num_encoders` threads (zlib and PNG release the GIL) and appended
-    to `NAME.tar.tmp`; at the end it is renamed to `NAME.tar`, then the record is written and the index refreshed.
+    to this process's `STEM.HOST-PID.tar.tmp`; at the end it is renamed to `NAME.tar`, then the record is written and
+    the index refreshed.
     The queue is bounded, so the labeler waits when it runs ahead.
 
     Args:
@@ -572,7 +574,10 @@ class ShardWriterThread:
 
     def _open(self, work: ShardWork) -> tuple[TarWriter, dict[str, str]]:
         if work.shard_id not in self._tars:
-            self._tars[work.shard_id] = (TarWriter(self.out_dir / work.name), {})
+            path = self.out_dir / work.name
+            for stale in stale_temporaries(path):  # a killed run's part of this shard (or a second job's, which then
+                stale.unlink(missing_ok=True)  # fails at its rename: loudly, not with the other teacher's labels)
+            self._tars[work.shard_id] = (TarWriter(path), {})
         return self._tars[work.shard_id]
 
     def _write_samples(self, work: ShardWork, slots: list[dict]) -> None:

@@ -561,3 +561,23 @@ def test_label_batch_refuses_images_it_would_misread(teacher_ckpt):
             label_batch(model, [image, bad], size_hw)
     with pytest.raises(ValueError, match="no images to label"):
         label_batch(model, [], size_hw)
+
+
+def test_each_writer_has_its_own_temporary_shard_and_leftovers_are_removed(unlabeled, teacher_ckpt, tmp_path):
+    """Two jobs on one output shared `X.tar.tmp`: the second emptied it and wrote on after the first had renamed it,
+    so a finished shard held the other teacher's labels under the first one's record. Each process now writes its
+    own temporary file; a job about to write a shard removes what others left of it (a killed run's part)."""
+    from depthkit.data.shards import TarWriter, temporary_tar
+
+    out = tmp_path / "out"
+    out.mkdir()
+    name = Path(shard_paths(str(unlabeled))[0]).name
+    leftovers = [out / f"{Path(name).stem}.otherhost-999.tar.tmp", out / f"{name}.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"another process's part of the shard")
+    writer = TarWriter(out / "x.tar")
+    assert writer.tmp_path == temporary_tar(out / "x.tar") and str(os.getpid()) in writer.tmp_path.name
+    writer.abort()
+    run_pseudo_label(_config(unlabeled, out, teacher_ckpt))
+    assert not any(path.exists() for path in leftovers) and not list(out.glob("*.tmp"))
+    assert read_index(out)["complete"]
