@@ -406,8 +406,12 @@ class TarWriter:
         os.replace(self.tmp_path, self.path)
 
     def abort(self) -> None:
-        self._tar.close()
-        self.tmp_path.unlink(missing_ok=True)
+        try:
+            self._tar.close()  # writes the end blocks: fails again when the write that failed was a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
 
 def temporary_tar(path: Path) -> Path:

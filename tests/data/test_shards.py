@@ -146,6 +146,22 @@ def test_writer_renames_only_complete_shards(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]
 
 
+def test_an_aborted_shard_leaves_no_temporary_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    """`abort` closed the tar first, which writes its end blocks: on a full disk that failed again, and the partial
+    temporary file stayed."""
+    from depthkit.data.shards import TarWriter
+
+    writer = TarWriter(tmp_path / "x.tar")
+    writer.add_sample(encode_sample(_sample("k0")))
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer._tar, "close", disk_full)
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
