@@ -33,6 +33,7 @@ DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "del
 # Anything V1's metric KITTI numbers) and Marigold (`kitti_bm_crop`). At 375x1242 kb_garg scores 7.5% fewer pixels.
 CROPS = ("none", "eigen_nyu", "garg", "eigen_kitti", "kb_garg", "kb_eigen")
 KB_CROP_HW = (352, 1216)
+KB_CROPS = ("kb_garg", "kb_eigen")  # the crops inside the KITTI-benchmark box, which the model is shown alone
 _FRACTION_CROPS = {
     "garg": (0.40810811, 0.99189189, 0.03594771, 0.96405229),
     "eigen_kitti": (0.3324324, 0.91351351, 0.0359477, 0.96405229),
@@ -52,7 +53,7 @@ def crop_mask(shape: tuple[int, int], crop: str | None) -> np.ndarray:
     elif crop in _FRACTION_CROPS:
         top, bottom, left, right = _FRACTION_CROPS[crop]
         mask_HW[int(top * height) : int(bottom * height), int(left * width) : int(right * width)] = True
-    elif crop in ("kb_garg", "kb_eigen"):
+    elif crop in KB_CROPS:
         rows, cols = kb_box(shape)
         mask_HW[rows, cols] = crop_mask(KB_CROP_HW, "garg" if crop == "kb_garg" else "eigen_kitti")
     else:
@@ -75,7 +76,7 @@ def input_crop(sample: dict, crop: str | None) -> dict:
     """The sample as the model sees it under `crop`: the KB crops (`kb_garg`, `kb_eigen`) cut the image and its
     ground truth to the KB box before inference, as ZoeDepth (`do_kb_crop` in its eval loader) and Marigold
     (`kitti_benchmark_crop` on the RGB too) do; the other crops only mask the scored pixels."""
-    if crop not in ("kb_garg", "kb_eigen"):
+    if crop not in KB_CROPS:
         return sample
     rows, cols = kb_box(sample["target"].shape)
     cropped = {**sample, "uncropped_hw": sample["target"].shape}

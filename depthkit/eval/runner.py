@@ -30,6 +30,7 @@ from depthkit.eval.benchmarks import EvalItem, Protocol
 from depthkit.eval.metrics import (
     CROPS,
     DEPTH_METRICS,
+    KB_CROPS,
     depth_metrics,
     evaluation_mask,
     input_crop,
@@ -226,7 +227,7 @@ def _progress(done: int, total: int, started: float, enabled: bool) -> None:
 def _protocol_dict(protocol: Protocol, min_depth: float, max_depth: float, crop: str) -> dict:
     out = asdict(protocol)
     # What the model is shown: the KB crops cut the frame to its box first (`metrics.input_crop`).
-    model_input = "kb_box" if crop in ("kb_garg", "kb_eigen") else "full_frame"
+    model_input = "kb_box" if crop in KB_CROPS else "full_frame"
     out.update(min_depth=min_depth, max_depth=max_depth, crop=crop, model_input=model_input)
     return out
 
