@@ -13,6 +13,18 @@ from pathlib import Path
 
 
 @contextmanager
+def naming_errors(path: str | Path) -> Iterator[None]:
+    """Name `path` in an OS error raised without a file name. A failed write (a full disk, a quota) says only
+    "[Errno 28] No space left on device", and a command's one-line error should say which output it was writing."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None and e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+@contextmanager
 def replacing(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without error, rename it to `path`.
 
@@ -24,7 +36,8 @@ def replacing(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
-        yield tmp
+        with naming_errors(path):
+            yield tmp
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:

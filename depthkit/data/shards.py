@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from depthkit._files import naming_errors
 from depthkit.data.formats import image_from_bytes
 from depthkit.spaces import check_space
 
@@ -393,16 +394,18 @@ class TarWriter:
         self.num_samples = 0
 
     def add_sample(self, members: dict[str, bytes]) -> None:
-        for name in sorted(members, key=_member_order):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(members[name]), 0o444  # mtime 0: the same samples give the same bytes
-            self._tar.addfile(info, io.BytesIO(members[name]))
+        with naming_errors(self.path):
+            for name in sorted(members, key=_member_order):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(members[name]), 0o444  # mtime 0: the same samples give the same bytes
+                self._tar.addfile(info, io.BytesIO(members[name]))
         self.num_samples += 1
 
     def close(self) -> None:
-        self._tar.close()
-        with open(self.tmp_path, "rb") as f:
-            os.fsync(f.fileno())
+        with naming_errors(self.path):
+            self._tar.close()
+            with open(self.tmp_path, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(self.tmp_path, self.path)
 
     def abort(self) -> None:

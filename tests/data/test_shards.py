@@ -162,6 +162,37 @@ def test_an_aborted_shard_leaves_no_temporary_file_when_the_disk_is_full(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_names_the_shard_being_written(tmp_path, monkeypatch):
+    """The OS error of a failed write carries no file name: the command's one-line error said only
+    "[Errno 28] No space left on device"."""
+    from depthkit.data.shards import TarWriter
+
+    writer = TarWriter(tmp_path / "x.tar")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer._tar, "addfile", disk_full)
+    with pytest.raises(OSError, match=r"No space left on device: .*x\.tar'"):
+        writer.add_sample(encode_sample(_sample("k0")))
+    monkeypatch.setattr(writer._tar, "close", disk_full)
+    with pytest.raises(OSError, match=r"No space left on device: .*x\.tar'"):
+        writer.close()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_atomic_write_names_its_file(tmp_path):
+    from depthkit._files import replacing, write_bytes_atomic
+
+    with pytest.raises(OSError, match=r"No space left on device: .*out\.json'"):
+        with replacing(tmp_path / "out.json"):
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    write_bytes_atomic(tmp_path / "ok.json", b"{}")
+    assert (tmp_path / "ok.json").read_bytes() == b"{}"
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
