@@ -19,8 +19,12 @@ Epochs. Each pass over a stream is its next epoch (new shard order, shuffle and 
 DataLoader with a random sampler is: the first pass is epoch 0, or the resumed state's epoch, or `set_epoch`'s.
 `make_loader`'s loader starts the pass in the main process, before its workers copy the stream.
 
-Resampled mode (`resampled=True`) draws shards with replacement forever, from a generator seeded by
-`(seed, epoch, global worker)`: the mode for step-based training, where ranks must never run dry at different times.
+Resampled mode (`resampled=True`) never ends: the mode for step-based training, where ranks must never run dry at
+different times. Its shard order is an endless run of sweeps, each a new permutation of all shards (seeded by
+`(seed, epoch, sweep)`), concatenated and dealt round-robin to the global workers: every shard is read once in each
+sweep across all ranks and workers, as in one epoch, and a worker whose turn falls in the next sweep simply reads
+on. (Drawing shards with replacement, as webdataset's `resampled` does, never reads 37% of the shards in a run as
+long as one sweep: the Depth Anything V1 student's one pass over its 62M unlabeled images.)
 
 Resuming. Each batch carries `__worker__` (global worker id) and `__consumed__` (raw samples that worker has
 taken from its shards so far, skipped ones included). `StreamState.update(batch)` records them after the batch is
@@ -253,7 +257,7 @@ class ShardStream(IterableDataset):
         transform: Per-sample transform (e.g. `SampleTransform`); None keeps decoded arrays as they are.
         labels: For kind "pseudo": folder of pseudo-label shards with the same file names as `shards`.
         shuffle_buffer: Samples in the shuffle buffer; 0 keeps shard order.
-        resampled: Draw shards with replacement forever (step-based training).
+        resampled: Never end: sweep the shards again and again, each sweep a new order (step-based training).
         seed: Seeds shard order, shuffling, CutMix and (through the transform) augmentation.
         on_error: "raise" or "skip" (count) bad samples.
         cutmix_p: Per-sample CutMix probability for `image_strong` (0 disables).
@@ -405,11 +409,15 @@ class ShardStream(IterableDataset):
         return self.resume.get("epoch", 0) == self.epoch
 
     def _shard_order(self, global_worker: int, total_workers: int) -> Iterator[int]:
-        if self.resampled:  # each pass (epoch) draws anew, like the epoch's permutation below
-            rng = np.random.default_rng([self.seed, self.epoch, global_worker, 0x5EED])
-            while True:
-                yield int(rng.integers(len(self.urls)))
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
+        num_shards = len(self.urls)
+        if self.resampled:  # sweeps without end (module docstring); each pass (epoch) starts a new series
+            sweep, order = -1, None
+            for position in itertools.count(global_worker, total_workers):  # of the sweeps' concatenation
+                if position // num_shards != sweep:
+                    sweep = position // num_shards
+                    order = np.random.default_rng([self.seed, self.epoch, sweep, 0x5EED]).permutation(num_shards)
+                yield int(order[position % num_shards])
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(num_shards)
         yield from (int(i) for i in order[global_worker::total_workers])
 
     def _samples(self, global_worker: int, total_workers: int, skip: int) -> Iterator[dict]:

@@ -79,7 +79,7 @@ class DepthDataModule(L.LightningDataModule):
         val_crop_size: Validation centre crop; default `crop_size`.
         num_workers: DataLoader workers per stream and device.
         shuffle_buffer: Samples in each worker's shuffle buffer.
-        resampled: Draw shards with replacement forever (step-based training; set `trainer.max_steps`).
+        resampled: Sweep the shards without end, each sweep a new order (step-based training; set `trainer.max_steps`).
         cutmix_p: CutMix probability per unlabeled sample (Depth Anything: 0.5).
         seed: Seeds shard order, shuffling, augmentation and CutMix.
         on_error: "raise" at a bad sample, or "skip" and count it (logged as `data/skipped`).

@@ -63,26 +63,35 @@ def on_host(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def targets_in_space(batch: dict, output_space: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's targets in the model's output space: `(target_BHW, valid_BHW)`.
 
-    Relative models train on disparity: metric depth becomes 1 / depth on valid pixels; disparity and affine
-    disparity pass through. Metric models need metric depth targets.
+    Relative models train on disparity, per sample: metric depth becomes 1 / depth on valid pixels; disparity and
+    affine disparity pass through. So one batch may mix them, as Depth Anything V1's teacher data does (HRWSI
+    gives uncalibrated disparity, the other sets depth); the per-image scale-and-shift alignment makes the spaces
+    comparable. Metric models need metric depth targets.
     """
     target_BHW, valid_BHW = batch["target"], batch["valid"]
     # A pseudo-labeled sample's target is the teacher's: its space is in meta["pseudo"], whatever the image's
     # own metadata says (an unlabeled image converted from an RGB-D source may still name that source's space).
-    spaces = {m["pseudo"]["output_space"] if "pseudo" in m else m.get("output_space") for m in batch["meta"]}
+    spaces = [m["pseudo"]["output_space"] if "pseudo" in m else m.get("output_space") for m in batch["meta"]]
     if output_space == METRIC_DEPTH:
-        if spaces != {METRIC_DEPTH}:
-            raise ValueError(f"a metric model needs metric_depth targets, the batch has {sorted(map(str, spaces))}")
+        if set(spaces) != {METRIC_DEPTH}:
+            raise ValueError(
+                f"a metric model needs metric_depth targets, the batch has {sorted(map(str, set(spaces)))}"
+            )
         return target_BHW, valid_BHW
-    if len(spaces) != 1:
-        raise ValueError(f"a batch mixes target spaces {sorted(map(str, spaces))}; use one space per dataset")
-    (space,) = spaces
-    if space == METRIC_DEPTH:
+    unknown = sorted({str(s) for s in spaces} - {METRIC_DEPTH, DISPARITY, AFFINE_DISPARITY})
+    if unknown:
+        keys = [k for k, s in zip(batch.get("key", [None] * len(spaces)), spaces, strict=True) if str(s) in unknown]
+        raise ValueError(f"unknown target space {unknown[0]!r} (sample {keys[0]!r})")
+    is_depth = [s == METRIC_DEPTH for s in spaces]
+    if not any(is_depth):
+        return target_BHW, valid_BHW
+    if all(is_depth):
         valid_BHW = valid_BHW & (target_BHW > 0)
-        target_BHW = torch.where(valid_BHW, 1.0 / target_BHW.clamp_min(1e-6), torch.zeros_like(target_BHW))
-    elif space not in (DISPARITY, AFFINE_DISPARITY):
-        raise ValueError(f"unknown target space {space!r}")
-    return target_BHW, valid_BHW
+        return torch.where(valid_BHW, 1.0 / target_BHW.clamp_min(1e-6), torch.zeros_like(target_BHW)), valid_BHW
+    depth_BHW = torch.tensor(is_depth).view(-1, 1, 1).to(target_BHW.device, non_blocking=True)  # a mixed batch
+    valid_BHW = valid_BHW & ~(depth_BHW & (target_BHW <= 0))
+    inverse_BHW = torch.where(valid_BHW, 1.0 / target_BHW.clamp_min(1e-6), torch.zeros_like(target_BHW))
+    return torch.where(depth_BHW, inverse_BHW, target_BHW), valid_BHW
 
 
 def load_encoder_weights(model, checkpoint_path: str) -> None:

@@ -7,6 +7,7 @@ import http.server
 import shutil
 import tarfile
 import threading
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -176,7 +177,7 @@ def test_a_rank_without_shards_in_epoch_mode_is_an_error_not_a_hang(synth_shards
         list(make_loader(ShardStream(synth_shards, rank=3, world_size=4), num_workers=3))
     assert _keys(make_loader(ShardStream(synth_shards, rank=2, world_size=4, batch_size=2), num_workers=3))  # 2 shards
     resampled = make_loader(ShardStream(synth_shards, rank=3, world_size=4, resampled=True), num_workers=3)
-    assert next(iter(resampled))["key"]  # draws with replacement: every worker has shards
+    assert next(iter(resampled))["key"]  # the sweeps are dealt on: every worker has shards
 
 
 def test_resume_with_another_topology_is_refused(synth_shards):
@@ -546,6 +547,32 @@ def test_a_resume_past_a_corrupt_shard_continues_exactly(synth_shards, tmp_path,
         assert [b["key"] for b in ShardStream(shards, resume=state.state_dict(), **kw)] == [
             b["key"] for b in full[stop:]
         ]
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 1), (2, 2), (3, 4)])
+def test_a_resampled_stream_reads_every_shard_once_per_sweep(synth_shards, world_size, num_workers):
+    """Step-based training sweeps its data: drawing shards with replacement (as before) left about a third of them
+    unread in a run as long as one sweep (the Depth Anything V1 student's one pass over its unlabeled images)."""
+    from depthkit.data.stream import shard_paths
+
+    num_shards, total = len(shard_paths(synth_shards)), world_size * num_workers
+    orders = []
+    for rank in range(world_size):
+        stream = ShardStream(synth_shards, resampled=True, seed=5, rank=rank, world_size=world_size)
+        orders += [
+            list(itertools.islice(stream._shard_order(rank * num_workers + w, total), 24)) for w in range(num_workers)
+        ]
+    dealt = [orders[position % total][position // total] for position in range(24 * total)]  # round-robin order
+    sweeps = [dealt[i : i + num_shards] for i in range(0, len(dealt) - num_shards + 1, num_shards)]
+    assert len(sweeps) >= 3 and all(sorted(sweep) == list(range(num_shards)) for sweep in sweeps)
+    assert len({tuple(sweep) for sweep in sweeps}) == len(sweeps)  # each sweep in a new order
+
+    # Through the loader: 2 ranks x 2 workers, 2 batches of 6 (2 whole shards) each: one sweep, every sample once.
+    seen = Counter()
+    for rank in range(2):
+        stream = ShardStream(synth_shards, batch_size=6, resampled=True, rank=rank, world_size=2)
+        seen.update(k for _, b in zip(range(4), make_loader(stream, num_workers=2), strict=False) for k in b["key"])
+    assert len(seen) == 48 and set(seen.values()) == {1}
 
 
 def test_each_pass_of_a_resampled_stream_draws_anew(synth_shards):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from depthkit.spaces import AFFINE_DISPARITY, METRIC_DEPTH
+from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, METRIC_DEPTH
 from depthkit.train.module import targets_in_space
 
 
@@ -25,7 +25,27 @@ def test_pseudo_labels_keep_the_teachers_space_whatever_the_image_meta_says():
     assert torch.equal(target, torch.full_like(target, 4.0))
 
 
-def test_a_batch_mixing_spaces_is_refused():
-    metas = [{"output_space": METRIC_DEPTH}, {"pseudo": {"output_space": AFFINE_DISPARITY}}]
-    with pytest.raises(ValueError, match="mixes target spaces"):
-        targets_in_space(_batch(metas), AFFINE_DISPARITY)
+def test_a_batch_mixing_depth_and_disparity_is_converted_per_sample():
+    """Depth Anything V1's teacher trains on depth sets and HRWSI's disparity in one batch: each sample goes to
+    disparity on its own (this was refused as a whole batch)."""
+    metas = [
+        {"output_space": METRIC_DEPTH},
+        {"output_space": DISPARITY},
+        {"pseudo": {"output_space": AFFINE_DISPARITY}},
+    ]
+    batch = _batch(metas)
+    batch["target"][0, 0, 0] = 0.0  # a depth of 0 is no measurement
+    target, valid = targets_in_space(batch, AFFINE_DISPARITY)
+    assert torch.equal(target[0].flatten(), torch.tensor([0.0, 0.25, 0.25, 0.25]))
+    assert torch.equal(valid[0].flatten(), torch.tensor([False, True, True, True]))
+    assert torch.equal(target[1:], torch.full_like(target[1:], 4.0)) and valid[1:].all()
+
+
+def test_a_metric_model_refuses_other_spaces_and_unknown_spaces_are_named():
+    metas = [{"output_space": METRIC_DEPTH}, {"output_space": DISPARITY}]
+    with pytest.raises(ValueError, match="metric model needs metric_depth targets"):
+        targets_in_space(_batch(metas), METRIC_DEPTH)
+    batch = _batch([{"output_space": METRIC_DEPTH}, {"output_space": "inverse_metres"}])
+    batch["key"] = ["a", "b"]
+    with pytest.raises(ValueError, match="unknown target space 'inverse_metres' \\(sample 'b'\\)"):
+        targets_in_space(batch, AFFINE_DISPARITY)
