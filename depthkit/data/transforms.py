@@ -42,7 +42,9 @@ class TransformConfig:
         patch_size: Sizes are rounded up to multiples of this.
         random_crop: Random crop for training; False takes the centre crop (validation).
         hflip: Flip horizontally with probability 0.5.
-        strong: Also produce `image_strong` with colour jitter, greyscale and blur (unlabeled student data).
+        strong: Also produce `image_strong`, the student's input (unlabeled student data; CutMix mixes it).
+        photometric: With `strong`: colour jitter, greyscale and blur make `image_strong`; False leaves it the plain
+            crop (CutMix alone).
     """
 
     crop_size: tuple[int, int] | int = 518
@@ -50,6 +52,7 @@ class TransformConfig:
     random_crop: bool = True
     hflip: bool = True
     strong: bool = False
+    photometric: bool = True
 
     def __post_init__(self):
         crop = (self.crop_size, self.crop_size) if isinstance(self.crop_size, int) else tuple(self.crop_size)
@@ -119,7 +122,7 @@ class SampleTransform:
 
     def __init__(self, config: TransformConfig, *, seed: int = 0):
         self.config, self.seed = config, seed
-        self._strong = StrongAugment() if config.strong else None
+        self._strong = StrongAugment() if config.strong and config.photometric else None
 
     def __call__(self, sample: dict) -> dict:
         cfg = self.config
@@ -149,4 +152,6 @@ class SampleTransform:
             out["target"], out["valid"] = png16_target(out.pop("target_steps"), sample["meta"]["target_scale"])
         if self._strong is not None:
             out["image_strong"] = self._strong(out["image"], rng)
+        elif cfg.strong:
+            out["image_strong"] = out["image"]  # collate stacks it apart; CutMix then mixes it alone
         return out

@@ -20,12 +20,16 @@ def feature_alignment_loss(
     """1 - cosine similarity per patch, ignoring patches whose similarity already exceeds `tolerance`.
 
     Per image, the mean of 1 - cos over the patches with cos <= tolerance; then the mean over images with at
-    least one such patch (an image whose patches all exceed the tolerance contributes nothing).
+    least one such patch (an image whose patches all exceed the tolerance contributes nothing). The tolerance is a
+    cosine: Depth Anything V1's margin alpha = 0.15 is on 1 - cos (a patch with 1 - cos < alpha is left out,
+    LiheYoung/Depth-Anything#80), so its tolerance is 0.85. The per-image mean over the patches still included
+    (not over all of them) is depthkit's reading: the paper writes 1/HW over all pixels but leaves the excluded
+    ones out, without saying which count divides.
 
     Args:
         student_BND: the student's patch tokens (projected to the teacher's width if they differ).
         target_BND: the frozen teacher's patch tokens (no gradient).
-        tolerance: Depth Anything uses 0.85.
+        tolerance: Cosine similarity above which a patch is ignored; Depth Anything: 0.85 (alpha = 0.15).
         impl: "auto" | "triton" | "torch".
 
     Returns:

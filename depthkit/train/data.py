@@ -80,6 +80,9 @@ class DepthDataModule(L.LightningDataModule):
         num_workers: DataLoader workers per stream and device.
         shuffle_buffer: Samples in each worker's shuffle buffer.
         resampled: Sweep the shards without end, each sweep a new order (step-based training; set `trainer.max_steps`).
+        strong_augment: Colour jitter, greyscale and blur on the student's unlabeled images (Depth Anything V1). The
+            V2 authors found them unnecessary for its ViT-S/B students of the ViT-G teacher (Depth-Anything-V2#207);
+            False keeps CutMix alone.
         cutmix_p: CutMix probability per unlabeled sample (Depth Anything: 0.5).
         seed: Seeds shard order, shuffling, augmentation and CutMix.
         on_error: "raise" at a bad sample, or "skip" and count it (logged as `data/skipped`).
@@ -100,6 +103,7 @@ class DepthDataModule(L.LightningDataModule):
         num_workers: int = 4,
         shuffle_buffer: int = 1000,
         resampled: bool = True,
+        strong_augment: bool = True,
         cutmix_p: float = 0.5,
         seed: int = 0,
         on_error: str = "raise",
@@ -192,7 +196,7 @@ class DepthDataModule(L.LightningDataModule):
             loaders["labeled"] = _loader(labeled, hp.num_workers, pin_memory=pin)
         if hp.unlabeled is None:
             return loaders["labeled"]
-        strong = TransformConfig(crop_size=hp.crop_size, strong=True)
+        strong = TransformConfig(crop_size=hp.crop_size, strong=True, photometric=hp.strong_augment)
         unlabeled = self._stream(
             "unlabeled",
             hp.unlabeled,

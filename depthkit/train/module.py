@@ -335,7 +335,8 @@ class StudentModule(DepthModule):
         unlabeled_loss: The loss on pseudo-labels (Depth Anything V2: trimmed, `dav2_pseudo`).
         teacher: Registry name of an online teacher; None reads targets from pseudo-label shards.
         teacher_checkpoint: Weights of the online teacher.
-        feature_tolerance: Patches with cosine similarity above this are ignored (0.85).
+        feature_tolerance: Patches with cosine similarity above this are ignored (0.85: the V1 paper's margin
+            alpha = 0.15 on 1 - cos). Both networks see the student's input: the strong-augmented, CutMix-ed image.
         loss_weights: How labeled, unlabeled and feature terms combine.
     """
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 import http.server
+import itertools
 import shutil
 import tarfile
 import threading
-import itertools
 from collections import Counter
 
 import numpy as np
@@ -230,6 +230,18 @@ def test_strong_augmentation_and_cutmix(synth_shards):
     torch.testing.assert_close(mixed[b][mask[b]], batch["target"][index[b]][mask[b]])
     torch.testing.assert_close(mixed[b][~mask[b]], batch["target"][b][~mask[b]])
     assert not torch.equal(batch["image_strong"], batch["image"])
+
+
+def test_cutmix_without_the_photometric_augmentation(synth_shards):
+    """`photometric=False` (V2's small students, Depth-Anything-V2#207): the student's image is the plain crop,
+    mixed by CutMix only."""
+    cfg = TransformConfig(crop_size=42, patch_size=14, strong=True, photometric=False)
+    stream = ShardStream(synth_shards, kind="labeled", batch_size=8, transform=SampleTransform(cfg), cutmix_p=0.5)
+    batch = next(iter(stream))
+    expected = mix_like(batch["image"], batch["cutmix_mask"], batch["cutmix_index"])
+    assert batch["cutmix_mask"].any() and torch.equal(batch["image_strong"], expected)
+    unmixed = ~batch["cutmix_mask"].any(dim=(1, 2))
+    assert unmixed.any() and torch.equal(batch["image_strong"][unmixed], batch["image"][unmixed])
 
 
 def test_cutmix_probability_zero_and_box_areas():

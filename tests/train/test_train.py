@@ -1125,3 +1125,15 @@ def test_steps_between_logging_steps_never_wait_for_the_gpu(student, tiny_data, 
     loader = data.train_dataloader()  # batches for a CUDA device come in pinned memory (asynchronous copies)
     assert all(dl.pin_memory for dl in (loader.iterables.values() if student else [loader]))
     assert {4, 9} <= set(_logged(tmp_path, "train/loss"))
+
+
+@pytest.mark.parametrize("strong_augment", [True, False])
+def test_the_students_photometric_augmentation_can_be_turned_off(tiny_data, strong_augment):
+    """`data.strong_augment false` (Depth-Anything-V2#207: V2's small students need no colour jitter or blur)."""
+    data = DepthDataModule(
+        unlabeled=str(tiny_data / "unlabeled"), batch_size=4, crop_size=28, num_workers=0, cutmix_p=0.0,
+        strong_augment=strong_augment,
+    )  # fmt: skip
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader().iterables["unlabeled"]))
+    assert torch.equal(batch["image_strong"], batch["image"]) != strong_augment
