@@ -3,8 +3,10 @@
 Presets (also shipped as `configs/loss/<name>.yaml`, kept equal by a test):
 
 - `midas`: least-squares SSI, mse, + 1.0 x gradient matching (4 scales). MiDaS (Ranftl et al.). MiDaS's code
-  computes 0.5 * (its sum r^2 / 2n) + 0.5 * gradient = 0.5 x this loss; a constant factor only rescales the
-  step size (and changes nothing under Adam). Start it from a pretrained encoder, as MiDaS did: from random
+  computes 0.5 * (its sum r^2 / 2n) + 0.5 * gradient = 0.5 x this loss when every image has as many valid pixels;
+  a constant factor only rescales the step size (and changes nothing under Adam). Its default reduction is
+  batch-based (sums over the batch over its valid pixels: an image weighs by its valid count); depthkit's is per
+  image, then the mean over images (`reduction.py`), so a sparse LiDAR image weighs as much as a dense one. Start it from a pretrained encoder, as MiDaS did: from random
   init the least-squares scale of a noisy prediction is near 0, and gradient matching through that scale drives
   it to 0, where every gradient vanishes (measured: one batch of 8 synthetic scenes, test_dav2, Adam 1e-3; the
   SSI term stays at the target's variance for 150 steps, while `gradient_weight=0` brings it down 70x). From
@@ -19,8 +21,13 @@ Presets (also shipped as `configs/loss/<name>.yaml`, kept equal by a test):
 
 Affine-invariant objectives ("ssi") train on disparity: prediction and target are disparity-like maps
 (`depthkit.spaces.AFFINE_DISPARITY`); "silog" takes metric depth (`depthkit.spaces.METRIC_DEPTH`).
-Depth Anything V2 does not publish its training code: the median/MAD alignment for its SSI term and the
-gradient term on pseudo-labels follow its paper's description (and V1's loss), not released code.
+Depth Anything V2 does not publish its relative-depth training code. The median/MAD alignment for its SSI term
+and the gradient term follow its paper's description and V1's loss; the same group's released loss
+(Video-Depth-Anything, `loss/loss.py`: median/MAD SSI with L1 plus MiDaS's 4-scale gradient term on the
+normalized maps) gives the same value as `dav2` (checked to 1e-7 on one image with a full mask). Its trimmed
+variant divides the kept sum by all pixels; depthkit divides by the kept count, as the V2 authors describe
+(Depth-Anything-V2#108). The authors also pointed to MiDaS's least-squares loss (Depth-Anything-V2#137):
+`alignment: lsq` is that reading.
 """
 
 from __future__ import annotations
