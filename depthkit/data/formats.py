@@ -67,6 +67,22 @@ def load_image(path: str | Path, *, rotated: bool = True) -> np.ndarray:
     return image_from_bytes(path.read_bytes(), name=str(path), rotated=rotated)
 
 
+def load_mask(path: str | Path) -> np.ndarray:
+    """Read a mask image as bool `H×W`: True where a pixel is not zero (1-bit, greyscale, 16-bit, palette by colour,
+    RGB by any channel; alpha is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("P", "PA", "RGBA", "LA"):
+                img = img.convert("L" if img.mode == "LA" else "RGB")
+            values = np.asarray(img)
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"cannot decode mask {path} ({err})") from None
+    return values.any(axis=-1) if values.ndim == 3 else values != 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Depth encodings
 # ---------------------------------------------------------------------------------------------------------------

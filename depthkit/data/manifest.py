@@ -2,7 +2,8 @@
 
 A manifest is a CSV with one row per RGB-D pair and the columns
 `source,rgb,depth,depth_format,scale_to_metres,invalid,fx,fy,cx,cy,domain,gt_type,notes` (an optional `licence`
-column is carried into the metadata). Paths are relative to the manifest's folder. See `docs/data.md`.
+column is carried into the metadata; an optional `sky` column names a mask image, non-zero where the image shows
+sky). Paths are relative to the manifest's folder. See `docs/data.md`.
 
     rows = read_manifest("data/rgbd/manifest.csv")
     sample = load_row(rows[0])   # {"__key__", "image", "target", "valid", "meta"}
@@ -17,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from depthkit.data.formats import DepthCodec, decode_depth, load_image, parse_codec
+from depthkit.data.formats import DepthCodec, decode_depth, load_image, load_mask, parse_codec
+from depthkit.spaces import AFFINE_DISPARITY
 
 REQUIRED_COLUMNS = (
     "source",
@@ -59,6 +61,7 @@ class ManifestRow:
         codec: How the depth file is encoded.
         intrinsics: `{"fx", "fy", "cx", "cy"}` in pixels, or None where the manifest leaves them empty.
         fields: The row's text fields (`source`, `domain`, `gt_type`, `notes`, `licence`, ...).
+        sky_path: A sky mask (any image, non-zero = sky), or None.
     """
 
     key: str
@@ -69,6 +72,7 @@ class ManifestRow:
     codec: DepthCodec
     intrinsics: dict[str, float] | None
     fields: dict[str, str] = field(default_factory=dict)
+    sky_path: Path | None = None
 
     @property
     def where(self) -> str:
@@ -155,7 +159,8 @@ def _parse_row(path: Path, root: Path, line: int, record: dict, seen: dict[str, 
     if key in seen:
         raise ValueError(f"{where}: sample key {key!r} repeats line {seen[key]} (same rgb path?)")
     codec = parse_codec(record["depth_format"], record["scale_to_metres"], record["invalid"], where=where)
-    text_fields = {k: v.strip() for k, v in record.items() if k not in ("rgb", "depth", "fx", "fy", "cx", "cy")}
+    text_fields = {k: v.strip() for k, v in record.items() if k not in ("rgb", "depth", "fx", "fy", "cx", "cy", "sky")}
+    sky = record.get("sky", "").strip()
     row = ManifestRow(
         key=key,
         line=line,
@@ -165,6 +170,7 @@ def _parse_row(path: Path, root: Path, line: int, record: dict, seen: dict[str, 
         codec=codec,
         intrinsics=_parse_intrinsics(record, where),
         fields=text_fields,
+        sky_path=root / sky if sky else None,
     )
     seen[key] = line
     return row
@@ -174,19 +180,23 @@ def load_row(row: ManifestRow) -> dict:
     """Decode one manifest row to a sample dict: `__key__`, `image`, `target`, `valid`, `meta`.
 
     `image` is RGB uint8 `H×W×3`; `target` float32 `H×W` is metres for metric sources (disparity in pixels for
-    disparity-only sources); `valid` is bool `H×W`. Raises `ValueError` naming the manifest line and file when
-    a file does not decode or the depth map does not match the image size.
+    disparity-only sources); `valid` is bool `H×W`; with a `sky` column, `sky` is bool `H×W`. Raises `ValueError`
+    naming the manifest line and file when a file does not decode or a map does not match the image size.
     """
     try:
         image_HW3 = load_image(row.rgb_path, rotated=False)  # an EXIF rotation the depth map may not share
         target_HW, valid_HW, space = decode_depth(row.depth_path, row.codec)
+        sky_HW = None if row.sky_path is None else load_mask(row.sky_path)
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{row.where}: {err}") from err
-    if target_HW.shape != image_HW3.shape[:2]:
-        raise ValueError(
-            f"{row.where}: depth {row.depth_path} is {target_HW.shape[1]}x{target_HW.shape[0]} but image "
-            f"{row.rgb_path} is {image_HW3.shape[1]}x{image_HW3.shape[0]}"
-        )
+    for name, path, map_HW in (("depth", row.depth_path, target_HW), ("sky mask", row.sky_path, sky_HW)):
+        if map_HW is not None and map_HW.shape != image_HW3.shape[:2]:
+            raise ValueError(
+                f"{row.where}: {name} {path} is {map_HW.shape[1]}x{map_HW.shape[0]} but image "
+                f"{row.rgb_path} is {image_HW3.shape[1]}x{image_HW3.shape[0]}"
+            )
+    if sky_HW is not None and space == AFFINE_DISPARITY:
+        raise ValueError(f"{row.where}: a sky mask needs depth or disparity (0 = farthest), not {space}")
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "labeled",
@@ -199,7 +209,11 @@ def load_row(row: ManifestRow) -> dict:
         "notes": row.fields.get("notes", ""),
         "origin": {"rgb": row.rgb_path.name, "depth": row.depth_path.name, "depth_format": row.codec.depth_format},
     }
-    return {"__key__": row.key, "image": image_HW3, "target": target_HW, "valid": valid_HW, "meta": meta}
+    sample = {"__key__": row.key, "image": image_HW3, "target": target_HW, "valid": valid_HW, "meta": meta}
+    if sky_HW is not None:
+        sample["sky"] = sky_HW
+        meta["origin"]["sky"] = row.sky_path.name
+    return sample
 
 
 def iter_manifest(path: str | Path, *, on_error: str = "raise", stats: dict | None = None) -> Iterator[dict]:

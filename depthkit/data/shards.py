@@ -9,6 +9,7 @@ is a group of members sharing a key (the part of the name before the first dot):
 | `KEY.target.png` | labeled, pseudo | uint16 PNG: `target = value * meta["target_scale"]`; 0 = invalid |
 | `KEY.target.npz` | labeled, pseudo | float32 array `target` (zlib-compressed, lossless; or float16); NaN = invalid |
 | `KEY.valid.png` | optional | 8-bit mask (0 invalid, 255 valid) when validity is not carried by the target |
+| `KEY.sky.png` | optional, labeled | 8-bit mask (255 sky): unlabeled sky pixels train as disparity 0 (farthest) |
 | `KEY.json` | all | metadata, see below |
 
 Metadata (`KEY.json`): `format_version`, `kind` (`labeled`, `unlabeled`, `pseudo`), `source`, `licence`, and for
@@ -55,6 +56,16 @@ class ShardFormatError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Encoding
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def encode_mask(mask_HW, *, like: np.ndarray, what: str) -> bytes:
+    """A bool mask the size of `like` as an 8-bit PNG (0 / 255)."""
+    mask_HW = np.asarray(mask_HW, dtype=bool)
+    if mask_HW.shape != like.shape:
+        raise ValueError(f"{what} is {mask_HW.shape}, the target {like.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(mask_HW.astype(np.uint8) * 255).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
 
 
 def encode_image(image_HW3: np.ndarray, *, fmt: str = "png", quality: int = 95) -> bytes:
@@ -186,6 +197,10 @@ def encode_sample(
             target_HW, valid_HW, scale=target_scale, half=target_half, compress_level=target_compress_level
         )
         members[ext] = data
+        if "sky" in sample:
+            if kind != "labeled" or meta["output_space"] == "affine_disparity":
+                raise ValueError(f"{key}: a sky mask needs a labeled depth or disparity target (sky: disparity 0)")
+            members["sky.png"] = encode_mask(sample["sky"], like=target_HW, what=f"{key}: sky mask")
         meta["target_encoding"] = "png16" if ext == "target.png" else "npz"
         if ext == "target.png":
             meta["target_scale"] = float(target_scale)
@@ -221,9 +236,9 @@ def decode_sample(
             commutes with the per-pixel conversion, so the result is the same, computed on fewer pixels.
 
     Returns:
-        `{"__key__", "__url__", "meta", "image"?, "target"?, "valid"?}`; `target` is float32 with 0 at invalid
-        pixels, `valid` bool. With `target_steps`, a png16 target comes as `target_steps` (uint16, 0 invalid)
-        instead of `target` and `valid`; its scale is `meta["target_scale"]`.
+        `{"__key__", "__url__", "meta", "image"?, "target"?, "valid"?, "sky"?}`; `target` is float32 with 0 at
+        invalid pixels, `valid` and `sky` bool. With `target_steps`, a png16 target comes as `target_steps`
+        (uint16, 0 invalid) instead of `target` and `valid`; its scale is `meta["target_scale"]`.
 
     Raises:
         ShardFormatError: naming the shard and key, for missing or undecodable members and bad metadata.
@@ -262,6 +277,8 @@ def decode_sample(
         if "image" in sample and target_HW.shape != sample["image"].shape[:2]:
             h, w = sample["image"].shape[:2]
             raise ShardFormatError(f"{where}: target is {target_HW.shape[1]}x{target_HW.shape[0]} but image is {w}x{h}")
+        if "sky.png" in raw:
+            fields["sky"] = _decode_mask(raw, "sky", where, shape=target_HW.shape)
         sample.update(fields)
     return sample
 
@@ -306,15 +323,20 @@ def _decode_target(raw: dict, meta: dict, where: str, *, keep_steps: bool) -> di
             raise
         raise ShardFormatError(f"{where}: cannot decode target ({err})") from None
     if "valid.png" in raw:
-        try:
-            with Image.open(io.BytesIO(raw["valid.png"])) as img:
-                mask_HW = np.asarray(img.convert("L")) > 127
-        except OSError as err:
-            raise ShardFormatError(f"{where}: cannot decode KEY.valid.png ({err})") from None
-        if mask_HW.shape != target_HW.shape:
-            raise ShardFormatError(f"{where}: valid mask {mask_HW.shape} differs from target {target_HW.shape}")
-        valid_HW = mask_HW & np.isfinite(target_HW)
+        valid_HW = _decode_mask(raw, "valid", where, shape=target_HW.shape) & np.isfinite(target_HW)
     return {"target": np.ascontiguousarray(target_HW), "valid": np.ascontiguousarray(valid_HW)}
+
+
+def _decode_mask(raw: dict, name: str, where: str, *, shape: tuple[int, ...]) -> np.ndarray:
+    """`KEY.NAME.png` as a bool mask (> 127), which must be `shape`."""
+    try:
+        with Image.open(io.BytesIO(raw[f"{name}.png"])) as img:
+            mask_HW = np.asarray(img.convert("L")) > 127
+    except OSError as err:
+        raise ShardFormatError(f"{where}: cannot decode KEY.{name}.png ({err})") from None
+    if mask_HW.shape != shape:
+        raise ShardFormatError(f"{where}: {name} mask {mask_HW.shape} differs from target {shape}")
+    return mask_HW
 
 
 def _exts(raw: dict) -> str:

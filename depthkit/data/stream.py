@@ -231,7 +231,8 @@ class BatchMeta:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack samples into a batch: `image` uint8 `B×3×H×W`, `target` float32 and `valid` bool `B×H×W`."""
+    """Stack samples into a batch: `image` uint8 `B×3×H×W`, `target` float32 and `valid` bool `B×H×W`, and `sky`
+    bool `B×H×W` when any sample has a sky mask (False for those without)."""
     batch: dict = {
         "key": [s["__key__"] for s in samples],
         "meta": BatchMeta(s["meta"] for s in samples),
@@ -244,6 +245,8 @@ def collate(samples: list[dict]) -> dict:
     if "target" in samples[0]:
         batch["target"] = torch.from_numpy(np.stack([s["target"] for s in samples]))
         batch["valid"] = torch.from_numpy(np.stack([s["valid"] for s in samples]))
+        if any("sky" in s for s in samples):
+            batch["sky"] = torch.from_numpy(np.stack([s.get("sky", np.zeros_like(s["valid"])) for s in samples]))
     return batch
 
 

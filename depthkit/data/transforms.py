@@ -145,7 +145,7 @@ class SampleTransform:
         crop_HW3 = resize_image(image_HW3, h, w)[window]
         # cv2.flip copies whole pixels; np.stack on a flipped H×W×3 view would copy byte by byte, ~20x slower
         out["image"] = cv2.flip(crop_HW3, 1) if flip else crop_HW3
-        for name in ("target", "valid", "target_steps"):
+        for name in ("target", "valid", "target_steps", "sky"):
             if name in sample:
                 out[name] = geometry(sample[name])
         if "target_steps" in out:

@@ -3,14 +3,14 @@
 Presets (also shipped as `configs/loss/<name>.yaml`, kept equal by a test):
 
 - `midas`: least-squares SSI, mse, + 1.0 x gradient matching (4 scales). MiDaS (Ranftl et al.). MiDaS's code
-  computes 0.5 * (its sum r^2 / 2n) + 0.5 * gradient = 0.5 x this loss when every image has as many valid pixels;
-  a constant factor only rescales the step size (and changes nothing under Adam). Its default reduction is
-  batch-based (sums over the batch over its valid pixels: an image weighs by its valid count); depthkit's is per
-  image, then the mean over images (`reduction.py`), so a sparse LiDAR image weighs as much as a dense one. Start it from a pretrained encoder, as MiDaS did: from random
-  init the least-squares scale of a noisy prediction is near 0, and gradient matching through that scale drives
-  it to 0, where every gradient vanishes (measured: one batch of 8 synthetic scenes, test_dav2, Adam 1e-3; the
-  SSI term stays at the target's variance for 150 steps, while `gradient_weight=0` brings it down 70x). From
-  scratch, train with `dav2` or warm up with `gradient_weight=0`.
+  computes 0.5 * (its sum r^2 / 2n) + 0.5 * gradient = 0.5 x this loss when every image has as many valid pixels; a
+  constant factor only rescales the step size (and changes nothing under Adam). Its default reduction is batch-based
+  (sums over the batch over its valid pixels: an image weighs by its valid count); depthkit's is per image, then the
+  mean over images (`reduction.py`), so a sparse LiDAR image weighs as much as a dense one. Start it from a
+  pretrained encoder, as MiDaS did: from random init the least-squares scale of a noisy prediction is near 0, and
+  gradient matching through that scale drives it to 0, where every gradient vanishes (measured: one batch of 8
+  synthetic scenes, test_dav2, Adam 1e-3; the SSI term stays at the target's variance for 150 steps, while
+  `gradient_weight=0` brings it down 70x). From scratch, train with `dav2` or warm up with `gradient_weight=0`.
 - `dav1`: median/MAD SSI, l1. Depth Anything V1, labeled and pseudo-labeled images alike (its feature
   alignment is a separate term: `feature_alignment_loss`).
 - `dav2`: median/MAD SSI, l1, + 2.0 x gradient matching. Depth Anything V2 on labeled synthetic images (the

@@ -67,7 +67,19 @@ def targets_in_space(batch: dict, output_space: str) -> tuple[torch.Tensor, torc
     affine disparity pass through. So one batch may mix them, as Depth Anything V1's teacher data does (HRWSI
     gives uncalibrated disparity, the other sets depth); the per-image scale-and-shift alignment makes the spaces
     comparable. Metric models need metric depth targets.
+
+    A batch's `sky` mask (from the shards' `KEY.sky.png`) makes its pixels that have no label valid at disparity 0,
+    the farthest, as Depth Anything V1 trains its teacher (labeled pixels keep their label; LiheYoung/Depth-Anything
+    #206). Metric models leave sky unlabeled: no depth stands for it.
     """
+    target_BHW, valid_BHW = _relative_targets(batch, output_space)
+    if output_space != METRIC_DEPTH and "sky" in batch:
+        sky_BHW = batch["sky"] & ~valid_BHW
+        return target_BHW.masked_fill(sky_BHW, 0.0), valid_BHW | sky_BHW
+    return target_BHW, valid_BHW
+
+
+def _relative_targets(batch: dict, output_space: str) -> tuple[torch.Tensor, torch.Tensor]:
     target_BHW, valid_BHW = batch["target"], batch["valid"]
     # A pseudo-labeled sample's target is the teacher's: its space is in meta["pseudo"], whatever the image's
     # own metadata says (an unlabeled image converted from an RGB-D source may still name that source's space).

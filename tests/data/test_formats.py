@@ -248,3 +248,32 @@ def test_manifest_slips_are_named_with_their_cause(tmp_path):
     path.write_text(header.replace(", ", ";"))
     with pytest.raises(ValueError, match="lacks column.* \\(it is not comma-separated"):
         read_manifest(path)
+
+
+def test_a_sky_mask_of_another_size_or_unreadable_names_the_row(tmp_path):
+    from PIL import Image
+
+    from depthkit.data.formats import load_mask
+
+    for name in ("a.png", "a2.png"):
+        Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / name)
+    Image.fromarray(np.ones((4, 6), np.uint16)).save(tmp_path / "a_depth.png")
+    Image.fromarray(np.ones((5, 6), np.uint8)).save(tmp_path / "small_sky.png")
+    (tmp_path / "broken_sky.png").write_bytes(b"not a png")
+    header = "source,rgb,depth,depth_format,scale_to_metres,invalid,fx,fy,cx,cy,domain,gt_type,notes,sky\n"
+    (tmp_path / "m.csv").write_text(
+        header + "s,a.png,a_depth.png,uint16_png,0.001,0,,,,,i,x,,small_sky.png\n"
+        "s,a2.png,a_depth.png,uint16_png,0.001,0,,,,,i,x,,broken_sky.png\n"
+    )  # fmt: skip
+    rows = read_manifest(tmp_path / "m.csv")
+    with pytest.raises(ValueError, match=r"m.csv:2: sky mask .*small_sky.png is 6x5 but image .*a.png is 6x4"):
+        load_row(rows[0])
+    with pytest.raises(ValueError, match=r"m.csv:3: cannot decode mask .*broken_sky.png"):
+        load_row(rows[1])
+    # Any non-zero pixel is sky: 0/1 label maps, palette masks, RGB by any channel; alpha is ignored.
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 3], rgba[0, 0, 2] = 255, 1
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    assert load_mask(tmp_path / "rgba.png").tolist() == [[True, False], [False, False]]
+    Image.fromarray(np.array([[0, 1]], np.uint8), mode="L").save(tmp_path / "l.png")
+    assert load_mask(tmp_path / "l.png").tolist() == [[False, True]]

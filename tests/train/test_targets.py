@@ -1,5 +1,6 @@
 """Which space a batch's targets are in, and what the loss then sees."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,44 @@ def test_a_metric_model_refuses_other_spaces_and_unknown_spaces_are_named():
     batch["key"] = ["a", "b"]
     with pytest.raises(ValueError, match="unknown target space 'inverse_metres' \\(sample 'b'\\)"):
         targets_in_space(batch, AFFINE_DISPARITY)
+
+
+def test_a_sky_mask_travels_from_the_manifest_to_the_training_targets(tmp_path):
+    """Depth Anything V1 trains its teacher with sky at disparity 0 where a set has no label there
+    (LiheYoung/Depth-Anything#206): the manifest's `sky` column -> KEY.sky.png -> crop -> batch -> targets."""
+    from PIL import Image
+
+    from depthkit.data.convert import convert_manifest
+    from depthkit.data.stream import ShardStream
+    from depthkit.data.transforms import SampleTransform, TransformConfig
+
+    h, w = 28, 42
+    depth = np.full((h, w), 2000, np.uint16)  # 2 m
+    depth[:10] = 0  # the top rows have no depth
+    sky = np.zeros((h, w), np.uint8)
+    sky[:8], sky[20:, :3] = 1, 1  # sky: 8 unlabeled rows, and a corner that has a label (it keeps it)
+    Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(depth).save(tmp_path / "a_depth.png")
+    Image.fromarray(sky, mode="L").save(tmp_path / "a_sky.png")
+    Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(tmp_path / "b.png")
+    Image.fromarray(depth).save(tmp_path / "b_depth.png")
+    header = "source,rgb,depth,depth_format,scale_to_metres,invalid,fx,fy,cx,cy,domain,gt_type,notes,sky\n"
+    rows = [
+        "s,a.png,a_depth.png,uint16_png,0.001,0,,,,,out,x,,a_sky.png",
+        "s,b.png,b_depth.png,uint16_png,0.001,0,,,,,out,x,,",
+    ]
+    (tmp_path / "manifest.csv").write_text(header + "".join(r + "\n" for r in rows))
+    convert_manifest(tmp_path / "manifest.csv", tmp_path / "shards")
+    transform = SampleTransform(TransformConfig(crop_size=(h, w), hflip=False))
+    (batch,) = ShardStream(tmp_path / "shards", batch_size=2, transform=transform)
+    assert batch["key"] == ["a", "b"]
+    torch.testing.assert_close(batch["sky"][0], torch.from_numpy(sky > 0))
+    assert not batch["sky"][1].any()  # a sample without a mask has no sky
+
+    target, valid = targets_in_space(batch, AFFINE_DISPARITY)
+    assert valid[0, :8].all() and (target[0, :8] == 0).all()  # unlabeled sky: valid, farthest
+    assert not valid[0, 8:10].any()  # neither depth nor sky
+    torch.testing.assert_close(target[0, 20:, :3], torch.full((8, 3), 0.5))  # labeled sky keeps its label
+    assert not valid[1, :10].any()
+    _, metric_valid = targets_in_space(batch, METRIC_DEPTH)  # a metric model has no depth for sky
+    assert not metric_valid[0, :10].any()
