@@ -84,6 +84,10 @@ class DepthDataModule(L.LightningDataModule):
             V2 authors found them unnecessary for its ViT-S/B students of the ViT-G teacher (Depth-Anything-V2#207);
             False keeps CutMix alone.
         cutmix_p: CutMix probability per unlabeled sample (Depth Anything: 0.5).
+        global_batch_size: The images per optimizer step, over all devices, that the recipe's schedule assumes
+            (labeled images; unlabeled ones without `labeled`), e.g. 64 for V2's teacher: 8 per GPU on 8 GPUs. A
+            run whose `batch_size x devices x accumulate_grad_batches` differs warns at the start, naming the
+            setting that restores it. None checks nothing.
         seed: Seeds shard order, shuffling, augmentation and CutMix.
         on_error: "raise" at a bad sample, or "skip" and count it (logged as `data/skipped`).
     """
@@ -105,6 +109,7 @@ class DepthDataModule(L.LightningDataModule):
         resampled: bool = True,
         strong_augment: bool = True,
         cutmix_p: float = 0.5,
+        global_batch_size: int | None = None,
         seed: int = 0,
         on_error: str = "raise",
     ):
@@ -176,6 +181,8 @@ class DepthDataModule(L.LightningDataModule):
         loaders = {}
         reload, self._train_built = self._train_built, True
         world_size = self._topology()[1] or 1
+        if not reload:
+            self._check_global_batch(world_size)
         if not hp.resampled and world_size > 1:
             rank_zero_warn(
                 f"data.resampled false on {world_size} ranks: a rank whose shards hold fewer samples ends its epoch "
@@ -210,6 +217,28 @@ class DepthDataModule(L.LightningDataModule):
         )
         loaders["unlabeled"] = _loader(unlabeled, hp.num_workers, pin_memory=pin)
         return CombinedLoader(loaders, mode="min_size")
+
+    def _check_global_batch(self, world_size: int) -> None:
+        expected = self.hparams.global_batch_size
+        trainer = getattr(self, "trainer", None)
+        if expected is None or trainer is None:
+            return
+        accumulate = trainer.accumulate_grad_batches
+        per_step = self.hparams.batch_size * world_size
+        if per_step * accumulate == expected:
+            return
+        fixes = []
+        if expected % (world_size * accumulate) == 0:
+            fixes.append(f"data.batch_size {expected // (world_size * accumulate)}")
+        if expected % per_step == 0:
+            fixes.append(f"trainer.accumulate_grad_batches {expected // per_step}")
+        rank_zero_warn(
+            f"the recipe assumes {expected} images per optimizer step (data.global_batch_size); this run takes "
+            f"{per_step * accumulate} (data.batch_size {self.hparams.batch_size} x {world_size} device(s) x "
+            f"accumulate_grad_batches {accumulate}): the schedule's length in images and the learning rate's "
+            f"tuning differ. {'Set ' + ' or '.join(fixes) + ' to match' if fixes else 'No whole setting matches'}, "
+            "or data.global_batch_size null to silence this"
+        )
 
     def val_dataloader(self):
         return [] if self.hparams.val is None else self._eval_loader(self.hparams.val)

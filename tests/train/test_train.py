@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -1137,3 +1138,21 @@ def test_the_students_photometric_augmentation_can_be_turned_off(tiny_data, stro
     data.setup("fit")
     batch = next(iter(data.train_dataloader().iterables["unlabeled"]))
     assert torch.equal(batch["image_strong"], batch["image"]) != strong_augment
+
+
+def test_a_run_off_the_recipes_global_batch_warns_with_the_setting_that_restores_it(tiny_data):
+    """Paper recipes assume 8 GPUs; on 2 with accumulation 2 the batch per optimizer step halves silently."""
+    from types import SimpleNamespace
+
+    data = DepthDataModule(str(tiny_data / "labeled"), batch_size=4, crop_size=28, num_workers=0, global_batch_size=32)
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    data.trainer = SimpleNamespace(accumulate_grad_batches=2, global_rank=0, world_size=2, strategy=cpu)
+    data.setup("fit")
+    with pytest.warns(UserWarning, match=r"assumes 32 images .* this run takes 16 .*Set data.batch_size 8 or "):
+        data.train_dataloader()
+    data = DepthDataModule(str(tiny_data / "labeled"), batch_size=8, crop_size=28, num_workers=0, global_batch_size=32)
+    data.trainer = SimpleNamespace(accumulate_grad_batches=2, global_rank=0, world_size=2, strategy=cpu)
+    data.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.train_dataloader()
