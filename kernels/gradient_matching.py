@@ -39,6 +39,7 @@ from ._common import (
     load_maps,
     resolve,
     sign,
+    upstream_grad,
     use_triton,
     valid_bytes,
 )
@@ -59,9 +60,11 @@ def _factor(scale_ptr, b, HAS_SCALE: tl.constexpr):
 @jit_helper
 def _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, delta, mask, a, cd):
     """The pixels at offs + delta where `mask`: whether each is valid, and its residual a * pred - c * target."""
+    # all three loads masked by `mask` only (no load waits on another); garbage at invalid pixels is dropped by
+    # the callers' `where(v_n, ...)`
     v_n = (tl.load(valid_ptr + base + offs + delta, mask=mask, other=0) != 0) & mask
-    p_n = tl.load(pred_ptr + base + offs + delta, mask=v_n, other=0.0).to(tl.float32)
-    d_n = tl.load(target_ptr + base + offs + delta, mask=v_n, other=0.0).to(tl.float32)
+    p_n = tl.load(pred_ptr + base + offs + delta, mask=mask, other=0.0).to(tl.float32)
+    d_n = tl.load(target_ptr + base + offs + delta, mask=mask, other=0.0).to(tl.float32)
     return v_n, a * p_n - cd * d_n
 
 
@@ -123,10 +126,12 @@ def _gm_forward_kernel(
         v, p, d = load_maps(pred_ptr, target_ptr, valid_ptr, base, offs, inb)
         r = a * p - cd * d
         # right neighbour (y, x + step), lower neighbour (y + step, x)
-        v_r, r_r = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, STEP, v & (xs[None, :] + STEP < W), a, cd)
+        v_r, r_r = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, STEP, inb & (xs[None, :] + STEP < W), a, cd)
+        v_r = v_r & v
         v_d, r_d = _neighbour(
-            pred_ptr, target_ptr, valid_ptr, base, offs, STEP * W, v & (ys[:, None] + STEP < H), a, cd
+            pred_ptr, target_ptr, valid_ptr, base, offs, STEP * W, inb & (ys[:, None] + STEP < H), a, cd
         )
+        v_d = v_d & v
         diff = tl.where(v_r, tl.abs(r_r - r), 0.0) + tl.where(v_d, tl.abs(r_d - r), 0.0)
         tl.store(out + 2 * k, tl.sum(tl.sum(diff, axis=1), axis=0))
         tl.store(out + 2 * k + 1, tl.sum(tl.sum(v.to(tl.float32), axis=1), axis=0))
@@ -171,12 +176,13 @@ def _gm_backward_kernel(
     HAS_TARGET_SCALE: tl.constexpr,
     NUM_SCALES: tl.constexpr,
     TILE: tl.constexpr,
+    GRAD_LOSS_STRIDE: tl.constexpr,
 ):
     b = tl.program_id(0)
     t = tl.program_id(1)
     a = _factor(pred_scale_ptr, b, HAS_PRED_SCALE)
     cd = _factor(target_scale_ptr, b, HAS_TARGET_SCALE)
-    grad_loss = tl.load(grad_loss_ptr + b)
+    grad_loss = tl.load(grad_loss_ptr + b * GRAD_LOSS_STRIDE)  # stride 0: a .sum()'s gradient, not materialized
     grad_a = 0.0
     SIDE_C: tl.constexpr = TILE >> (NUM_SCALES - 1) if (TILE >> (NUM_SCALES - 1)) > 0 else 1
     grad_r = tl.zeros([SIDE_C, SIDE_C], dtype=tl.float32)  # dL/dr of the scales done so far, on this block
@@ -191,19 +197,19 @@ def _gm_backward_kernel(
         for nb in tl.static_range(4):
             # neighbours: 0 right, 1 left, 2 below, 3 above
             if nb == 0:
-                m_n = v & (xs[None, :] + STEP < W)
+                m_n = inb & (xs[None, :] + STEP < W)
                 delta = STEP
             elif nb == 1:
-                m_n = v & (xs[None, :] >= STEP)
+                m_n = inb & (xs[None, :] >= STEP)
                 delta = -STEP
             elif nb == 2:
-                m_n = v & (ys[:, None] + STEP < H)
+                m_n = inb & (ys[:, None] + STEP < H)
                 delta = STEP * W
             else:
-                m_n = v & (ys[:, None] >= STEP)
+                m_n = inb & (ys[:, None] >= STEP)
                 delta = -STEP * W
             v_n, r_n = _neighbour(pred_ptr, target_ptr, valid_ptr, base, offs, delta, m_n, a, cd)
-            acc += tl.where(v_n, sign(r - r_n), 0.0)
+            acc += tl.where(v_n & v, sign(r - r_n), 0.0)
         grad_k = grad_loss * tl.load(inv_count_ptr + b * NUM_SCALES + k) * acc
         grad_r += grad_k
         if HAS_PRED_SCALE:  # dL/da = sum_j dL/dr_j * pred_j, taken scale by scale on its own pixels
@@ -257,10 +263,12 @@ class GradientMatchingFunction(torch.autograd.Function):
         has_a, has_c = a_B is not None, c_B is not None
         grad_pred_BM = torch.empty_like(p_BM)
         grad_part = torch.empty((num_images, num_chunks), dtype=torch.float32, device=p_BM.device) if has_a else None
+        grad_loss_B, loss_stride, _ = upstream_grad(grad_loss_B, inv_count_BK)
         resolve(_gm_backward_kernel)[(num_images, num_chunks)](
             p_BM, d_BM, v_BM, a_B if has_a else p_BM, c_B if has_c else p_BM, inv_count_BK,
-            grad_loss_B.float().contiguous(), grad_pred_BM, grad_part if has_a else p_BM, height, width, num_chunks,
-            tiles_w, HAS_PRED_SCALE=has_a, HAS_TARGET_SCALE=has_c, NUM_SCALES=ctx.num_scales, TILE=TILE, num_warps=4,
+            grad_loss_B, grad_pred_BM, grad_part if has_a else p_BM, height, width, num_chunks,
+            tiles_w, HAS_PRED_SCALE=has_a, HAS_TARGET_SCALE=has_c, NUM_SCALES=ctx.num_scales, TILE=TILE,
+            GRAD_LOSS_STRIDE=loss_stride, num_warps=4,
         )  # fmt: skip
         grad_scale_B = grad_part.sum(dim=1) if has_a and ctx.needs_input_grad[3] else None
         return grad_pred_BM.view(ctx.shape), None, None, grad_scale_B, None, None

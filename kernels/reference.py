@@ -21,6 +21,8 @@ Conventions shared by all ops:
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 LSQ_REL_EPS = 1e-10
@@ -83,7 +85,7 @@ def num_kept(num_valid_B: torch.Tensor, trim: float) -> torch.Tensor:
 
 def trim_in_range(trim: float) -> bool:
     """0 <= trim < 1, in fp32 too (the kernels' precision): 1 - 1e-9 is 1.0 there and would trim every pixel."""
-    return 0.0 <= trim < 1.0 and torch.tensor(trim, dtype=torch.float32).item() < 1.0
+    return 0.0 <= trim < 1.0 and struct.unpack("f", struct.pack("f", trim))[0] < 1.0  # no tensor on every call
 
 
 def trim_weights(loss_BHW: torch.Tensor, valid_BHW: torch.Tensor, trim: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@
 #
 # Steps, in priority order (each under `timeout`; a failure does not stop the next; summary at the end):
 #   setup           install .whl into /tmp/site, link depthkit + depthkit_kernels there, print versions/GPU, smoke imports
-#   tests           pytest -m gpu tests/kernels tests/pseudo_label tests/train (full-size Triton kernel parity on
-#                   CUDA, the labeler's queued copies, no host-GPU waits between logging steps of depthkit fit)
+#   tests           pytest tests/kernels, all compiled on CUDA (small odd shapes and full size), then pytest -m gpu
+#                   tests/pseudo_label tests/train (the labeler's queued copies, no host-GPU waits in depthkit fit)
 #   train_step      benchmarks/train_step.py --device cuda --model dav2_vits --crop 518        needs braceexpand
 #                   (+ --find-syncs: where each loop makes the host wait for the GPU)
 #   losses_graph    benchmarks/losses.py, batch 32 at 518x518, fp32+bf16, --impls triton,eager --cudagraph: device
@@ -216,11 +216,18 @@ SUMMARY+=("setup	$setup_rc	$((SECONDS - setup_start))	$([ "$setup_rc" -eq 0 ] &&
 log "=== [setup] rc=$setup_rc in $((SECONDS - setup_start)) s, GPU tag $GPU_TAG"
 
 # ---------------------------------------------------------------- steps
-# a. The gpu-marked tests: full-size parity of the Triton kernels against the torch references, the labeler's
-#    batches collected after the next launch, and training steps that never wait for the GPU between logging steps.
+# a. Every kernel test compiled (on CUDA the parity tests run the compiled kernels: the small odd shapes, ties, empty
+#    images and forced select paths the interpreter checks on CPU, then the full-size ones; the tiled gradient matching
+#    and the sampled select have never been compiled by Triton on a GPU), then the other gpu-marked tests: the
+#    labeler's batches collected after the next launch, training steps that never wait for the GPU between logging.
+gpu_tests() {
+    "$PY" -m pytest -q tests/kernels -p no:cacheprovider --maxfail=10 --durations=8 --junitxml="$OUT/pytest_gpu.xml"
+    local rc=$?
+    "$PY" -m pytest -q -m gpu tests/pseudo_label tests/train -p no:cacheprovider --durations=4 || rc=1  # log only
+    return $rc
+}
 if selected tests; then
-    run_step tests 180 30 "$PY" -m pytest -q -m gpu tests/kernels tests/pseudo_label tests/train -p no:cacheprovider \
-        --durations=8 --junitxml="$OUT/pytest_gpu.xml"
+    run_step tests 240 30 env OUT="$OUT" PY="$PY" bash -c "$(declare -f gpu_tests); gpu_tests"
 fi
 
 # d. Lightning overhead of a training step on the GPU: 40 timed steps (after 10 warm-up) per loop, 2 pairs, then 5
