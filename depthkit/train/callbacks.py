@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -202,6 +203,30 @@ def requeue_slurm_job() -> None:
         log.warning("could not requeue SLURM job %s (scontrol requeue: %s)", job, code)
 
 
+def _remove(path: Path) -> None:
+    """Remove a file or a folder (a sharded checkpoint), if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _replace(new: Path, path: Path) -> None:
+    """Rename `new` to `path`, also when either is a folder (a sharded checkpoint): `os.replace` cannot replace a
+    folder that holds files. The old one is moved aside first and removed after, so `path` is never missing a
+    whole checkpoint for longer than two renames."""
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(path.name + ".old")
+        _remove(old)
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old)
+    else:
+        if new.is_dir():
+            path.unlink(missing_ok=True)  # a single-file checkpoint replaced by a sharded one
+        os.replace(new, path)
+
+
 class Preemption(L.Callback):
     """On SIGTERM or SIGUSR1 (cluster preemption), save `preempted.ckpt` after the current optimizer step and exit.
 
@@ -258,13 +283,22 @@ class Preemption(L.Callback):
             signum = int(received)
         if not signum:
             return
+        name = signal.Signals(signum).name
+        if 0 < trainer.max_steps <= trainer.global_step:
+            # The last step is done: the run ends now as finished (last.ckpt, exit 0). Saved as preempted, it exited
+            # 128 + N and was requeued, and the requeued resume found nothing left to train.
+            log.warning("received %s after the last step (%d): the run finishes", name, trainer.global_step)
+            self._received = 0
+            return
         path = Path(self.dirpath or trainer.default_root_dir) / "preempted.ckpt"
         partial = path.with_name(path.name + ".partial")
+        if trainer.is_global_zero:
+            _remove(partial)  # an earlier save's leftover: a sharded save would write into it
+        trainer.strategy.barrier("preempted-partial")
         trainer.save_checkpoint(partial, weights_only=False)
         if trainer.is_global_zero:
-            os.replace(partial, path)
+            _replace(partial, path)
         trainer.strategy.barrier("preempted-checkpoint")
-        name = signal.Signals(signum).name
         log.warning("received %s: saved %s at step %d, exiting", name, path, trainer.global_step)
         previous = self._previous.get(signum)
         if signum == signal.SIGUSR1 and type(previous).__module__.startswith("lightning."):

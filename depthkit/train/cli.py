@@ -75,12 +75,20 @@ class DepthCLI(LightningCLI):
             root = Path((section.get("trainer") or {}).get("default_root_dir") or os.getcwd())
             section.ckpt_path = str(latest_checkpoint(root))
             rank_zero_info(f"--ckpt_path last: {section.ckpt_path}")
+        elif section.get("ckpt_path") and str(section.ckpt_path).startswith("~"):
+            # A `~` the shell did not expand (`--ckpt_path=~/run.ckpt`, YAML): Lightning's check for a file, which
+            # takes the run's module arguments, would miss it, and the resume would mix the two configurations.
+            section.ckpt_path = str(Path(section.ckpt_path).expanduser())
         max_steps = (section.get("trainer") or {}).get("max_steps") if subcommand == "fit" else None
         resumed_run = check_resume(section.get("ckpt_path"), section.get("model"), max_steps)
         if subcommand == "fit" and resumed_run.get("wandb_run_id"):
             _continue_wandb_run(section.get("trainer") or {}, resumed_run["wandb_run_id"])
         given = section.get("model").clone() if section.get("model") is not None else None
-        super()._parse_ckpt_path()
+        ckpt_path = section.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_dir():
+            self._parse_sharded_ckpt_path(subcommand, Path(ckpt_path))
+        else:
+            super()._parse_ckpt_path()
         resumed = self.config[subcommand].get("model")
         # validate / test score the run as it was trained: the checkpoint's arguments are the point, not a change.
         if subcommand == "fit" and given is not None and resumed is not None:
@@ -92,12 +100,27 @@ class DepthCLI(LightningCLI):
                     "weights (model.checkpoint_path)"
                 )
 
+    def _parse_sharded_ckpt_path(self, subcommand: str, path: Path) -> None:
+        """Lightning's `_parse_ckpt_path` for a sharded checkpoint (a folder, whose hyperparameters are in its
+        `meta.pt`): Lightning reads only files, so a run resumed from a folder was built from the new configuration
+        while its optimizer kept the old learning rates."""
+        meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True, mmap=True)
+        hparams = dict(meta.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     def before_instantiate_classes(self) -> None:
         # The stage's data first: a typo in a shard path is named before the model, the trainer or a log folder.
         subcommand = self.config.get("subcommand")
         if subcommand in STAGE_DATA:
             check_stage_data(subcommand, self.config[subcommand].get("data") or {})
         if subcommand == "fit":
+            if (self.config.fit.get("trainer") or {}).get("max_steps") == 0:
+                raise ValueError("trainer.max_steps 0 trains nothing: give the run's length (-1 with max_epochs)")
             module, data = self.config.fit.get("model"), self.config.fit.get("data") or {}
             if module is not None:
                 module_class = import_object(str(module.class_path))  # parsed: it resolves
@@ -260,6 +283,11 @@ def latest_checkpoint(root: Path) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
+class RunComplete(Exception):
+    """`--ckpt_path` names a checkpoint at the run's last step: nothing is left to train (not an error: a requeued
+    job of a run that finished resumes its `last.ckpt`)."""
+
+
 def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = None) -> dict:
     """Refuse a `--ckpt_path` that is no `depthkit fit` checkpoint, or one of another module or model, or one that
     `max_steps` (given when fitting) leaves nothing to train; warn when `max_steps` changes the run's schedule.
@@ -293,7 +321,9 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
         )
     step, scheduled = obj.get("global_step"), (obj.get("depthkit") or {}).get("schedule_steps")
     if max_steps is not None and max_steps > 0 and step is not None:
-        if max_steps <= step:
+        if max_steps == step:
+            raise RunComplete(f"--ckpt_path {path} is at step {step}, trainer.max_steps: the run is complete")
+        if max_steps < step:
             raise ValueError(
                 f"--ckpt_path {path} is at step {step}: trainer.max_steps {max_steps} leaves nothing to train"
             )
@@ -442,6 +472,9 @@ def run_lightning_cli(argv: list[str]) -> int:
         print(f"depthkit {command}: error: {message or condense_parse_error(str(err))} (see depthkit {command} --help)",
               file=sys.stderr)  # fmt: skip
         return 2
+    except RunComplete as done:  # a finished run's requeued job: nothing to do, not a failure
+        print(f"depthkit {argv[0]}: {done}; nothing to do", file=sys.stderr)
+        return 0
     except (ValueError, OSError, MisconfigurationException) as err:
         _kill_workers()
         print(f"depthkit {argv[0] if argv else ''}: error: {_one_line(err)}", file=sys.stderr)

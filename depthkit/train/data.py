@@ -7,6 +7,9 @@ where it stopped (see `docs/data.md`, "Resume").
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
@@ -48,6 +51,12 @@ def check_stage_data(stage: str, data) -> None:
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"data.{name}: {err}") from None
     if stage == "fit" and data.get("pseudo_labels"):
+        kind = _index_kind(data["pseudo_labels"])
+        if kind not in (None, "pseudo"):
+            raise ValueError(
+                f"data.pseudo_labels: {data['pseudo_labels']} holds {kind} shards (its index.json), not "
+                "pseudo-labels: give the --output folder of `depthkit pseudo-label`"
+            )
         for url in shard_paths(data["unlabeled"]):
             label = label_shard_url(data["pseudo_labels"], url)
             if is_local(label):
@@ -57,6 +66,14 @@ def check_stage_data(stage: str, data) -> None:
                     raise FileNotFoundError(
                         f"data.pseudo_labels: no pseudo-label shard {label} for image shard {url}"
                     ) from None
+
+
+def _index_kind(folder) -> str | None:
+    """The `kind` in a local shard folder's index.json (None: no folder, no index, or a URL)."""
+    try:
+        return json.loads((Path(folder) / "index.json").read_text()).get("kind")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 class DepthDataModule(L.LightningDataModule):
@@ -158,6 +175,9 @@ class DepthDataModule(L.LightningDataModule):
     ):
         hp = self.hparams
         rank, world_size = self._topology()
+        resume = None if reload else self._resume.get(name)
+        if resume and resume.get("total_workers"):
+            self._check_resume_topology(name, resume["total_workers"], world_size or 1)
         stream = ShardStream(
             spec,
             kind=kind,
@@ -168,12 +188,34 @@ class DepthDataModule(L.LightningDataModule):
             on_error=hp.on_error,
             rank=rank,
             world_size=world_size,
-            resume=None if reload else self._resume.get(name),
+            resume=resume,
             **kw,
         )
         if reload:  # `reload_dataloaders_every_n_epochs`: Lightning's epoch, not the resumed one (nor 0)
             stream.set_epoch(self.trainer.current_epoch)
+        workers = (world_size or 1) * max(hp.num_workers, 1)
+        if kw.get("resampled") and len(stream.urls) < workers and not reload:
+            rank_zero_warn(
+                f"data.{name}: {len(stream.urls)} shard(s) for {workers} loader workers (processes x "
+                "data.num_workers): workers read the same shard at once, and a step's batch may repeat images; "
+                "write more, smaller shards (--shard-size), or use fewer workers"
+            )
         return stream
+
+    def _check_resume_topology(self, name: str, saved: int, world_size: int) -> None:
+        """A stream resumes exactly when its global loader workers (world size x workers) are as many as when the
+        checkpoint was saved; said here, in the main process, before any worker starts (a worker's error came
+        after start-up and named no setting)."""
+        workers = max(self.hparams.num_workers, 1)
+        if saved == world_size * workers:
+            return
+        fix = f"--data.num_workers {saved // world_size}" if saved % world_size == 0 else f"{saved} processes"
+        raise ValueError(
+            f"the checkpoint's {name} data stream ran on {saved} global loader workers (processes x "
+            f"data.num_workers), this run on {world_size} x {workers}: its position is a count per worker and cannot "
+            f"be carried over; resume with {fix} (any split of {saved} carries it over), or start a new run from the "
+            "checkpoint's weights (model.checkpoint_path)"
+        )
 
     def train_dataloader(self):
         hp = self.hparams

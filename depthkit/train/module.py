@@ -399,6 +399,8 @@ class StudentModule(DepthModule):
             # Built as its checkpoint says it was trained; without one, random weights (for tests).
             if teacher_checkpoint:
                 teacher_checkpoint = locate_weights(teacher_checkpoint, "model.teacher_checkpoint")
+            if teacher not in list_models():
+                raise ValueError(f"model.teacher: unknown model {teacher!r}; registered: {', '.join(list_models())}")
             self.teacher = load_model(teacher, teacher_checkpoint, pretrained=False).requires_grad_(False)
             if self.teacher.meta.output_space == METRIC_DEPTH:
                 raise ValueError(f"teacher {teacher!r} is metric; pseudo-labels are affine-invariant disparity")

@@ -30,6 +30,7 @@ the one file the other commands read.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -142,7 +143,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         module = self.lightning_module
         path = Path(self.broadcast(checkpoint_path))
         if not module.strict_loading or not path.is_file():
-            return super().load_checkpoint(path, weights_only=weights_only)
+            with _optimizer_state_by_name(self.optimizers):
+                return super().load_checkpoint(path, weights_only=weights_only)
         saved = set(torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)["state_dict"])
         expected = set(module.state_dict())
         missing, unexpected = sorted(expected - saved), sorted(saved - expected)
@@ -150,9 +152,47 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise KeyError(f"{path}: keys missing {missing[:5]}, unexpected {unexpected[:5]} (of {len(saved)})")
         module.strict_loading = False  # checked above; the frozen networks keep the weights they were built with
         try:
-            return super().load_checkpoint(path, weights_only=weights_only)
+            with _optimizer_state_by_name(self.optimizers):
+                return super().load_checkpoint(path, weights_only=weights_only)
         finally:
             module.strict_loading = True
+
+
+@contextmanager
+def _optimizer_state_by_name(optimizers):
+    """Resume a DDP (or one-device) checkpoint under FSDP2: its optimizer state is keyed by position in the
+    optimizer's parameter groups, and Lightning renames those positions after the module's `named_parameters()`,
+    frozen parameters included, which depthkit's groups leave out (the encoder's mask token, unused DPT layers,
+    the student's frozen networks): every moment from the first frozen parameter on landed on the wrong parameter,
+    or failed on a shape. Here such positions are named after the optimizer's own groups; FSDP2's own files keep
+    Lightning's renaming."""
+    from lightning.fabric.strategies import model_parallel
+
+    lightning_rekey = model_parallel._rekey_optimizer_state_if_needed
+    if len(optimizers) != 1:  # depthkit's modules have one optimizer; which one a state is for is not passed
+        yield
+        return
+
+    def rekey(optimizer_state: dict, module: nn.Module) -> dict:
+        # torch's own state dict (DDP, one device) numbers the parameters 0, 1, ... through the groups in order;
+        # Lightning's FSDP2 files number them by position in module.parameters() (frozen ones counted, so with
+        # gaps), which its own renaming expects. Where both read the same (no gap, same order) they agree.
+        positions = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+        sizes = [len(group["params"]) for group in optimizer_state["param_groups"]]
+        native = positions == list(range(len(positions)))
+        if not native or sizes != [len(group["params"]) for group in optimizers[0].param_groups]:
+            return lightning_rekey(optimizer_state, module)
+        names = {id(p): name for name, p in module.named_parameters()}
+        order = [names[id(p)] for group in optimizers[0].param_groups for p in group["params"]]
+        state = {order[i]: value for i, value in optimizer_state["state"].items()}
+        groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    model_parallel._rekey_optimizer_state_if_needed = rekey
+    try:
+        yield
+    finally:
+        model_parallel._rekey_optimizer_state_if_needed = lightning_rekey
 
 
 # `strategy: fsdp2` in YAML or `--trainer.strategy fsdp2`; depthkit's meaning wins should Lightning add the name.

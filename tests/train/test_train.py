@@ -434,6 +434,52 @@ def test_a_signal_in_the_sanity_check_saves_after_the_first_step(tiny_data, tmp_
     assert code == 128 + signal.SIGTERM and state["global_step"] == 1
 
 
+def test_a_signal_during_the_last_step_lets_the_run_finish(tiny_data, tmp_path, monkeypatch):
+    """Saved as preempted at max_steps, the run exited 138 without a last.ckpt, was requeued, and its requeued
+    resume found nothing to train (exit 1): a finished run ended as two failed jobs."""
+    step = DepthModule.training_step
+
+    def signalled(self, batch, batch_idx):
+        if batch_idx == 2:  # the last of 3 steps
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DepthModule, "training_step", signalled)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        run = _fit(tmp_path, tiny_data, "tiny_teacher", "--data.val", "null", steps=3)  # returns: no SystemExit
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert _last_checkpoint(run)["global_step"] == 3 and not (tmp_path / "preempted.ckpt").exists()
+
+
+def test_a_sharded_checkpoint_replaces_the_last_one(tmp_path):
+    """A sharded checkpoint is a folder: os.replace onto the last preemption's folder failed (Errno 39), the second
+    preemption exited 1 and its checkpoint stayed in preempted.ckpt.partial."""
+    from depthkit.train.callbacks import _replace
+
+    def sharded(name, step):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "meta.pt").write_text(str(step))
+        (folder / "__0_0.distcp").write_text("shard")
+        return folder
+
+    path = sharded("preempted.ckpt", 4)
+    _replace(sharded("preempted.ckpt.partial", 8), path)
+    assert (path / "meta.pt").read_text() == "8" and sorted(p.name for p in tmp_path.iterdir()) == ["preempted.ckpt"]
+    path_file = tmp_path / "single.ckpt"
+    path_file.write_text("4")
+    _replace(sharded("single.ckpt.partial", 8), path_file)  # a file replaced by a folder, and back
+    assert (path_file / "meta.pt").read_text() == "8"
+    (tmp_path / "single.ckpt.partial").write_text("12")
+    _replace(tmp_path / "single.ckpt.partial", path_file)
+    assert path_file.read_text() == "12" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "preempted.ckpt",
+        "single.ckpt",
+    ]
+
+
 def test_an_epoch_run_of_unknown_length_refuses_a_decaying_schedule(tiny_data, tmp_path):
     """The stream has no epoch length: the cosine would silently stay at its peak."""
     epochs = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--data.resampled", "false"]
@@ -604,6 +650,11 @@ def test_a_student_without_its_unlabeled_data_is_refused_before_training(tiny_da
     assert main(_student_args(tiny_data, tmp_path, *unlabeled, *pseudo, "--data.ratio", "[4, 1]")) == 1
     err = capsys.readouterr().err
     assert "data.ratio [4, 1] with data.batch_size 2 gives 0.5 unlabeled images a step" in err, err
+    assert main(_student_args(tiny_data, tmp_path, *unlabeled, *pseudo, "--trainer.max_steps", "0")) == 1
+    assert "trainer.max_steps 0 trains nothing" in capsys.readouterr().err
+    labeled_as_pseudo = ["--data.pseudo_labels", str(tiny_data / "labeled")]  # it failed at the first batch
+    assert main(_student_args(tiny_data, tmp_path, *unlabeled, *labeled_as_pseudo)) == 1
+    assert "holds labeled shards (its index.json), not pseudo-labels" in capsys.readouterr().err
     assert not tmp_path.exists() or not list(tmp_path.iterdir()), "refused before the trainer made a log folder"
 
 
@@ -649,9 +700,21 @@ def test_ckpt_path_must_be_a_run_of_the_same_module_and_model(tiny_data, tmp_pat
     assert "is a DepthModule run; this config trains a StudentModule" in refused(
         "recipes/tiny_student.yaml", sharded, *student
     )
-    assert "is at step 1: trainer.max_steps 1 leaves nothing to train" in refused(
-        "recipes/tiny_teacher.yaml", sharded, "--trainer.max_steps", "1"
-    )
+    # Lightning takes a run's module arguments from files only: a folder's come from its meta.pt, and are checked
+    # the same way (a changed learning rate was built into the module, while the optimizer kept the old one).
+    err = refused("recipes/tiny_teacher.yaml", sharded, "--data.val", "null", "--model.optim.encoder_lr", "0.1")
+    assert "changes model.init_args.optim.encoder_lr: 0.1 here, 0.0002 in the run" in err
+    home = tmp_path / "home"  # a `~` the shell did not expand: Lightning's file check missed it the same way
+    (home / "runs").mkdir(parents=True)
+    (home / "runs" / "t.ckpt").symlink_to(ckpt)
+    os.environ["HOME"], old_home = str(home), os.environ.get("HOME")
+    try:
+        err = refused(
+            "recipes/tiny_teacher.yaml", "~/runs/t.ckpt", "--data.val", "null", "--model.optim.encoder_lr", "0.1"
+        )
+    finally:
+        os.environ["HOME"] = old_home or ""
+    assert "changes model.init_args.optim.encoder_lr: 0.1 here, 0.0002 in the run" in err
     (sharded / "meta.pt").unlink()
     assert "is a folder, not a checkpoint (nor a sharded one" in refused("recipes/tiny_teacher.yaml", sharded)
     assert not (tmp_path / "other").exists(), "refused before any work"
@@ -732,8 +795,12 @@ def test_resuming_the_last_run_and_its_length(tiny_data, tmp_path, capsys):
     assert main([*args, "--ckpt_path", "last"]) == 1
     assert f"--ckpt_path last: no checkpoints/last.ckpt of a run under {tmp_path}" in capsys.readouterr().err
     assert main([*args, "--trainer.max_steps", "2"]) == 0
-    assert main([*args, "--trainer.max_steps", "2", "--ckpt_path", "last"]) == 1
-    assert "is at step 2: trainer.max_steps 2 leaves nothing to train" in capsys.readouterr().err
+    capsys.readouterr()
+    # A finished run's requeued job (SLURM) resumes its last.ckpt: nothing to do, and not a failure.
+    assert main([*args, "--trainer.max_steps", "2", "--ckpt_path", "last"]) == 0
+    assert "is at step 2, trainer.max_steps: the run is complete; nothing to do" in capsys.readouterr().err
+    assert main([*args, "--trainer.max_steps", "1", "--ckpt_path", "last"]) == 1
+    assert "is at step 2: trainer.max_steps 1 leaves nothing to train" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="its learning-rate schedule spans 2 steps, trainer.max_steps 3 makes it"):
         assert main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
     newest = max(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -955,6 +1022,26 @@ def test_fsdp2_preempted_on_one_rank_resumes_as_the_uninterrupted_run(two_proces
         torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-6, atol=1e-8, msg=k)
 
 
+def test_a_ddp_checkpoint_resumes_under_fsdp2(two_process_runs, tiny_data, tmp_path):
+    """A DDP run's optimizer state is keyed by position in its parameter groups, which leave frozen parameters
+    out; Lightning named the positions after all parameters, so under FSDP2 every moment from the first frozen one
+    on went to the wrong parameter (or failed on a shape: 14 vs 16). Preempted under DDP, resumed under FSDP2, the
+    run ends as the uninterrupted DDP run."""
+    probe = [str(Path(__file__).with_name("parallel_probe.py")), str(tiny_data)]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", *probe]
+    run += [str(tmp_path / "stopped"), "ddp", "student", "preempt"]
+    stopped = subprocess.run(run, capture_output=True, text=True, env={**os.environ, **PROCESS_ENV}, timeout=300)
+    ckpt = tmp_path / "stopped" / "preempted.ckpt"
+    assert ckpt.is_file(), stopped.stderr[-3000:]
+    assert isinstance(next(iter(torch.load(ckpt, weights_only=False)["optimizer_states"][0]["state"])), int)
+    _torchrun(*probe, str(tmp_path / "resumed"), "fsdp2", "student", f"resume={ckpt}", port=29524)
+    full, resumed = (_logged(run, "train/loss") for run in (two_process_runs["ddp"], tmp_path / "resumed"))
+    assert sorted(resumed) == [2] and resumed[2] == pytest.approx(full[2], rel=1e-5)
+    params = [torch.load(run / "params_0.pt") for run in (two_process_runs["ddp"], tmp_path / "resumed")]
+    for k in params[0]:
+        torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 def _srun(command: list[str], *, nodes: int, tasks_per_node: int, port: int, env: dict | None = None) -> list[str]:
     """Start `command` as SLURM's `srun` does: one process per task, each with the SLURM_* variables srun sets, from
     which Lightning's SLURM environment takes ranks, nodes and the main address. Returns the tasks' outputs."""
@@ -1156,3 +1243,25 @@ def test_a_run_off_the_recipes_global_batch_warns_with_the_setting_that_restores
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data.train_dataloader()
+
+
+def test_a_resume_on_other_loader_workers_is_refused_in_the_main_process_with_the_fix(tiny_data):
+    """It failed inside a DataLoader worker, after start-up, and named no setting."""
+    data = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=0, val=None)
+    data.load_state_dict({"labeled": {"epoch": 0, "total_workers": 2, "consumed": {"0": 4, "1": 4}}})
+    data.setup("fit")
+    with pytest.raises(
+        ValueError, match=r"ran on 2 global loader workers .* this run on 1 x 1: .*--data.num_workers 2"
+    ):
+        data.train_dataloader()
+    data = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=2, val=None)
+    data.load_state_dict({"labeled": {"epoch": 0, "total_workers": 2, "consumed": {"0": 4, "1": 4}}})
+    data.setup("fit")
+    assert data.train_dataloader() is not None
+
+
+def test_an_unknown_teacher_names_its_option():
+    from depthkit.train import StudentModule
+
+    with pytest.raises(ValueError, match="model.teacher: unknown model 'dav9_vitz'"):
+        StudentModule("test_dav2", teacher="dav9_vitz")
