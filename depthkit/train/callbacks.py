@@ -203,6 +203,10 @@ def requeue_slurm_job() -> None:
         log.warning("could not requeue SLURM job %s (scontrol requeue: %s)", job, code)
 
 
+def _agreed_elsewhere() -> None:
+    """Stands in for Lightning's per-batch SIGTERM broadcast (see `Preemption._take_over_signals`)."""
+
+
 def _remove(path: Path) -> None:
     """Remove a file or a folder (a sharded checkpoint), if there."""
     if path.is_dir() and not path.is_symlink():
@@ -261,6 +265,12 @@ class Preemption(L.Callback):
             # Ranks agree on a signal after every optimizer step. A CPU (gloo) all-reduce keeps that off the GPU:
             # on the NCCL group it would be a device tensor read back each step, a full GPU sync.
             self._group = torch.distributed.new_group(backend="gloo")
+            epoch_loop = trainer.fit_loop.epoch_loop
+            if "SIGTERM" in self.signal_names and hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+                # Lightning (2.6) broadcasts its own SIGTERM flag from rank 0 before every batch, as a device tensor
+                # it reads back (`.item()`): with several processes the host waited for the GPU each step. This
+                # callback already agrees on SIGTERM through gloo and stops every rank itself.
+                epoch_loop._broadcast_sigterm_tensor = _agreed_elsewhere
         if threading.current_thread() is not threading.main_thread():
             return
         for name in self.signal_names:

@@ -69,6 +69,8 @@ class Probe(L.Callback):
         }
         torch.save(local, self.out / f"local_{rank}.pt")
         (self.out / f"dtypes_{rank}.json").write_text(json.dumps(self.dtypes))
+        broadcast = trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor  # Lightning's per-batch sync, or not
+        (self.out / f"sigterm_broadcast_{rank}.txt").write_text(getattr(broadcast, "__name__", "?"))
         shards = {name: p.to_local().clone() for name, p in pl_module.named_parameters() if hasattr(p, "to_local")}
         torch.save(shards, self.out / f"shards_{rank}.pt")
 

@@ -970,6 +970,15 @@ def test_two_processes_read_disjoint_shards_and_stay_in_sync(strategy, two_proce
         torch.testing.assert_close(params[0][k], params[1][k], msg=k)
 
 
+def test_lightnings_per_batch_sigterm_broadcast_is_left_to_preemption(two_process_runs):
+    """Lightning broadcasts a SIGTERM flag from rank 0 before every batch as a device tensor it reads back: on GPUs
+    a host-device sync each step. `Preemption` agrees on signals through gloo, so the broadcast is replaced."""
+    for strategy in ("ddp", "fsdp2"):
+        assert {(two_process_runs[strategy] / f"sigterm_broadcast_{r}.txt").read_text() for r in range(2)} == {
+            "_agreed_elsewhere"
+        }
+
+
 def test_fsdp2_shards_every_network_and_trains_as_ddp_does(two_process_runs):
     """Each rank holds about half of every parameter (student, frozen encoder), and the steps equal DDP's."""
     local = {s: [torch.load(run / f"local_{r}.pt") for r in range(2)] for s, run in two_process_runs.items()}
