@@ -7,6 +7,7 @@ where it stopped (see `docs/data.md`, "Resume").
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -66,6 +67,11 @@ def check_stage_data(stage: str, data) -> None:
                     raise FileNotFoundError(
                         f"data.pseudo_labels: no pseudo-label shard {label} for image shard {url}"
                     ) from None
+
+
+def _shards_digest(urls: list[str]) -> str:
+    """A short digest of a stream's shard list (names and order), saved with its position."""
+    return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
 
 
 def _index_kind(folder) -> str | None:
@@ -151,6 +157,7 @@ class DepthDataModule(L.LightningDataModule):
         self.unlabeled_batch_size = batch_size * ratio[1] // ratio[0]
         self.transform = TransformConfig(crop_size=crop_size)
         self.states = {"labeled": StreamState(), "unlabeled": StreamState()}
+        self._shards: dict[str, str] = {}  # the training streams' shard lists, as digests (`_shards_digest`)
         self._resume: dict = {}
         self._train_built = False  # train_dataloader ran (a later call is a reload)
 
@@ -193,6 +200,13 @@ class DepthDataModule(L.LightningDataModule):
         )
         if reload:  # `reload_dataloaders_every_n_epochs`: Lightning's epoch, not the resumed one (nor 0)
             stream.set_epoch(self.trainer.current_epoch)
+        self._shards[name] = _shards_digest(stream.urls)
+        if resume and resume.get("shards") not in (None, self._shards[name]):
+            rank_zero_warn(
+                f"data.{name}: the checkpoint's position was saved over other shards ({len(stream.urls)} now): it "
+                "counts samples per loader worker, so here it skips samples of the new shards, not the ones it "
+                "had read (a run that adds shards: start from the checkpoint's weights with model.checkpoint_path)"
+            )
         workers = (world_size or 1) * max(hp.num_workers, 1)
         if kw.get("resampled") and len(stream.urls) < workers and not reload:
             rank_zero_warn(
@@ -327,11 +341,11 @@ class DepthDataModule(L.LightningDataModule):
             # The epoch's last batch is taken (Lightning knows: it fetches one ahead), and a resume starts the next
             # epoch: the streams start it too, rather than with an empty rest of this one.
             own = {name: StreamState(epoch=state["epoch"] + 1).state_dict() for name, state in own.items()}
-        if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
-            return own
-        everyone: list = [None] * trainer.world_size
-        torch.distributed.all_gather_object(everyone, own)
-        return {name: merge_stream_states([ranks[name] for ranks in everyone]) for name in own}
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            everyone: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(everyone, own)
+            own = {name: merge_stream_states([ranks[name] for ranks in everyone]) for name in own}
+        return {name: {**state, "shards": self._shards.get(name)} for name, state in own.items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = {name: dict(s) for name, s in state_dict.items() if s.get("consumed") or s.get("epoch")}

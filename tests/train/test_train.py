@@ -1274,3 +1274,28 @@ def test_an_unknown_teacher_names_its_option():
 
     with pytest.raises(ValueError, match="model.teacher: unknown model 'dav9_vitz'"):
         StudentModule("test_dav2", teacher="dav9_vitz")
+
+
+def test_a_position_saved_over_other_shards_warns(tiny_data):
+    """The position is a count per loader worker: over another shard list it skips other samples than it read."""
+    data = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=0, val=None)
+    data.setup("fit")
+    data.train_dataloader()
+    saved = data.state_dict()
+    assert saved["labeled"]["shards"] and saved["unlabeled"]["shards"] is None
+    saved["labeled"] |= {"total_workers": 1, "consumed": {"0": 4}}
+    same = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=0, val=None)
+    same.load_state_dict(saved)
+    same.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.train_dataloader()
+    fewer = DepthDataModule(
+        str(tiny_data / "labeled" / "synth-00000[0-3].tar"), batch_size=2, crop_size=28, num_workers=0, val=None
+    )
+    fewer.load_state_dict(saved)
+    fewer.setup("fit")
+    with pytest.warns(
+        UserWarning, match=r"data.labeled: the checkpoint's position was saved over other shards \(4 now\)"
+    ):
+        fewer.train_dataloader()
