@@ -72,14 +72,15 @@ def targets_in_space(batch: dict, output_space: str) -> tuple[torch.Tensor, torc
     the farthest, as Depth Anything V1 trains its teacher (labeled pixels keep their label; LiheYoung/Depth-Anything
     #206). Metric models leave sky unlabeled: no depth stands for it.
     """
-    target_BHW, valid_BHW = _relative_targets(batch, output_space)
+    target_BHW, valid_BHW = _converted_targets(batch, output_space)
     if output_space != METRIC_DEPTH and "sky" in batch:
         sky_BHW = batch["sky"] & ~valid_BHW
         return target_BHW.masked_fill(sky_BHW, 0.0), valid_BHW | sky_BHW
     return target_BHW, valid_BHW
 
 
-def _relative_targets(batch: dict, output_space: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _converted_targets(batch: dict, output_space: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`targets_in_space` without the sky: each sample's target converted to the model's space."""
     target_BHW, valid_BHW = batch["target"], batch["valid"]
     # A pseudo-labeled sample's target is the teacher's: its space is in meta["pseudo"], whatever the image's
     # own metadata says (an unlabeled image converted from an RGB-D source may still name that source's space).
