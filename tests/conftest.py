@@ -18,6 +18,23 @@ if not torch.cuda.is_available():
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
 
+
+def _check_installed_from_this_checkout() -> None:
+    """The tests import the installed depthkit: from a second checkout (a clone, a git worktree) run with another
+    checkout's venv they would test that checkout's code, and pass or fail for the wrong reasons."""
+    import depthkit
+    import depthkit_kernels
+
+    for module, folder in ((depthkit, REPO_ROOT / "depthkit"), (depthkit_kernels, REPO_ROOT / "kernels")):
+        if Path(module.__file__).resolve().parent != folder:
+            raise pytest.UsageError(
+                f"{module.__name__} is imported from {Path(module.__file__).parent}, not from this checkout "
+                f"({REPO_ROOT}): install it here (`make install`, or `pip install -e .` in this venv)"
+            )
+
+
+_check_installed_from_this_checkout()
+
 # Tests never reach a model hub: transformers (a dev dependency, for the layout round trips) stays offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
