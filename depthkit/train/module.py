@@ -108,8 +108,12 @@ def _converted_targets(batch: dict, output_space: str) -> tuple[torch.Tensor, to
 
 
 def load_encoder_weights(model, checkpoint_path: str) -> None:
-    """Initialise `model.encoder` from DINOv2 (or any encoder) weights, as Depth Anything students start."""
-    encoder = create_encoder(model.meta.name, checkpoint_path=checkpoint_path)
+    """Initialise `model.encoder` from DINOv2 (or any encoder) weights, as Depth Anything students start. The
+    encoder is built as the model's is, `model_overrides` included (register tokens, say): the registered name's
+    plain encoder refused a DINOv2-reg file as "unexpected keys", blaming the file."""
+    config = model.encoder.config
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    encoder = create_encoder(model.meta.name, checkpoint_path=checkpoint_path, **fields)
     model.encoder.load_state_dict(encoder.state_dict(), strict=True)
 
 

@@ -1299,3 +1299,17 @@ def test_a_position_saved_over_other_shards_warns(tiny_data):
         UserWarning, match=r"data.labeled: the checkpoint's position was saved over other shards \(4 now\)"
     ):
         fewer.train_dataloader()
+
+
+def test_encoder_weights_load_into_an_overridden_encoder(tmp_path):
+    """`encoder_checkpoint` with `model_overrides` (a DINOv2-reg encoder): the plain registered encoder was built to
+    check the file, and refused the register tokens as unexpected keys."""
+    from depthkit.models import create_encoder
+
+    overrides = {"num_register_tokens": 4, "interpolate_offset": 0.0, "interpolate_antialias": True}
+    reg = create_encoder("test_dav2", **overrides)
+    path = tmp_path / "dinov2_reg.pth"
+    torch.save(reg.state_dict(), path)
+    module = DepthModule("test_dav2", model_overrides=overrides, encoder_checkpoint=str(path))
+    for key, value in reg.state_dict().items():
+        torch.testing.assert_close(module.model.encoder.state_dict()[key], value, msg=key)
