@@ -91,7 +91,11 @@ class DepthLossConfig:
         if self.impl not in ("auto", "triton", "torch"):
             raise ValueError(f"DepthLossConfig: impl={self.impl!r} is not 'auto', 'triton' or 'torch'")
         if self.objective == "silog" and (self.trim > 0 or self.gradient_weight > 0 or self.impl == "triton"):
-            raise ValueError("DepthLossConfig: objective='silog' takes no trim, no gradient term and no Triton impl")
+            raise ValueError(
+                f"DepthLossConfig: objective='silog' takes no trim, no gradient term and no Triton impl, got "
+                f"trim={self.trim}, gradient_weight={self.gradient_weight}, impl={self.impl!r} (a loss config that "
+                "leaves a field out keeps the module's default loss's value: set every field, as configs/loss/ does)"
+            )
 
 
 PRESETS: dict[str, DepthLossConfig] = {

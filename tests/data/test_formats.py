@@ -277,3 +277,11 @@ def test_a_sky_mask_of_another_size_or_unreadable_names_the_row(tmp_path):
     assert load_mask(tmp_path / "rgba.png").tolist() == [[True, False], [False, False]]
     Image.fromarray(np.array([[0, 1]], np.uint8), mode="L").save(tmp_path / "l.png")
     assert load_mask(tmp_path / "l.png").tolist() == [[False, True]]
+
+
+def test_every_depth_format_has_a_reader_and_a_container():
+    """A format added to one table and not the other crashed `data convert` with a bare KeyError."""
+    from depthkit.data import formats
+
+    assert set(formats._READERS) == set(formats._CONTAINER) == set(formats.DEPTH_FORMATS)
+    assert set(formats.DISPARITY_FORMATS) <= set(formats.DEPTH_FORMATS)

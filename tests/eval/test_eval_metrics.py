@@ -99,6 +99,14 @@ def test_crop_choices_of_the_command_are_the_metrics_crops():
     from depthkit.eval.metrics import CROPS
 
     assert CROP_CHOICES == CROPS
+    # The command lists its benchmarks without importing them (a fast --help): the list must name each one.
+    import re
+
+    from depthkit.eval.benchmarks import PROTOCOLS
+    from depthkit.eval.commands import DATASET_HELP
+
+    named = set(re.search(r"\((.*)\)", DATASET_HELP).group(1).split(", "))
+    assert named == set(PROTOCOLS) - {"manifest"}  # a manifest is given by its .csv path
     assert crop_mask((3, 4), "none").all()
     with pytest.raises(ValueError, match="crop="):
         crop_mask((3, 4), "bogus")

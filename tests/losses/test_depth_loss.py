@@ -144,3 +144,11 @@ def test_a_loss_config_of_the_wrong_type_is_named():
     assert DepthLoss("dav2").config == preset("dav2")  # a preset's name
     with pytest.raises(ValueError, match="DepthLoss: expected a DepthLossConfig or a preset name, got dict"):
         DepthLoss({"trim": 0.1})
+
+
+def test_a_silog_config_with_a_leftover_gradient_term_names_the_value():
+    """A loss YAML that leaves fields out keeps the default loss's values: the error must show which one."""
+    from depthkit.losses import DepthLossConfig
+
+    with pytest.raises(ValueError, match=r"gradient_weight=2.0.*set every field"):
+        DepthLossConfig(objective="silog", gradient_weight=2.0)
