@@ -1024,11 +1024,16 @@ def test_fsdp2_preempted_on_one_rank_resumes_as_the_uninterrupted_run(two_proces
     assert not any(k.startswith("frozen_encoder.") for k in state["state_dict"])  # one file, the student only
     assert sorted(state["DepthDataModule"]["unlabeled"]["consumed"]) == ["0", "1"]  # both ranks' positions
     _torchrun(*probe, str(tmp_path / "resumed"), "fsdp2", "student", f"resume={ckpt}", port=29520)
-    full, resumed = (_logged(run, "train/loss") for run in (two_process_runs["fsdp2"], tmp_path / "resumed"))
-    assert sorted(resumed) == [2] and resumed[2] == pytest.approx(full[2], rel=1e-6)
-    params = [torch.load(run / "params_0.pt") for run in (two_process_runs["fsdp2"], tmp_path / "resumed")]
+    _assert_resumed_as(two_process_runs["fsdp2"], tmp_path / "resumed", rtol=1e-6, atol=1e-8)
+
+
+def _assert_resumed_as(full_run: Path, resumed_run: Path, *, rtol: float, atol: float) -> None:
+    """The probe's run resumed at step 2 logs the uninterrupted run's last loss and ends with its parameters."""
+    full, resumed = (_logged(run, "train/loss") for run in (full_run, resumed_run))
+    assert sorted(resumed) == [2] and resumed[2] == pytest.approx(full[2], rel=rtol)
+    params = [torch.load(run / "params_0.pt") for run in (full_run, resumed_run)]
     for k in params[0]:
-        torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-6, atol=1e-8, msg=k)
+        torch.testing.assert_close(params[1][k], params[0][k], rtol=rtol, atol=atol, msg=k)
 
 
 def test_a_ddp_checkpoint_resumes_under_fsdp2(two_process_runs, tiny_data, tmp_path):
@@ -1044,11 +1049,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp2(two_process_runs, tiny_data, tmp_p
     assert ckpt.is_file(), stopped.stderr[-3000:]
     assert isinstance(next(iter(torch.load(ckpt, weights_only=False)["optimizer_states"][0]["state"])), int)
     _torchrun(*probe, str(tmp_path / "resumed"), "fsdp2", "student", f"resume={ckpt}", port=29524)
-    full, resumed = (_logged(run, "train/loss") for run in (two_process_runs["ddp"], tmp_path / "resumed"))
-    assert sorted(resumed) == [2] and resumed[2] == pytest.approx(full[2], rel=1e-5)
-    params = [torch.load(run / "params_0.pt") for run in (two_process_runs["ddp"], tmp_path / "resumed")]
-    for k in params[0]:
-        torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-5, atol=1e-7, msg=k)
+    _assert_resumed_as(two_process_runs["ddp"], tmp_path / "resumed", rtol=1e-5, atol=1e-7)
 
 
 def _srun(command: list[str], *, nodes: int, tasks_per_node: int, port: int, env: dict | None = None) -> list[str]:
