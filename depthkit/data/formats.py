@@ -75,6 +75,8 @@ def load_mask(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"mask not found: {path}")
     try:
         with Image.open(path) as img:
+            if img.format == "JPEG":  # its ringing turns the pixels next to an edge non-zero: false sky
+                raise ValueError(f"mask {path} is a JPEG (lossy: its edges grow); save masks as PNG")
             if img.mode in ("P", "PA", "RGBA", "LA"):
                 img = img.convert("L" if img.mode == "LA" else "RGB")
             values = np.asarray(img)

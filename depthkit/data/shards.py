@@ -278,6 +278,8 @@ def decode_sample(
             h, w = sample["image"].shape[:2]
             raise ShardFormatError(f"{where}: target is {target_HW.shape[1]}x{target_HW.shape[0]} but image is {w}x{h}")
         if "sky.png" in raw:
+            if meta.get("output_space") == "affine_disparity":  # 0 is not the farthest there
+                raise ShardFormatError(f"{where}: a sky mask needs a depth or disparity target, not affine_disparity")
             fields["sky"] = _decode_mask(raw, "sky", where, shape=target_HW.shape)
         sample.update(fields)
     return sample

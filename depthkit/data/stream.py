@@ -21,10 +21,12 @@ DataLoader with a random sampler is: the first pass is epoch 0, or the resumed s
 
 Resampled mode (`resampled=True`) never ends: the mode for step-based training, where ranks must never run dry at
 different times. Its shard order is an endless run of sweeps, each a new permutation of all shards (seeded by
-`(seed, epoch, sweep)`), concatenated and dealt round-robin to the global workers: every shard is read once in each
+`(seed, epoch, sweep)`), concatenated and dealt round-robin to the global workers: every shard is dealt once in each
 sweep across all ranks and workers, as in one epoch, and a worker whose turn falls in the next sweep simply reads
-on. (Drawing shards with replacement, as webdataset's `resampled` does, never reads 37% of the shards in a run as
-long as one sweep: the Depth Anything V1 student's one pass over its 62M unlabeled images.)
+on (workers read at the same rate in samples, so with unequal shards, or a shard count that is no multiple of the
+workers, one starts the next sweep while others finish theirs). Drawing shards with replacement, as webdataset's
+`resampled` does, never reads 37% of the shards in a run as long as one sweep: the Depth Anything V1 student's one
+pass over its 62M unlabeled images.
 
 Resuming. Each batch carries `__worker__` (global worker id) and `__consumed__` (raw samples that worker has
 taken from its shards so far, skipped ones included). `StreamState.update(batch)` records them after the batch is

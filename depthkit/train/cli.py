@@ -321,21 +321,27 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
         )
     step, scheduled = obj.get("global_step"), (obj.get("depthkit") or {}).get("schedule_steps")
     if max_steps is not None and max_steps > 0 and step is not None:
-        if max_steps == step:
-            raise RunComplete(f"--ckpt_path {path} is at step {step}, trainer.max_steps: the run is complete")
         if max_steps < step:
             raise ValueError(
                 f"--ckpt_path {path} is at step {step}: trainer.max_steps {max_steps} leaves nothing to train"
             )
+    record = dict(obj.get("depthkit") or {})
+    if module_config is not None:
+        _check_run_of(path, obj, record, module_config)
+    if max_steps is not None and max_steps > 0 and step is not None:  # after the refusals: a run of another model
+        if step == max_steps:
+            raise RunComplete(f"--ckpt_path {path} is at step {step} = trainer.max_steps: the run is complete")
         if scheduled and scheduled != max_steps:
             rank_zero_warn(
                 f"--ckpt_path {path}: its learning-rate schedule spans {scheduled} steps, trainer.max_steps "
                 f"{max_steps} makes it span {max_steps}: from step {step} on the learning rate follows the new "
                 "length (a resumed run equals the uninterrupted one only with the same max_steps)"
             )
-    record = dict(obj.get("depthkit") or {})
-    if module_config is None:
-        return record
+    return record
+
+
+def _check_run_of(path: Path, obj: dict, record: dict, module_config) -> None:
+    """Refuse a checkpoint of another module class, or of another model config than the configured one."""
     kind, configured = record.get("module"), str(module_config.class_path).rsplit(".", 1)[-1]
     if kind is not None and kind != configured:
         raise ValueError(f"--ckpt_path {path} is a {kind} run; this config trains a {configured}")
@@ -348,7 +354,6 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
                 f"--ckpt_path {path} is a run of {found['model']} ({'; '.join(diffs)}); to start a run from its "
                 "weights, set model.checkpoint_path instead"
             )
-    return record
 
 
 def check_scored_weights(subcommand: str, module_args) -> None:

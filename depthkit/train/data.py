@@ -70,8 +70,9 @@ def check_stage_data(stage: str, data) -> None:
 
 
 def _shards_digest(urls: list[str]) -> str:
-    """A short digest of a stream's shard list (names and order), saved with its position."""
-    return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+    """A short digest of a stream's shard list, saved with its position: the file names in order, not their folder
+    (the same shards staged elsewhere, given relative or through another mount, are the same data)."""
+    return hashlib.sha256("\n".join(url.rstrip("/").rsplit("/", 1)[-1] for url in urls).encode()).hexdigest()[:16]
 
 
 def _index_kind(folder) -> str | None:
@@ -201,7 +202,13 @@ class DepthDataModule(L.LightningDataModule):
         if reload:  # `reload_dataloaders_every_n_epochs`: Lightning's epoch, not the resumed one (nor 0)
             stream.set_epoch(self.trainer.current_epoch)
         self._shards[name] = _shards_digest(stream.urls)
-        if resume and resume.get("shards") not in (None, self._shards[name]):
+        if resume and "shards" not in resume and kw.get("resampled"):
+            rank_zero_warn(
+                f"data.{name}: the checkpoint's position was saved by a depthkit that drew shards with replacement; "
+                "this one sweeps them, so the resumed run reads another order than the saved run would have (its "
+                "position is replayed along the new one)"
+            )
+        elif resume and resume.get("shards") not in (None, self._shards[name]):
             rank_zero_warn(
                 f"data.{name}: the checkpoint's position was saved over other shards ({len(stream.urls)} now): it "
                 "counts samples per loader worker, so here it skips samples of the new shards, not the ones it "

@@ -98,13 +98,16 @@ def _converted_targets(batch: dict, output_space: str) -> tuple[torch.Tensor, to
     is_depth = [s == METRIC_DEPTH for s in spaces]
     if not any(is_depth):
         return target_BHW, valid_BHW
+    depth_valid_BHW = valid_BHW & (target_BHW > 0)
+    inverse_BHW = torch.where(depth_valid_BHW, 1.0 / target_BHW.clamp_min(1e-6), torch.zeros_like(target_BHW))
     if all(is_depth):
-        valid_BHW = valid_BHW & (target_BHW > 0)
-        return torch.where(valid_BHW, 1.0 / target_BHW.clamp_min(1e-6), torch.zeros_like(target_BHW)), valid_BHW
-    depth_BHW = torch.tensor(is_depth).view(-1, 1, 1).to(target_BHW.device, non_blocking=True)  # a mixed batch
-    valid_BHW = valid_BHW & ~(depth_BHW & (target_BHW <= 0))
-    inverse_BHW = torch.where(valid_BHW, 1.0 / target_BHW.clamp_min(1e-6), torch.zeros_like(target_BHW))
-    return torch.where(depth_BHW, inverse_BHW, target_BHW), valid_BHW
+        return inverse_BHW, depth_valid_BHW
+    # A mixed batch: picked per sample by Python index (views), not by a flag tensor copied to the device each step.
+    pick = range(len(is_depth))
+    return (
+        torch.stack([inverse_BHW[i] if is_depth[i] else target_BHW[i] for i in pick]),
+        torch.stack([depth_valid_BHW[i] if is_depth[i] else valid_BHW[i] for i in pick]),
+    )
 
 
 def load_encoder_weights(model, checkpoint_path: str) -> None:

@@ -277,11 +277,30 @@ def test_a_sky_mask_of_another_size_or_unreadable_names_the_row(tmp_path):
     assert load_mask(tmp_path / "rgba.png").tolist() == [[True, False], [False, False]]
     Image.fromarray(np.array([[0, 1]], np.uint8), mode="L").save(tmp_path / "l.png")
     assert load_mask(tmp_path / "l.png").tolist() == [[False, True]]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "m.jpg")
+    with pytest.raises(ValueError, match=r"m.jpg is a JPEG \(lossy: its edges grow\); save masks as PNG"):
+        load_mask(tmp_path / "m.jpg")
+
+
+def test_a_sky_mask_on_an_affine_target_is_refused_when_read():
+    """Sky trains at disparity 0, the farthest only in depth or disparity: a shard from another tool that sets a sky
+    mask on an affine target is refused, as the writer refuses to write one."""
+    import json
+
+    from depthkit.data.shards import ShardFormatError, decode_sample, encode_sample
+
+    sample = {"__key__": "k", "image": np.zeros((2, 3, 3), np.uint8), "target": np.ones((2, 3), np.float32)}
+    sample |= {"sky": np.ones((2, 3), bool), "meta": {"output_space": "disparity"}}
+    raw = {k.split(".", 1)[1]: v for k, v in encode_sample(sample).items()}
+    assert decode_sample({"__key__": "k", **raw})["sky"].all()
+    raw["json"] = json.dumps({**json.loads(raw["json"]), "output_space": "affine_disparity"}).encode()
+    with pytest.raises(ShardFormatError, match="a sky mask needs a depth or disparity target"):
+        decode_sample({"__key__": "k", **raw})
 
 
 def test_every_depth_format_has_a_reader_and_a_container():
     """A format added to one table and not the other crashed `data convert` with a bare KeyError."""
     from depthkit.data import formats
 
-    assert set(formats._READERS) == set(formats._CONTAINER) == set(formats.DEPTH_FORMATS)
+    assert set(formats._CONTAINER) == set(formats._READERS)  # DEPTH_FORMATS is _READERS' keys
     assert set(formats.DISPARITY_FORMATS) <= set(formats.DEPTH_FORMATS)

@@ -193,6 +193,19 @@ def test_a_failed_atomic_write_names_its_file(tmp_path):
     assert (tmp_path / "ok.json").read_bytes() == b"{}"
 
 
+def test_a_full_disk_at_the_fsync_names_the_file(tmp_path, monkeypatch):
+    """On NFS a full disk may show only when the file is synced (indexes, records, checkpoints)."""
+    from depthkit._files import write_json_atomic
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    with pytest.raises(OSError, match=r"No space left on device: .*index\.json'"):
+        write_json_atomic(tmp_path / "index.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [

@@ -83,6 +83,25 @@ def test_a_sky_mask_travels_from_the_manifest_to_the_training_targets(tmp_path):
     assert batch["key"] == ["a", "b"]
     torch.testing.assert_close(batch["sky"][0], torch.from_numpy(sky > 0))
     assert not batch["sky"][1].any()  # a sample without a mask has no sky
+    # Resized, cropped and flipped, the mask stays on the pixels it marks: the image's top rows are sky (and have no
+    # depth); the sky is never where the depth is valid except the labeled corner.
+    image = np.full((h, w, 3), 90, np.uint8)
+    image[:8, :20] = 250  # the sky, brightest: the left of the top rows only, so a flip shows
+    Image.fromarray(image).save(tmp_path / "a.png")
+    sky[:8, 20:] = 0
+    Image.fromarray(sky, mode="L").save(tmp_path / "a_sky.png")
+    convert_manifest(tmp_path / "manifest.csv", tmp_path / "shards2")
+    transform = SampleTransform(TransformConfig(crop_size=(14, 28)))  # random crops of an upscaled frame, flips
+    seen = set()  # the sky's column range in each crop: flipped and unflipped ones both appear
+    stream = ShardStream(tmp_path / "shards2", batch_size=2, transform=transform)  # each pass: new crops, flips
+    for _ in range(6):
+        for crops in stream:
+            bright = crops["image"][0].float().mean(dim=0) > 200
+            assert torch.equal(crops["sky"][0] & ~crops["valid"][0], bright & ~crops["valid"][0])
+            seen.add(
+                tuple(crops["sky"][0].any(dim=0).nonzero().flatten()[[0, -1]].tolist()) if crops["sky"][0].any() else ()
+            )
+    assert any(r and r[0] == 0 and r[1] < 27 for r in seen) and any(r and r[1] == 27 and r[0] > 0 for r in seen), seen
 
     target, valid = targets_in_space(batch, AFFINE_DISPARITY)
     assert valid[0, :8].all() and (target[0, :8] == 0).all()  # unlabeled sky: valid, farthest

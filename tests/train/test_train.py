@@ -682,6 +682,9 @@ def test_ckpt_path_must_be_a_run_of_the_same_module_and_model(tiny_data, tmp_pat
     student = ["--data.unlabeled", str(tiny_data / "unlabeled"), "--data.pseudo_labels", str(tiny_data / "pseudo")]
     err = refused("recipes/tiny_student.yaml", ckpt, *student)
     assert "is a DepthModule run; this config trains a StudentModule" in err
+    # At the run's last step too: another module's run is refused, not taken for a complete one (exit 0).
+    err = refused("recipes/tiny_student.yaml", ckpt, *student, "--trainer.max_steps", "1")
+    assert "is a DepthModule run; this config trains a StudentModule" in err
     # Lightning resumes with the run's module arguments: a changed one would be dropped without a word.
     err = refused("recipes/tiny_teacher.yaml", ckpt, "--data.val", "null", "--model.optim.encoder_lr", "0.1")
     assert "changes model.init_args.optim.encoder_lr: 0.1 here, 0.0002 in the run" in err
@@ -798,7 +801,7 @@ def test_resuming_the_last_run_and_its_length(tiny_data, tmp_path, capsys):
     capsys.readouterr()
     # A finished run's requeued job (SLURM) resumes its last.ckpt: nothing to do, and not a failure.
     assert main([*args, "--trainer.max_steps", "2", "--ckpt_path", "last"]) == 0
-    assert "is at step 2, trainer.max_steps: the run is complete; nothing to do" in capsys.readouterr().err
+    assert "is at step 2 = trainer.max_steps: the run is complete; nothing to do" in capsys.readouterr().err
     assert main([*args, "--trainer.max_steps", "1", "--ckpt_path", "last"]) == 1
     assert "is at step 2: trainer.max_steps 1 leaves nothing to train" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="its learning-rate schedule spans 2 steps, trainer.max_steps 3 makes it"):
@@ -1277,7 +1280,7 @@ def test_an_unknown_teacher_names_its_option():
         StudentModule("test_dav2", teacher="dav9_vitz")
 
 
-def test_a_position_saved_over_other_shards_warns(tiny_data):
+def test_a_position_saved_over_other_shards_warns(tiny_data, tmp_path):
     """The position is a count per loader worker: over another shard list it skips other samples than it read."""
     data = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=0, val=None)
     data.setup("fit")
@@ -1285,7 +1288,9 @@ def test_a_position_saved_over_other_shards_warns(tiny_data):
     saved = data.state_dict()
     assert saved["labeled"]["shards"] and saved["unlabeled"]["shards"] is None
     saved["labeled"] |= {"total_workers": 1, "consumed": {"0": 4}}
-    same = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=0, val=None)
+    elsewhere = tmp_path / "staged"  # the same shards in another folder (a job's scratch copy): the same data
+    elsewhere.symlink_to(tiny_data / "labeled")
+    same = DepthDataModule(str(elsewhere), batch_size=2, crop_size=28, num_workers=0, val=None)
     same.load_state_dict(saved)
     same.setup("fit")
     with warnings.catch_warnings():
@@ -1300,6 +1305,11 @@ def test_a_position_saved_over_other_shards_warns(tiny_data):
         UserWarning, match=r"data.labeled: the checkpoint's position was saved over other shards \(4 now\)"
     ):
         fewer.train_dataloader()
+    old = DepthDataModule(str(tiny_data / "labeled"), batch_size=2, crop_size=28, num_workers=0, val=None)
+    old.load_state_dict({"labeled": {k: v for k, v in saved["labeled"].items() if k != "shards"}})
+    old.setup("fit")
+    with pytest.warns(UserWarning, match=r"saved by a depthkit that drew shards with replacement"):
+        old.train_dataloader()
 
 
 def test_encoder_weights_load_into_an_overridden_encoder(tmp_path):
