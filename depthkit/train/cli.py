@@ -17,6 +17,7 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from jsonargparse import Namespace
@@ -75,20 +76,14 @@ class DepthCLI(LightningCLI):
             root = Path((section.get("trainer") or {}).get("default_root_dir") or os.getcwd())
             section.ckpt_path = str(latest_checkpoint(root))
             rank_zero_info(f"--ckpt_path last: {section.ckpt_path}")
-        elif section.get("ckpt_path") and str(section.ckpt_path).startswith("~"):
-            # A `~` the shell did not expand (`--ckpt_path=~/run.ckpt`, YAML): Lightning's check for a file, which
-            # takes the run's module arguments, would miss it, and the resume would mix the two configurations.
-            section.ckpt_path = str(Path(section.ckpt_path).expanduser())
+        elif section.get("ckpt_path") and str(section.ckpt_path).startswith("~"):  # one path for every reader
+            section.ckpt_path = str(Path(section.ckpt_path).expanduser())  # (a `~` the shell did not expand)
         max_steps = (section.get("trainer") or {}).get("max_steps") if subcommand == "fit" else None
         resumed_run = check_resume(section.get("ckpt_path"), section.get("model"), max_steps)
-        if subcommand == "fit" and resumed_run.get("wandb_run_id"):
-            _continue_wandb_run(section.get("trainer") or {}, resumed_run["wandb_run_id"])
+        if subcommand == "fit" and resumed_run.record.get("wandb_run_id"):
+            _continue_wandb_run(section.get("trainer") or {}, resumed_run.record["wandb_run_id"])
         given = section.get("model").clone() if section.get("model") is not None else None
-        ckpt_path = section.get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_dir():
-            self._parse_sharded_ckpt_path(subcommand, Path(ckpt_path))
-        else:
-            super()._parse_ckpt_path()
+        self._apply_run_arguments(subcommand, resumed_run.hyper_parameters)
         resumed = self.config[subcommand].get("model")
         # validate / test score the run as it was trained: the checkpoint's arguments are the point, not a change.
         if subcommand == "fit" and given is not None and resumed is not None:
@@ -100,12 +95,13 @@ class DepthCLI(LightningCLI):
                     "weights (model.checkpoint_path)"
                 )
 
-    def _parse_sharded_ckpt_path(self, subcommand: str, path: Path) -> None:
-        """Lightning's `_parse_ckpt_path` for a sharded checkpoint (a folder, whose hyperparameters are in its
-        `meta.pt`): Lightning reads only files, so a run resumed from a folder was built from the new configuration
-        while its optimizer kept the old learning rates."""
-        meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True, mmap=True)
-        hparams = dict(meta.get("hyper_parameters") or {})
+    def _apply_run_arguments(self, subcommand: str, hyper_parameters: dict) -> None:
+        """What Lightning's `_parse_ckpt_path` does, from the hyperparameters `check_resume` already read: the
+        module is built with the run's own arguments. Lightning's own reads the whole file a second time (without
+        mmap: every tensor, optimizer state included) and only files: a sharded checkpoint (a folder, its
+        hyperparameters in `meta.pt`) and a `~` path the shell did not expand were built from the new configuration
+        while the optimizer kept the old learning rates."""
+        hparams = dict(hyper_parameters)
         hparams.pop("_instantiator", None)
         if not hparams:
             return
@@ -283,12 +279,20 @@ def latest_checkpoint(root: Path) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
+class ResumedRun(NamedTuple):
+    """What `check_resume` read of a checkpoint: depthkit's record (`DepthModule.on_save_checkpoint`) and the
+    module's hyperparameters (empty when there is no checkpoint to read)."""
+
+    record: dict
+    hyper_parameters: dict
+
+
 class RunComplete(Exception):
     """`--ckpt_path` names a checkpoint at the run's last step: nothing is left to train (not an error: a requeued
     job of a run that finished resumes its `last.ckpt`)."""
 
 
-def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = None) -> dict:
+def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = None) -> ResumedRun:
     """Refuse a `--ckpt_path` that is no `depthkit fit` checkpoint, or one of another module or model, or one that
     `max_steps` (given when fitting) leaves nothing to train; warn when `max_steps` changes the run's schedule.
 
@@ -297,10 +301,10 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
     checkpoint, without a word; a weights file fails deep inside it. Read with `mmap`: the tensors stay on disk.
 
     Returns:
-        The checkpoint's depthkit record (`DepthModule.on_save_checkpoint`; empty when there is none to read).
+        The checkpoint's depthkit record and hyperparameters (`ResumedRun`; empty when there is none to read).
     """
     if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry"):
-        return {}
+        return ResumedRun({}, {})
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--ckpt_path {path}: no such file")
@@ -337,7 +341,7 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
                 f"{max_steps} makes it span {max_steps}: from step {step} on the learning rate follows the new "
                 "length (a resumed run equals the uninterrupted one only with the same max_steps)"
             )
-    return record
+    return ResumedRun(record, dict(obj.get("hyper_parameters") or {}))
 
 
 def _check_run_of(path: Path, obj: dict, record: dict, module_config) -> None:
