@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 
-from depthkit.data.shards import is_local, label_shard_url, shard_paths
+from depthkit.data.shards import is_local, label_shard_url, shard_file_name, shard_paths
 from depthkit.data.stream import ShardStream, StreamState, batch_parts, make_loader, merge_stream_states
 from depthkit.data.transforms import SampleTransform, TransformConfig
 from depthkit.train.callbacks import ignore_preemption_signals
@@ -72,7 +72,7 @@ def check_stage_data(stage: str, data) -> None:
 def _shards_digest(urls: list[str]) -> str:
     """A short digest of a stream's shard list, saved with its position: the file names in order, not their folder
     (the same shards staged elsewhere, given relative or through another mount, are the same data)."""
-    return hashlib.sha256("\n".join(url.rstrip("/").rsplit("/", 1)[-1] for url in urls).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join(map(shard_file_name, urls)).encode()).hexdigest()[:16]
 
 
 def _index_kind(folder) -> str | None:

@@ -143,8 +143,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         module = self.lightning_module
         path = Path(self.broadcast(checkpoint_path))
         if not module.strict_loading or not path.is_file():
-            with _optimizer_state_by_name(self.optimizers):
-                return super().load_checkpoint(path, weights_only=weights_only)
+            return self._load_named_optimizer_state(path, weights_only)
         saved = set(torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)["state_dict"])
         expected = set(module.state_dict())
         missing, unexpected = sorted(expected - saved), sorted(saved - expected)
@@ -152,10 +151,13 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise KeyError(f"{path}: keys missing {missing[:5]}, unexpected {unexpected[:5]} (of {len(saved)})")
         module.strict_loading = False  # checked above; the frozen networks keep the weights they were built with
         try:
-            with _optimizer_state_by_name(self.optimizers):
-                return super().load_checkpoint(path, weights_only=weights_only)
+            return self._load_named_optimizer_state(path, weights_only)
         finally:
             module.strict_loading = True
+
+    def _load_named_optimizer_state(self, path: Path, weights_only: bool | None) -> dict:
+        with _optimizer_state_by_name(self.optimizers):
+            return super().load_checkpoint(path, weights_only=weights_only)
 
 
 @contextmanager
