@@ -67,15 +67,16 @@ def main() -> None:
 
     from depthkit.data.convert import write_synthetic
     from depthkit.data.shards import TarWriter, decode_sample, shard_paths
-    from depthkit.data.stream import iter_raw_samples
+    from depthkit.data.tar_reader import iter_raw_samples
+    from depthkit.devices import torch_device
     from depthkit.models import create_model, save_checkpoint
-    from depthkit.pseudo_label.job import ENCODINGS, PseudoLabelConfig, encode_label, label_shards, resolve_device
+    from depthkit.pseudo_label.job import ENCODINGS, PseudoLabelConfig, encode_label, label_shards
     from depthkit.pseudo_label.teacher import label_batch, network_size
 
     encodings = args.encoding.split(",")
     if not encodings or not set(encodings) <= set(ENCODINGS):
         parser.error(f"--encoding {args.encoding!r}: expected a comma-separated list of {', '.join(ENCODINGS)}")
-    device = resolve_device(args.device)
+    device = torch_device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     bf16 = precision == "bf16"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")

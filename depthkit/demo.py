@@ -66,7 +66,7 @@ def fit(out: Path, recipe: str, name: str, steps: int, extra: list[str]) -> Path
     loggers.parent.mkdir(parents=True, exist_ok=True)
     loggers.write_text(
         "trainer:\n  logger:\n"
-        "    - class_path: lightning.pytorch.loggers.CSVLogger\n"
+        "    - class_path: depthkit.train.CSVLogger\n"
         f"      init_args: {{save_dir: '{run_dir}', name: csv}}\n"
         "    - class_path: lightning.pytorch.loggers.WandbLogger\n"
         f"      init_args: {{project: depthkit-demo, name: {name}, offline: true, save_dir: '{out}'}}\n"  # out/wandb

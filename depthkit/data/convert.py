@@ -14,12 +14,19 @@ from pathlib import Path
 from depthkit._files import write_json_atomic
 from depthkit.data.formats import IMAGE_SUFFIXES, load_image
 from depthkit.data.manifest import load_row, read_manifest, sample_key
-from depthkit.data.shards import FORMAT_VERSION, WRITING_MARKER, ShardWriter, encode_sample, source_image_bytes
+from depthkit.data.shards import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    WRITING_MARKER,
+    ShardWriter,
+    encode_sample,
+    source_image_bytes,
+)
 
 
 def write_index(out_dir: str | Path, index: dict) -> None:
     """Write `index.json` atomically."""
-    write_json_atomic(Path(out_dir) / "index.json", index)
+    write_json_atomic(Path(out_dir) / INDEX_NAME, index)
 
 
 def check_out_dir(out_dir: Path, overwrite: bool, options: tuple[str, str] = ("out_dir", "overwrite=True")) -> list:
@@ -49,7 +56,7 @@ def writing(out_dir: Path, *, overwrite: bool = False):
     existing = check_out_dir(out_dir, overwrite)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "index.json").unlink(missing_ok=True)
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
     marker = out_dir / WRITING_MARKER
     marker.touch()
     # `*.tar.tmp`: shards an interrupted run never finished (writers rename a shard only when it is complete).

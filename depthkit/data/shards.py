@@ -1,4 +1,5 @@
-"""The depthkit shard format: readers and writers in one module.
+"""The depthkit shard format: encoding and decoding of samples, writers, shard lists (the tar reading itself is
+`depthkit.data.tar_reader`).
 
 Shards are plain POSIX tar files in WebDataset layout, so `tar tf` and plain `webdataset` open them. Each sample
 is a group of members sharing a key (the part of the name before the first dot):
@@ -47,6 +48,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 WRITING_MARKER = ".depthkit-writing"
 """A file depthkit's dataset writers keep in their folder until its `index.json` is written (see `shard_paths`)."""
+INDEX_NAME = "index.json"
+"""What depthkit's writers leave beside their shards, last: kind, sample counts per shard (`folder_index`)."""
 
 
 class ShardFormatError(ValueError):
@@ -220,7 +223,6 @@ def decode_sample(
     raw: dict,
     *,
     kind: str | None = None,
-    decode_image: bool = True,
     with_target: bool = True,
     target_steps: bool = False,
 ) -> dict:
@@ -229,7 +231,6 @@ def decode_sample(
     Args:
         raw: The raw sample as WebDataset's tar expansion produces it.
         kind: Expected kind; None takes it from the metadata.
-        decode_image: False leaves the image out (key-only passes).
         with_target: False leaves the target out (a labeled shard read as images only).
         target_steps: True keeps a png16 target (without a valid.png mask) as its stored uint16 steps, for a
             transform that resizes and crops first and then calls `png16_target`: nearest-neighbour geometry
@@ -261,7 +262,7 @@ def decode_sample(
     if kind is not None and actual_kind != kind:
         raise ShardFormatError(f"{where}: expected a {kind} sample, metadata says {actual_kind!r}")
     sample: dict = {"__key__": key, "__url__": url, "meta": meta}
-    if decode_image and actual_kind != "pseudo":
+    if actual_kind != "pseudo":
         ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
         if ext is None:
             raise ShardFormatError(f"{where}: no image member (.jpg/.png/.webp; members: {_exts(raw)})")
@@ -470,7 +471,9 @@ def label_shard_url(labels: str | Path, image_url: str) -> str:
 
 
 def iter_tar_samples(path: str | Path) -> Iterator[dict]:
-    """Raw samples (`__key__`, `__url__`, extension -> bytes) of one local tar, in file order."""
+    """Raw samples (`__key__`, `__url__`, extension -> bytes) of one local tar, in file order, read by plain
+    webdataset: what tests check depthkit's shards against (depthkit's own readers go through
+    `depthkit.data.tar_reader.iter_raw_samples`, which also detects damage)."""
     import webdataset as wds
 
     path = str(path)
@@ -533,10 +536,21 @@ def shard_paths(spec: str | Path | list) -> list[str]:
     return paths
 
 
+def folder_index(folder: str | os.PathLike) -> dict:
+    """The `index.json` of a local shard folder (`depthkit data`, `synth`, `pseudo-label`: its `kind`, the sample
+    count of each shard in `shards`); {} when there is none or it is unreadable (shards of other tools)."""
+    try:
+        with open(os.path.join(folder, INDEX_NAME)) as file:
+            index = json.load(file)
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
 def _check_finished(folder: str) -> None:
     """Refuse a folder that a depthkit writer (synth, data convert) did not finish: they remove an older index
     first and write theirs last, so a mark or a `.tar.tmp` without `index.json` is a killed run's part."""
-    if os.path.exists(os.path.join(folder, "index.json")):
+    if os.path.exists(os.path.join(folder, INDEX_NAME)):
         return
     unfinished = sorted(glob.glob(os.path.join(folder, "*.tar.tmp")))
     if not unfinished and not os.path.exists(os.path.join(folder, WRITING_MARKER)):

@@ -47,11 +47,8 @@ naming the shard and key; with `on_error="skip"` the sample is dropped and count
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
-import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -61,15 +58,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from depthkit.data.cutmix import cutmix_boxes
 from depthkit.data.shards import (
-    REMOTE_SCHEMES,
+    KINDS,
     ShardFormatError,
     decode_sample,
+    folder_index,
     is_local,
     label_shard_url,
     shard_paths,
 )
+from depthkit.data.tar_reader import iter_raw_samples
 
-KINDS = ("labeled", "unlabeled", "pseudo")
 log = logging.getLogger("depthkit.data")
 
 
@@ -80,125 +78,6 @@ def topology(rank: int | None = None, world_size: int | None = None) -> tuple[in
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _open(url: str):
-    if url.startswith(REMOTE_SCHEMES):
-        import webdataset as wds
-
-        return wds.gopen(url, "rb")
-    return open(url, "rb")
-
-
-class _RecentReads:
-    """A read-through file wrapper that keeps its last two reads and their place in the stream, so that what follows
-    the last member of a tar can be checked after `tarfile` stops reading."""
-
-    def __init__(self, raw):
-        self.raw, self.pos, self.previous, self.last = raw, 0, b"", b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.pos += len(data)
-        self.previous, self.last = self.last, data
-        return data
-
-    def bytes_at(self, offset: int, size: int) -> bytes | None:
-        """Up to `size` bytes of the stream from `offset` (read on as needed; fewer at its end), or None when
-        `offset` lies before the recent reads."""
-        window = self.previous + self.last
-        start = self.pos - len(window)
-        if offset < start:
-            return None
-        data = window[offset - start :]
-        while len(data) < size and (more := self.raw.read(size - len(data))):
-            self.pos += len(more)
-            data += more
-        return data[:size]
-
-
-def _check_end(tar: tarfile.TarFile, reads: _RecentReads) -> None:
-    """Raise `tarfile.ReadError` unless the archive ends with its end-of-archive marker (zero blocks).
-
-    `tarfile` takes a damaged header after the first member, a zeroed one, and a file cut off between two members,
-    for the end of the archive: the samples after it would be lost without a word. The rest of the stream is read:
-    only zeros (the record padding) may follow the marker.
-    """
-    if getattr(tar.fileobj, "comptype", None) != "tar":  # compressed: offsets are in the decompressed stream
-        return
-    # What the stream holds from the end tarfile saw: at least the marker's two blocks, and all that was read past it.
-    tail = reads.bytes_at(tar.offset, max(2 * tarfile.BLOCKSIZE, reads.pos - tar.offset))
-    if tail is None:
-        return
-    if len(tail) < tarfile.BLOCKSIZE:
-        raise tarfile.ReadError("cut off: no end-of-archive marker")
-    if any(tail[: tarfile.BLOCKSIZE]):
-        raise tarfile.ReadError(f"damaged member header at byte {tar.offset}")
-    # Only zeros may follow the marker (padding to the record size). A header zeroed in the middle (a bad sector, a
-    # hole left by a crash) reads as the marker too: the members after it would be dropped without a word.
-    while tail:
-        if tail.count(0) != len(tail):
-            raise tarfile.ReadError(f"zeroed member header at byte {tar.offset}: archive data follows it")
-        tail = reads.raw.read(1 << 20)
-
-
-CURL_EXITS = {6: ": unknown host", 7: ": could not connect", 22: ": an HTTP error, e.g. 404", 28: ": timed out"}
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """A tar member's (sample key, extension), by the WebDataset rule: the key is the name up to the first dot of
-    its basename, with its folder."""
-    dirname, _, base = name.rpartition("/")
-    key, _, ext = base.partition(".")
-    return (f"{dirname}/{key}" if dirname else key), ext
-
-
-def first_key(path: str) -> str | None:
-    """The key of a local tar's first sample (its first file; a header read or a few), or None for an empty or
-    unreadable one."""
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            member = tar.next()
-            while member is not None and not member.isfile():  # a folder entry (`tar -cf s.tar .`)
-                member = tar.next()
-    except (tarfile.TarError, OSError):
-        return None
-    return None if member is None else split_member_name(member.name)[0]
-
-
-def iter_raw_samples(url: str) -> Iterator[dict]:
-    """Group a tar stream's members by key (WebDataset rule: name up to the first dot of the basename).
-
-    Raises:
-        ShardFormatError: for an unreadable, corrupt or cut-off tar, naming the shard and the last good key (after
-            the samples before the damage; the sample being read when the tar ended is not among them, since a cut
-            may have taken some of its members).
-    """
-    current: dict | None = None
-    last_key = None
-    try:
-        with _open(url) as raw, tarfile.open(fileobj=(reads := _RecentReads(raw)), mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    last_key, current = current["__key__"], None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                data = tar.extractfile(member)
-                current[ext] = data.read() if data is not None else b""
-            _check_end(tar, reads)  # before the last sample: a cut may have taken its other members
-            if current is not None:
-                yield current
-    except (tarfile.TarError, OSError, EOFError) as err:
-        where = f"after key {last_key}" if last_key else "at its start"
-        if (failed := re.search(r"\): exit (\d+) \(", str(err))) and not last_key:  # webdataset's pipe status
-            code = int(failed.group(1))
-            what = f"curl exited with {code}" + CURL_EXITS.get(code, "") if url.startswith("http") else f"exit {code}"
-            raise ShardFormatError(f"shard {url}: could not be fetched ({what})") from None
-        raise ShardFormatError(f"shard {url}: corrupt or unreadable tar {where} ({err})") from None
 
 
 class BatchMeta:
@@ -479,11 +358,7 @@ class ShardStream(IterableDataset):
                 return None
             folder = os.path.dirname(url)
             if folder not in indexes:
-                try:
-                    with open(os.path.join(folder, "index.json")) as f:
-                        indexes[folder] = json.load(f).get("shards") or {}
-                except (OSError, ValueError, AttributeError):
-                    indexes[folder] = {}
+                indexes[folder] = folder_index(folder).get("shards") or {}
             count = indexes[folder].get(os.path.basename(url))
             if not isinstance(count, int):
                 return None
@@ -721,30 +596,9 @@ def make_loader(stream: ShardStream, *, num_workers: int = 0, pin_memory: bool =
     )
 
 
-def mixed_batches(labeled, unlabeled) -> Iterator[dict]:
-    """Zip a labeled and an unlabeled loader into `{"labeled": ..., "unlabeled": ...}` steps.
-
-    The ratio of the two is set by their batch sizes (Depth Anything V1: 1:2, e.g. 4 labeled + 8 unlabeled).
-    Stops when either runs out; use resampled streams for step-based training.
-    """
-    for labeled_batch, unlabeled_batch in zip(labeled, unlabeled, strict=False):
-        yield {"labeled": labeled_batch, "unlabeled": unlabeled_batch}
-
-
 def batch_parts(batch: dict) -> dict[str, dict]:
     """A training step's batches by name: a student's `{"labeled": ..., "unlabeled": ...}` (either may be absent), or
     a supervised step's single batch as "labeled"."""
     if "labeled" in batch or "unlabeled" in batch:
         return {name: batch[name] for name in ("labeled", "unlabeled") if name in batch}
     return {"labeled": batch}
-
-
-def ratio_batch_sizes(total: int, ratio: tuple[int, int] = (1, 2)) -> tuple[int, int]:
-    """Split a per-step batch into labeled and unlabeled parts by `ratio` (each at least 1)."""
-    a, b = ratio
-    if a <= 0 or b <= 0:
-        raise ValueError(f"labeled:unlabeled ratio must be positive, got {a}:{b}")
-    if total < 2:
-        raise ValueError(f"a mixed batch needs at least 2 samples, got {total}")
-    labeled = max(1, round(total * a / (a + b)))
-    return labeled, max(1, total - labeled)

@@ -32,7 +32,7 @@ class Protocol:
 
     Attributes:
         name: Table key, used by `--dataset`.
-        reader: Reader name in `READERS`.
+        reader: Reader name in `READERS` ("manifest": the items of a manifest CSV, read by `load_benchmark`).
         kind: "depth" (dense metrics) or "pairs" (relative-depth pair accuracy).
         min_depth: Ground truth at or below this (m) is not scored.
         max_depth: Ground truth at or above this (m) is not scored; also the clamp for predictions
@@ -525,7 +525,8 @@ def _da2k_point(value, where: str) -> tuple[int, int]:
 
 
 def read_da2k(root: Path, *, split_file: Path | None = None) -> list[EvalItem]:
-    """DA-2K image pairs (`DA2K_LAYOUT`); each item's pairs list the closer point first."""
+    """DA-2K image pairs (`DA2K_LAYOUT`); each item's pairs list the closer point first. `split_file`, when given, is
+    the annotations JSON to read instead of `root/annotations.json` (for the other readers, a list of files)."""
     annotations_path = split_file or root / "annotations.json"
     if not annotations_path.is_file():
         raise _missing("DA-2K annotations.json", annotations_path.parent, DA2K_LAYOUT)

@@ -36,7 +36,11 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--dataset", required=True, metavar="NAME|MANIFEST", help=DATASET_HELP)
     parser.add_argument("--data-root", metavar="DIR", help="local copy of the benchmark (see docs/evaluation.md)")
-    parser.add_argument("--split-file", metavar="PATH", help="alternative split list for the benchmark's reader")
+    parser.add_argument(
+        "--split-file",
+        metavar="PATH",
+        help="another split list for the benchmark's reader (da2k: another annotations JSON)",
+    )
     parser.add_argument(
         "--output-space",
         choices=("affine_disparity", "disparity", "metric_depth"),

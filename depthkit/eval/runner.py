@@ -7,7 +7,8 @@
 
 Per image: under a KITTI-benchmark crop, cut image and ground truth to its box (`metrics.input_crop`); predict,
 resize to ground-truth size (bilinear), build the scored mask (valid, inside the depth range, inside the crop),
-align (`depthkit.eval.alignment`), clamp, score (`depthkit.eval.metrics`). The benchmark's number is the mean over
+align (`depthkit.eval.alignment`), clamp, score (`depthkit.eval.metrics`): `depthkit.eval.scoring.score_image`, which
+training's validation calls too. The benchmark's number is the mean over
 images; the per-image table is kept. Images with fewer than `MIN_SCORED_PIXELS` scored pixels are listed as
 skipped, not scored (Depth Anything V2 `metric_depth/train.py` skips those below 10).
 
@@ -25,24 +26,22 @@ from typing import Protocol as TypingProtocol
 import numpy as np
 
 from depthkit.data.formats import read_depth_raw
-from depthkit.eval.alignment import FAR_DEPTH_CAP, align_to_depth, resolve_alignment
+from depthkit.devices import torch_device
+from depthkit.eval.alignment import FAR_DEPTH_CAP, resolve_alignment
 from depthkit.eval.benchmarks import EvalItem, Protocol
 from depthkit.eval.metrics import (
     CROPS,
     DEPTH_METRICS,
     KB_CROPS,
-    depth_metrics,
-    evaluation_mask,
     input_crop,
     kb_box,
     mean_over_images,
     pair_accuracy,
     resize_bilinear,
 )
+from depthkit.eval.scoring import METRIC_SPACES, MIN_SCORED_PIXELS, score_image
 from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, check_space
 
-MIN_SCORED_PIXELS = 10
-METRIC_SPACES = ("depth", "disparity")
 RESULT_VERSION = 2  # 2: protocol.model_input (KITTI: the model is shown the KB box; version 1 fed the whole frame)
 
 
@@ -207,7 +206,6 @@ def load_model(name: str | None, *, checkpoint_path: str | None = None, pretrain
     """
     try:
         from depthkit.models import load_model as build
-        from depthkit.models import torch_device
     except ImportError as err:
         raise ValueError(f"depthkit.models cannot build models here ({err}); evaluate saved --predictions") from err
     device = torch_device(device)  # before the model loads: a bad --device fails fast
@@ -331,30 +329,27 @@ def evaluate(
             if not stretched and _aspect_differs(pred.shape, target_HW.shape):
                 stretched = item.key
             pred_HW = resize_bilinear(pred, target_HW.shape)
-            mask_HW = evaluation_mask(target_HW, sample["valid"], min_depth=min_depth, max_depth=max_depth, crop=crop)
-            row = {"key": item.key, "group": item.group, "num_pixels": int(mask_HW.sum())}
-            if row["num_pixels"] < MIN_SCORED_PIXELS:
-                row["status"] = f"skipped: {row['num_pixels']} scored pixels (< {MIN_SCORED_PIXELS})"
-                rows.append(row)
-                continue
-            depth_HW, fit = align_to_depth(
+            score = score_image(
                 pred_HW,
                 target_HW,
-                mask_HW,
+                sample["valid"],
                 alignment=name,
                 output_space=space,
                 min_depth=min_depth,
                 max_depth=max_depth,
+                crop=crop,
+                metric_space=metric_space,
             )
-            if metric_space == "depth":
-                scores = depth_metrics(depth_HW, target_HW, mask_HW)
-            else:
-                target_disparity_HW = np.where(mask_HW, 1.0 / np.where(mask_HW, target_HW, 1.0), 0.0)
-                scores = depth_metrics(1.0 / depth_HW, target_disparity_HW, mask_HW)
+            row = {"key": item.key, "group": item.group, "num_pixels": score.num_pixels}
+            if score.metrics is None:
+                row["status"] = f"skipped: {row['num_pixels']} scored pixels (< {MIN_SCORED_PIXELS})"
+                rows.append(row)
+                continue
+            scores, fit = score.metrics, score.fit
             row.update(status="ok", scale=fit.scale, shift=fit.shift, degenerate=fit.degenerate, **scores)
             rows.append(row)
             if num_worst > 0 and (len(worst) < num_worst or scores["abs_rel"] > worst[-1]["abs_rel"]):
-                worst.append(_worst_entry(scores["abs_rel"], item.key, sample, depth_HW, mask_HW))
+                worst.append(_worst_entry(scores["abs_rel"], item.key, sample, score.depth_HW, score.mask_HW))
                 worst.sort(key=lambda w: -w["abs_rel"])
                 del worst[num_worst:]
         _progress(min(start + len(batch), len(items)), len(items), started, progress)

@@ -26,7 +26,6 @@ _EXPORTS = {
     "model_config": "registry",
     "register_model": "registry",
     "checkpoint_filename": "registry",
-    "torch_device": "registry",
     "DepthModel": "depth_model",
     "ModelMeta": "meta",
     "Prediction": "depth_model",
@@ -54,7 +53,6 @@ __all__ = [
     "model_config",
     "register_model",
     "save_checkpoint",
-    "torch_device",
 ]
 assert sorted(__all__) == sorted(_EXPORTS)
 
@@ -72,7 +70,6 @@ if TYPE_CHECKING:  # pragma: no cover
         load_model,
         model_config,
         register_model,
-        torch_device,
     )
 
 

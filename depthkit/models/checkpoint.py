@@ -58,7 +58,7 @@ def checkpoint_dir() -> Path:
 
 
 def find_pretrained(filename: str, model_name: str, checkpoint_path: str | os.PathLike | None = None) -> Path:
-    """Path of a local official checkpoint, or a `FileNotFoundError` that lists every place it looked.
+    """Path of a local official checkpoint, or a `FileNotFoundError` that says where it looked.
 
     Args:
         filename: Official file name, e.g. "depth_anything_v2_vits.pth".
@@ -68,13 +68,11 @@ def find_pretrained(filename: str, model_name: str, checkpoint_path: str | os.Pa
     folder = Path(checkpoint_path).expanduser() if checkpoint_path is not None else checkpoint_dir()
     if folder.is_file():
         return folder
-    candidates = [folder / filename]
-    for path in candidates:
-        if path.is_file():
-            return path
-    looked = ", ".join(str(p) for p in candidates)
+    path = folder / filename
+    if path.is_file():
+        return path
     raise FileNotFoundError(
-        f"no weights for {model_name}: looked for {looked}. depthkit never downloads; put the official file "
+        f"no weights for {model_name}: looked for {path}. depthkit never downloads; put the official file "
         f"{filename!r} there, or set DEPTHKIT_HOME, or give your own weights file (commands: --checkpoint PATH; "
         "Python: checkpoint_path=...)"
     )

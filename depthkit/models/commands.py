@@ -74,7 +74,8 @@ def _build_predictor(args: argparse.Namespace):
     if not args.model and not args.checkpoint:
         raise ValueError("--model NAME is required (or --onnx PATH, or a `depthkit fit` --checkpoint)")
 
-    from depthkit.models import load_model, torch_device
+    from depthkit.devices import torch_device
+    from depthkit.models import load_model
 
     if args.checkpoint and args.random_weights:
         raise ValueError("--checkpoint and --random-weights exclude each other")

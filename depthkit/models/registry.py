@@ -216,25 +216,6 @@ def load_model(name: str | None = None, checkpoint_path: str | os.PathLike | Non
     return ckpt.load_state_dict(DepthModel(config), state_dict, source, found).eval()
 
 
-def torch_device(spec: str):
-    """`--device` as a `torch.device`: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-
-    Raises:
-        ValueError: not a device name, or a CUDA device on a machine without CUDA.
-    """
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device {spec!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available")
-    return device
-
-
 def create_encoder(
     name_or_size: str, pretrained: bool = False, checkpoint_path: str | os.PathLike | None = None, **overrides
 ) -> DinoV2Encoder:

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from depthkit._files import write_json_atomic
+from depthkit.data.shards import INDEX_NAME
 
-INDEX_NAME = "index.json"
 RECORDS_DIR = "records"
 INDEX_FORMAT_VERSION = 1
 

@@ -28,8 +28,6 @@ each rank its own unfinished shards again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import queue
@@ -51,12 +49,14 @@ from depthkit.data.shards import (
     TarWriter,
     decode_sample,
     encode_sample,
+    folder_index,
     is_local,
     shard_file_name,
     shard_paths,
     stale_temporaries,
 )
-from depthkit.data.stream import first_key, iter_raw_samples
+from depthkit.data.tar_reader import first_key, iter_raw_samples, members_digest
+from depthkit.devices import torch_device
 from depthkit.pseudo_label.index import (
     INDEX_NAME,
     IndexWriter,
@@ -224,10 +224,7 @@ def make_plan(config: PseudoLabelConfig) -> Plan:
             )
     index_path = out_dir / INDEX_NAME
     if index_path.is_file():
-        try:
-            kind = json.loads(index_path.read_text()).get("kind")
-        except ValueError:
-            kind = None
+        kind = folder_index(out_dir).get("kind")
         if kind != "pseudo":
             raise ValueError(
                 f"--output {out_dir} holds {INDEX_NAME} of kind {kind!r}, not pseudo-labels; choose another folder"
@@ -241,18 +238,6 @@ def make_plan(config: PseudoLabelConfig) -> Plan:
                 "it is no pseudo-label output; choose another folder"
             )
     return Plan(urls=urls, names=names, out_dir=out_dir)
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available")
-    if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"local rank {local_rank} needs cuda:{local_rank}, but {torch.cuda.device_count()} GPU(s)")
-    return torch.device("cuda", local_rank)
 
 
 def label_settings(config: PseudoLabelConfig, teacher: Teacher, device: torch.device) -> LabelSettings:
@@ -308,18 +293,6 @@ def input_identity(url: str) -> dict:
     return {"input_bytes": os.path.getsize(url), "first_key": first_key(url), "members_sha256": members_digest(url)}
 
 
-def members_digest(path: str) -> str | None:
-    """sha256 of a local tar's member names and sizes, in order (headers only), or None for an unreadable one."""
-    digest = hashlib.sha256()
-    try:
-        with tarfile.open(path, "r:") as tar:  # random access: seeks past each member's data
-            for member in tar:
-                digest.update(f"{member.name}\t{member.size}\n".encode())
-    except (tarfile.TarError, OSError):
-        return None
-    return digest.hexdigest()
-
-
 def _identity(fields: dict) -> str:
     described = [f"{fields['input_bytes']} bytes" if "input_bytes" in fields else None]
     described.append(f"first key {fields['first_key']!r}" if "first_key" in fields else None)
@@ -334,7 +307,7 @@ def _identity(fields: dict) -> str:
 
 class ShardItems(IterableDataset):
     """Chunks (lists) of items of whole shards, in order: `{"event": "item", "shard", "key", "image" | "error",
-    "meta"}` per sample, then `{"event": "end", "shard", "count", "error"}`. DataLoader workers take whole shards
+    "meta"}` per sample, then `{"event": "end", "shard", "error"}`. DataLoader workers take whole shards
     round-robin; items travel in chunks of up to `chunk_size` samples (one message, not one per image).
 
     Args:
@@ -360,14 +333,13 @@ class ShardItems(IterableDataset):
 
 def read_shard(shard_id: int, url: str) -> Iterator[dict]:
     """One shard's items and its end marker; a corrupt tar ends the shard early with the error in the marker."""
-    count, error = 0, None
+    error = None
     try:
         for raw in iter_raw_samples(url):
             yield decode_item(shard_id, raw)
-            count += 1
     except ShardFormatError as err:
         error = str(err)
-    yield {"event": "end", "shard": shard_id, "count": count, "error": error}
+    yield {"event": "end", "shard": shard_id, "error": error}
 
 
 def decode_item(shard_id: int, raw: dict) -> dict:
@@ -530,7 +502,6 @@ class ShardWriterThread:
 
         self.out_dir, self.settings, self.provenance = Path(out_dir), settings, provenance
         self.output_space, self.index, self.rank, self.on_shard_done = output_space, index, rank, on_shard_done
-        self.records: list[dict] = []
         self._tars: dict[int, tuple[TarWriter, dict[str, str]]] = {}
         self._pool = ThreadPoolExecutor(max(1, num_encoders), thread_name_prefix="pseudo-label-encode")
         self._queue: queue.Queue = queue.Queue(maxsize=16)
@@ -616,7 +587,6 @@ class ShardWriterThread:
         }
         write_record(self.out_dir, record)
         self.index.refresh()
-        self.records.append(record)
         if self.on_shard_done is not None:
             self.on_shard_done(record)
 
@@ -655,7 +625,7 @@ def label_shards(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     start = time.perf_counter()
-    device = resolve_device(config.device, local_rank)
+    device = torch_device(config.device, local_rank=local_rank)
     plan, teacher, settings, records = prepare(config, device=device, sha256=teacher_sha256)
     summary = RankSummary(rank=rank, world_size=world_size)
     mine = list(range(rank, len(plan.urls), world_size))
@@ -878,9 +848,6 @@ def _known_counts(urls: list[str], names: list[str]) -> list[int | None]:
             continue
         folder = Path(url).parent
         if folder not in indices:
-            try:
-                indices[folder] = json.loads((folder / "index.json").read_text()).get("shards", {})
-            except (OSError, ValueError):
-                indices[folder] = {}
+            indices[folder] = folder_index(folder).get("shards") or {}
         counts.append(indices[folder].get(name))
     return counts

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from depthkit.devices import torch_device, uses_cuda
 from depthkit.pseudo_label.index import IndexWriter, read_index
-from depthkit.pseudo_label.job import PseudoLabelConfig, RankSummary, label_shards, prepare, resolve_device
+from depthkit.pseudo_label.job import PseudoLabelConfig, RankSummary, label_shards, prepare
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,10 @@ def run_pseudo_label(
         return JobSummary([summary], read_index(config.output))
 
     # Check everything once, before spawning (the ranks repeat the cheap checks and reuse the hash).
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+    if uses_cuda(config.device):
         if torch.cuda.device_count() < launch.devices:
             raise ValueError(f"--devices {launch.devices}, but {torch.cuda.device_count()} GPU(s) are visible")
-    plan, teacher, _, _ = prepare(config, device=resolve_device(config.device))  # the teacher stays on the CPU
+    plan, teacher, _, _ = prepare(config, device=torch_device(config.device))  # the teacher stays on the CPU
     sha256 = teacher.sha256
     del teacher
     context = torch.multiprocessing.get_context("spawn")
@@ -204,8 +205,7 @@ def stop_ranks(processes, grace_s: float = 2.0, timeout_s: float = 60.0) -> None
 
 
 def _spawned_rank(local_rank: int, config: PseudoLabelConfig, launch: Launch, sha256: str, results) -> None:
-    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    if cpu:
+    if not uses_cuda(config.device):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.devices))
     summary = label_shards(
         config,

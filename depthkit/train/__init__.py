@@ -6,10 +6,12 @@ The only package (with `depthkit.cli`) that imports lightning.
 from depthkit.train.callbacks import ImagePanels, Preemption, ProgressBar, ThroughputMonitor
 from depthkit.train.config import LossWeights, OptimConfig
 from depthkit.train.data import DepthDataModule
+from depthkit.train.loggers import CSVLogger
 from depthkit.train.module import DepthModule, StudentModule
 from depthkit.train.parallel import FSDP2Strategy
 
 __all__ = [
+    "CSVLogger",
     "DepthDataModule",
     "DepthModule",
     "FSDP2Strategy",

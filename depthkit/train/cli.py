@@ -27,7 +27,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.callbacks.progress import ProgressBar as Bar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from depthkit.models.checkpoint import (
@@ -40,7 +41,9 @@ from depthkit.models.checkpoint import (
 )
 from depthkit.models.registry import model_config
 from depthkit.train.callbacks import ProgressBar
+from depthkit.train.config import RunRecord
 from depthkit.train.data import STAGE_DATA, DepthDataModule, check_stage_data
+from depthkit.train.loggers import CSVLogger
 from depthkit.train.module import DepthModule, check_module_data
 
 
@@ -80,8 +83,9 @@ class DepthCLI(LightningCLI):
             section.ckpt_path = str(Path(section.ckpt_path).expanduser())  # (a `~` the shell did not expand)
         max_steps = (section.get("trainer") or {}).get("max_steps") if subcommand == "fit" else None
         resumed_run = check_resume(section.get("ckpt_path"), section.get("model"), max_steps)
-        if subcommand == "fit" and resumed_run.record.get("wandb_run_id"):
-            _continue_wandb_run(section.get("trainer") or {}, resumed_run.record["wandb_run_id"])
+        if subcommand == "fit" and resumed_run.record.wandb_run_id:
+            _continue_wandb_run(section.get("trainer") or {}, resumed_run.record.wandb_run_id)
+        self._resumed_log_dir = resumed_run.record.log_dir if subcommand == "fit" else None
         given = section.get("model").clone() if section.get("model") is not None else None
         self._apply_run_arguments(subcommand, resumed_run.hyper_parameters)
         resumed = self.config[subcommand].get("model")
@@ -138,6 +142,10 @@ class DepthCLI(LightningCLI):
             kwargs["callbacks"] = callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, Bar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, ProgressBar()]
+        if config.get("logger") in (None, True):  # Lightning's default (TensorBoard where installed), continued
+            kwargs["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or os.getcwd())
+        if getattr(self, "_resumed_log_dir", None):
+            _continue_run_folder(kwargs.get("logger", config.get("logger")), self._resumed_log_dir)
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:
@@ -166,6 +174,14 @@ def _continue_wandb_run(trainer_config, run_id: str) -> None:
             rank_zero_info(f"--ckpt_path: continuing W&B run {run_id}")
 
 
+def _continue_run_folder(loggers, log_dir: str) -> None:
+    """A resumed fit logs into the folder of its checkpoint's run (metrics.csv continued, checkpoints beside the
+    earlier ones), not into a new `version_N`, when a depthkit CSV logger of the configuration holds that folder."""
+    for logger in loggers if isinstance(loggers, list | tuple) else [loggers]:
+        if isinstance(logger, CSVLogger) and logger.continue_run(log_dir):
+            rank_zero_info(f"--ckpt_path: continuing the run folder {log_dir}")
+
+
 def _wandb_defaults(trainer_config) -> None:
     """Settle what the W&B overlay leaves open. A W&B logger given no `save_dir` (or its default, ".") writes under
     `trainer.default_root_dir`, as the CSV logger does, instead of wherever the command runs: one run's files (W&B's,
@@ -191,13 +207,17 @@ class RunConfig(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage) -> None:  # called on global rank 0 only
         path = run_dir(trainer) / self.config_filename
         path.parent.mkdir(parents=True, exist_ok=True)
+        resume = 0
+        while path.exists():  # a resumed run's folder: its first configuration stays, the resumes beside it
+            resume += 1
+            path = path.with_name(f"{Path(self.config_filename).stem}.resume_{resume}.yaml")
         self.parser.save(self.config, str(path), skip_unset=False, overwrite=self.overwrite, multifile=self.multifile)
         # Lightning gives a logger the module's and the data's arguments; the rest of the run's configuration (steps,
         # precision, devices, accumulation, seed) goes to the loggers without a config.yaml beside them (W&B's run
         # config), so runs compare on it there.
         run = {k: v for k, v in self.config.as_dict().items() if k not in ("model", "data")}
         for logger in trainer.loggers:
-            if not isinstance(logger, CSVLogger | TensorBoardLogger):
+            if not isinstance(logger, LightningCSVLogger | TensorBoardLogger):
                 try:  # rank 0 only: an error here would leave the other ranks waiting for it
                     logger.log_hyperparams(run)
                 except Exception as err:  # noqa: BLE001 - e.g. a logger that refuses changed values on resume
@@ -211,7 +231,7 @@ def run_dir(trainer: Trainer) -> Path:
     if not trainer.loggers:
         return Path(trainer.default_root_dir)
     logger = trainer.loggers[0]
-    if isinstance(logger, CSVLogger | TensorBoardLogger):
+    if isinstance(logger, LightningCSVLogger | TensorBoardLogger):
         return Path(logger.log_dir)
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
@@ -283,7 +303,7 @@ class ResumedRun(NamedTuple):
     """What `check_resume` read of a checkpoint: depthkit's record (`DepthModule.on_save_checkpoint`) and the
     module's hyperparameters (empty when there is no checkpoint to read)."""
 
-    record: dict
+    record: RunRecord
     hyper_parameters: dict
 
 
@@ -304,7 +324,7 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
         The checkpoint's depthkit record and hyperparameters (`ResumedRun`; empty when there is none to read).
     """
     if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry"):
-        return ResumedRun({}, {})
+        return ResumedRun(RunRecord(), {})
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--ckpt_path {path}: no such file")
@@ -323,30 +343,29 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
             f"--ckpt_path {path} is not a `depthkit fit` checkpoint (no training state); to start a run from its "
             "weights, set model.checkpoint_path instead"
         )
-    step, scheduled = obj.get("global_step"), (obj.get("depthkit") or {}).get("schedule_steps")
+    step, record = obj.get("global_step"), RunRecord.of(obj)
     if max_steps is not None and max_steps > 0 and step is not None:
         if max_steps < step:
             raise ValueError(
                 f"--ckpt_path {path} is at step {step}: trainer.max_steps {max_steps} leaves nothing to train"
             )
-    record = dict(obj.get("depthkit") or {})
     if module_config is not None:
         _check_run_of(path, obj, record, module_config)
     if max_steps is not None and max_steps > 0 and step is not None:  # after the refusals: a run of another model
         if step == max_steps:
             raise RunComplete(f"--ckpt_path {path} is at step {step} = trainer.max_steps: the run is complete")
-        if scheduled and scheduled != max_steps:
+        if record.schedule_steps and record.schedule_steps != max_steps:
             rank_zero_warn(
-                f"--ckpt_path {path}: its learning-rate schedule spans {scheduled} steps, trainer.max_steps "
-                f"{max_steps} makes it span {max_steps}: from step {step} on the learning rate follows the new "
-                "length (a resumed run equals the uninterrupted one only with the same max_steps)"
+                f"--ckpt_path {path}: its learning-rate schedule spans {record.schedule_steps} steps, "
+                f"trainer.max_steps {max_steps} makes it span {max_steps}: from step {step} on the learning rate "
+                "follows the new length (a resumed run equals the uninterrupted one only with the same max_steps)"
             )
     return ResumedRun(record, dict(obj.get("hyper_parameters") or {}))
 
 
-def _check_run_of(path: Path, obj: dict, record: dict, module_config) -> None:
+def _check_run_of(path: Path, obj: dict, record: RunRecord, module_config) -> None:
     """Refuse a checkpoint of another module class, or of another model config than the configured one."""
-    kind, configured = record.get("module"), str(module_config.class_path).rsplit(".", 1)[-1]
+    kind, configured = record.module, str(module_config.class_path).rsplit(".", 1)[-1]
     if kind is not None and kind != configured:
         raise ValueError(f"--ckpt_path {path} is a {kind} run; this config trains a {configured}")
     found, args = training_config(obj), module_config.init_args

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 
@@ -63,3 +63,30 @@ class LossWeights:
     def __post_init__(self):
         if min(self.labeled, self.unlabeled, self.feature) < 0 or self.labeled + self.unlabeled + self.feature <= 0:
             raise ValueError(f"loss_weights must be >= 0 with a positive sum, got {self}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRecord:
+    """What a `depthkit fit` checkpoint says of its run (`checkpoint["depthkit"]`, written by
+    `DepthModule.on_save_checkpoint`), read back by `--ckpt_path` (`depthkit.train.cli.check_resume`)."""
+
+    module: str | None = None
+    """The LightningModule's class name: a teacher's run is not resumed as a student's."""
+    schedule_steps: int | None = None
+    """The steps the learning-rate schedule spans (`trainer.max_steps` then): a resume says when it changes."""
+    wandb_run_id: str | None = None
+    """The W&B run the metrics went to: a resumed fit continues it."""
+    log_dir: str | None = None
+    """The CSV logger's run folder (absolute): a resumed fit logs on into it (`depthkit.train.CSVLogger`)."""
+
+    @classmethod
+    def of(cls, checkpoint: dict) -> RunRecord:
+        """The record of a loaded checkpoint (empty for one without; fields of other depthkit versions ignored)."""
+        known = {field.name for field in fields(cls)}
+        return cls(**{k: v for k, v in (checkpoint.get("depthkit") or {}).items() if k in known})
+
+    def to_dict(self) -> dict:
+        """The fields that are set, as saved in a checkpoint."""
+        return {
+            field.name: getattr(self, field.name) for field in fields(self) if getattr(self, field.name) is not None
+        }

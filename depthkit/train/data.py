@@ -8,14 +8,12 @@ where it stopped (see `docs/data.md`, "Resume").
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 
-from depthkit.data.shards import is_local, label_shard_url, shard_file_name, shard_paths
+from depthkit.data.shards import folder_index, is_local, label_shard_url, shard_file_name, shard_paths
 from depthkit.data.stream import ShardStream, StreamState, batch_parts, make_loader, merge_stream_states
 from depthkit.data.transforms import SampleTransform, TransformConfig
 from depthkit.train.callbacks import ignore_preemption_signals
@@ -52,7 +50,7 @@ def check_stage_data(stage: str, data) -> None:
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"data.{name}: {err}") from None
     if stage == "fit" and data.get("pseudo_labels"):
-        kind = _index_kind(data["pseudo_labels"])
+        kind = folder_index(data["pseudo_labels"]).get("kind") if is_local(str(data["pseudo_labels"])) else None
         if kind not in (None, "pseudo"):
             raise ValueError(
                 f"data.pseudo_labels: {data['pseudo_labels']} holds {kind} shards (its index.json), not "
@@ -73,14 +71,6 @@ def _shards_digest(urls: list[str]) -> str:
     """A short digest of a stream's shard list, saved with its position: the file names in order, not their folder
     (the same shards staged elsewhere, given relative or through another mount, are the same data)."""
     return hashlib.sha256("\n".join(map(shard_file_name, urls)).encode()).hexdigest()[:16]
-
-
-def _index_kind(folder) -> str | None:
-    """The `kind` in a local shard folder's index.json (None: no folder, no index, or a URL)."""
-    try:
-        return json.loads((Path(folder) / "index.json").read_text()).get("kind")
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
 
 
 class DepthDataModule(L.LightningDataModule):

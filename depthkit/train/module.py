@@ -18,6 +18,8 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -28,7 +30,8 @@ from depthkit.losses import DepthLoss, DepthLossConfig, feature_alignment_loss, 
 from depthkit.models import create_encoder, create_model, list_models, load_checkpoint, load_model
 from depthkit.models.checkpoint import locate_weights
 from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, METRIC_DEPTH
-from depthkit.train.config import LossWeights, OptimConfig
+from depthkit.train.config import LossWeights, OptimConfig, RunRecord
+from depthkit.train.loggers import CSVLogger
 
 # Checkpoints keep these typed configs in their hyperparameters. They are plain frozen dataclasses: allowlisted, so
 # that `torch.load(weights_only=True)` (torch's default, and how Lightning reads checkpoints unless told otherwise)
@@ -258,10 +261,14 @@ class DepthModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # `--ckpt_path` checks that it resumes the same kind of run, and says when the schedule's length changes.
-        checkpoint["depthkit"] = {"module": type(self).__name__, "schedule_steps": self.schedule_steps}
-        logger = self._trainer.logger if self._trainer is not None else None
-        if logger is not None and type(logger).__name__ == "WandbLogger":  # a resumed fit continues this W&B run
-            checkpoint["depthkit"]["wandb_run_id"] = str(logger.version)
+        # A resumed fit continues the run's W&B run and CSV folder (the first of each kind among the loggers).
+        loggers = self._trainer.loggers if self._trainer is not None else []
+        wandb = next((str(lg.version) for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+        csv = next((str(Path(lg.log_dir).resolve()) for lg in loggers if isinstance(lg, CSVLogger)), None)
+        record = RunRecord(
+            module=type(self).__name__, schedule_steps=self.schedule_steps, wandb_run_id=wandb, log_dir=csv
+        )
+        checkpoint["depthkit"] = record.to_dict()
 
     def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
         """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""
@@ -402,18 +409,7 @@ class StudentModule(DepthModule):
         # of checkpoints (it is rebuilt from the same weights) and always in eval mode.
         self.frozen_encoder = copy.deepcopy(self.model.encoder).requires_grad_(False).eval()
         self.frozen_encoder.set_grad_checkpointing(False)  # no backward through it: nothing to recompute
-        self.teacher = None
-        if teacher is not None:
-            # Built as its checkpoint says it was trained; without one, random weights (for tests).
-            if teacher_checkpoint:
-                teacher_checkpoint = locate_weights(teacher_checkpoint, "model.teacher_checkpoint")
-            if teacher not in list_models():
-                raise ValueError(f"model.teacher: unknown model {teacher!r}; registered: {', '.join(list_models())}")
-            self.teacher = load_model(teacher, teacher_checkpoint, pretrained=False).requires_grad_(False)
-            if self.teacher.meta.output_space == METRIC_DEPTH:
-                raise ValueError(f"teacher {teacher!r} is metric; pseudo-labels are affine-invariant disparity")
-        elif teacher_checkpoint:
-            raise ValueError("teacher_checkpoint needs teacher= (the teacher's registry name)")
+        self.teacher = _online_teacher(teacher, teacher_checkpoint)
         # The frozen networks are rebuilt from their own weights: they stay out of the state dict (so checkpoints
         # hold the student alone) and their keys are not expected back. Hooks, not on_save/on_load_checkpoint, so
         # that every path agrees, FSDP2's gathered state dicts and strict loads included.
@@ -452,35 +448,72 @@ class StudentModule(DepthModule):
             terms["labeled"] = (w.labeled, out_l["loss"])
             values |= scalar_terms(out_l, "labeled/")
 
+        u = self.unlabeled_loss(unlabeled)
+        terms["unlabeled"] = (w.unlabeled, u.out["loss"])
+        values |= scalar_terms(u.out, "unlabeled/")
+        if w.feature > 0:
+            terms["feature"] = (w.feature, self.feature_loss(u.image_B3HW, u.tokens_BND)["loss"])
+        total = sum(weight * loss for weight, loss in terms.values())
+        if w.normalize:  # over the terms this run has: the mean of them, as Depth Anything V1
+            total = total / sum(weight for weight, _ in terms.values())
+        if labeled is not None:
+            self.keep_panel(labeled, pred_l_BHW)
+        self.keep_panel({"image": u.image_B3HW}, u.pred_BHW, (u.target_BHW, u.valid_BHW), name="train_unlabeled")
+        n = u.image_B3HW.shape[0] + (labeled["image"].shape[0] if labeled is not None else 0)
+        values |= {f"term/{k}": loss for k, (_, loss) in terms.items()} | {"loss": total}
+        self.log_scalars("train", values, batch_size=n)
+        return total
+
+    def unlabeled_loss(self, unlabeled: dict) -> UnlabeledStep:
+        """The student on the (strongly augmented, CutMixed) unlabeled images against the clean images' labels,
+        mixed the same way; the loss per CutMix region."""
         target_BHW, valid_BHW = self.unlabeled_targets(unlabeled)
         mask_BHW, index_B = unlabeled.get("cutmix_mask"), unlabeled.get("cutmix_index")
         if mask_BHW is not None:
             target_BHW = mix_like(target_BHW, mask_BHW, index_B)
             valid_BHW = mix_like(valid_BHW, mask_BHW, index_B)
         image_B3HW = unlabeled.get("image_strong", unlabeled["image"])
-        pred_u_BHW, tokens_BND = self.predict_uint8(image_B3HW, with_features=True)
-        out_u = self.unlabeled_loss_fn(pred_u_BHW, target_BHW, valid_BHW, mask_BHW)
+        pred_BHW, tokens_BND = self.predict_uint8(image_B3HW, with_features=True)
+        out = self.unlabeled_loss_fn(pred_BHW, target_BHW, valid_BHW, mask_BHW)
+        return UnlabeledStep(out, image_B3HW, pred_BHW, tokens_BND, target_BHW, valid_BHW)
 
-        terms["unlabeled"] = (w.unlabeled, out_u["loss"])
-        values |= scalar_terms(out_u, "unlabeled/")
-        if w.feature > 0:
-            with torch.no_grad():
-                image_BCHW = self.model.normalize(to_unit(image_B3HW, self.frozen_encoder))
-                frozen_BND = self.frozen_encoder.forward_patch_tokens(image_BCHW)
-            out_f = feature_alignment_loss(
-                tokens_BND, frozen_BND, tolerance=self.feature_tolerance, impl=self.loss_config.impl
-            )
-            terms["feature"] = (w.feature, out_f["loss"])
-        total = sum(weight * loss for weight, loss in terms.values())
-        if w.normalize:  # over the terms this run has: the mean of them, as Depth Anything V1
-            total = total / sum(weight for weight, _ in terms.values())
-        if labeled is not None:
-            self.keep_panel(labeled, pred_l_BHW)
-        self.keep_panel({"image": image_B3HW}, pred_u_BHW, (target_BHW, valid_BHW), name="train_unlabeled")
-        n = image_B3HW.shape[0] + (labeled["image"].shape[0] if labeled is not None else 0)
-        values |= {f"term/{k}": loss for k, (_, loss) in terms.items()} | {"loss": total}
-        self.log_scalars("train", values, batch_size=n)
-        return total
+    def feature_loss(self, image_B3HW: torch.Tensor, tokens_BND: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feature alignment of the student's patch tokens to the frozen DINOv2's on the same images."""
+        with torch.no_grad():
+            image_BCHW = self.model.normalize(to_unit(image_B3HW, self.frozen_encoder))
+            frozen_BND = self.frozen_encoder.forward_patch_tokens(image_BCHW)
+        return feature_alignment_loss(
+            tokens_BND, frozen_BND, tolerance=self.feature_tolerance, impl=self.loss_config.impl
+        )
+
+
+class UnlabeledStep(NamedTuple):
+    """`StudentModule.unlabeled_loss`: the loss dict, the images the student saw, its prediction and patch tokens,
+    and the (mixed) targets it was scored against."""
+
+    out: dict[str, torch.Tensor]
+    image_B3HW: torch.Tensor
+    pred_BHW: torch.Tensor
+    tokens_BND: torch.Tensor
+    target_BHW: torch.Tensor
+    valid_BHW: torch.Tensor
+
+
+def _online_teacher(teacher: str | None, teacher_checkpoint) -> torch.nn.Module | None:
+    """The frozen online teacher `model.teacher` names, built as its checkpoint says it was trained (without one,
+    random weights: tests); None without a teacher (the pseudo-labels come from shards)."""
+    if teacher is None:
+        if teacher_checkpoint:
+            raise ValueError("teacher_checkpoint needs teacher= (the teacher's registry name)")
+        return None
+    if teacher_checkpoint:
+        teacher_checkpoint = locate_weights(teacher_checkpoint, "model.teacher_checkpoint")
+    if teacher not in list_models():
+        raise ValueError(f"model.teacher: unknown model {teacher!r}; registered: {', '.join(list_models())}")
+    model = load_model(teacher, teacher_checkpoint, pretrained=False).requires_grad_(False)
+    if model.meta.output_space == METRIC_DEPTH:
+        raise ValueError(f"teacher {teacher!r} is metric; pseudo-labels are affine-invariant disparity")
+    return model
 
 
 FROZEN_NETWORKS = ("frozen_encoder", "teacher")
@@ -591,9 +624,8 @@ def aligned_image_metrics(pred_BHW: torch.Tensor, batch: dict, meta) -> list[dic
     Args:
         meta: The model's `ModelMeta` (its output space and, for metric models, `max_depth`).
     """
-    from depthkit.eval.alignment import FAR_DEPTH_CAP, align_to_depth
-    from depthkit.eval.metrics import depth_metrics, evaluation_mask
-    from depthkit.eval.runner import MIN_SCORED_PIXELS
+    from depthkit.eval.alignment import FAR_DEPTH_CAP
+    from depthkit.eval.scoring import score_image
 
     metric = meta.output_space == METRIC_DEPTH
     min_depth, max_depth = (MIN_METRIC_DEPTH, meta.max_depth) if metric else (1e-3, FAR_DEPTH_CAP)
@@ -601,25 +633,15 @@ def aligned_image_metrics(pred_BHW: torch.Tensor, batch: dict, meta) -> list[dic
     for b, sample_meta in enumerate(batch["meta"]):
         if sample_meta.get("output_space") != METRIC_DEPTH:
             continue
-        target_HW = batch["target"][b].detach().float().cpu().numpy()
-        valid_HW = batch["valid"][b].detach().cpu().numpy()
-        mask_HW = evaluation_mask(target_HW, valid_HW, min_depth=min_depth, max_depth=max_depth, crop=None)
-        if mask_HW.sum() < MIN_SCORED_PIXELS:
-            continue
-        depth_HW, _ = align_to_depth(
+        score = score_image(
             pred_BHW[b].detach().float().cpu().numpy(),
-            target_HW,
-            mask_HW,
+            batch["target"][b].detach().float().cpu().numpy(),
+            batch["valid"][b].detach().cpu().numpy(),
             alignment="none" if metric else "lsq_disparity",
             output_space=meta.output_space,
             min_depth=min_depth,
             max_depth=max_depth,
         )
-        metrics = depth_metrics(depth_HW, target_HW, mask_HW)
-        rows.append({"key": batch["key"][b], **{k: float(metrics[k]) for k in EVAL_METRICS}})
+        if score.metrics is not None:
+            rows.append({"key": batch["key"][b], **{k: float(score.metrics[k]) for k in EVAL_METRICS}})
     return rows
-
-
-def replace_config(config, **changes):
-    """`dataclasses.replace` for the frozen configs (recipes and tests tweak presets with it)."""
-    return dataclasses.replace(config, **changes)

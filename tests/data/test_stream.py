@@ -26,11 +26,10 @@ from depthkit.data.shards import (
 from depthkit.data.stream import (
     ShardStream,
     StreamState,
-    iter_raw_samples,
     make_loader,
     merge_stream_states,
-    ratio_batch_sizes,
 )
+from depthkit.data.tar_reader import iter_raw_samples
 from depthkit.data.transforms import SampleTransform, TransformConfig
 
 
@@ -397,7 +396,7 @@ def test_first_key_skips_folder_entries(tmp_path):
     """`tar -cf s.tar .` starts with the entry "./": the first sample is the first file's."""
     import io
 
-    from depthkit.data.stream import first_key
+    from depthkit.data.tar_reader import first_key
 
     with tarfile.open(tmp_path / "s.tar", "w") as tar:
         folder = tarfile.TarInfo("./")
@@ -416,13 +415,6 @@ def test_stream_arguments_that_would_mislead_are_refused(synth_shards):
         ShardStream(synth_shards, batch_size=2, rank=1)
     with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 2.5"):
         ShardStream(synth_shards, batch_size=2.5)
-
-
-def test_ratio_batch_sizes():
-    assert ratio_batch_sizes(12, (1, 2)) == (4, 8)
-    assert ratio_batch_sizes(3) == (1, 2)
-    with pytest.raises(ValueError, match="must be positive"):
-        ratio_batch_sizes(12, (1, 0))
 
 
 @pytest.fixture

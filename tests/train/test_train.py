@@ -806,9 +806,12 @@ def test_resuming_the_last_run_and_its_length(tiny_data, tmp_path, capsys):
     assert "is at step 2: trainer.max_steps 1 leaves nothing to train" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="its learning-rate schedule spans 2 steps, trainer.max_steps 3 makes it"):
         assert main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
-    newest = max(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    assert newest.parent.parent.name == "version_1"
-    assert torch.load(newest, map_location="cpu", weights_only=False)["global_step"] == 3
+    # The resumed run continues its folder: one metrics.csv, the checkpoints together, its first config kept.
+    (run,) = tmp_path.glob("lightning_logs/version_*")
+    assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
+    assert steps == [0, 1, 2], steps
+    assert (run / "config.yaml").is_file() and (run / "config.resume_1.yaml").is_file()
 
 
 def test_no_logger_drops_the_learning_rate_monitor(tiny_data, tmp_path):
