@@ -407,7 +407,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         from safetensors.torch import load_file
 
         return _unwrap(read_file(load_file, str(path)), str(path)), _safetensors_config(path)
-    obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True), path)
+    obj = load_torch_file(path)
     return _unwrap(obj, str(path)), training_config(obj) or _official_file_config(path)
 
 
@@ -418,7 +418,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
     if path.suffix == ".safetensors":
         return _safetensors_config(path)
     try:
-        obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True, mmap=True), path)
+        obj = load_torch_file(path, mmap=True)
     except ValueError:
         return None
     return training_config(obj) or _official_file_config(path)
@@ -430,7 +430,7 @@ def _weights_file(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        if (path / ".metadata").is_file():  # torch.distributed.checkpoint: FSDP2's `save_distributed_checkpoint`
+        if is_sharded_checkpoint(path):
             raise ValueError(
                 f"{path} is a sharded (distributed) checkpoint; make one file first: python -m "
                 f"torch.distributed.checkpoint.format_utils dcp_to_torch {path} {path.with_suffix('.pt')}"
@@ -491,6 +491,17 @@ def _official_file_config(path: Path) -> dict | None:
 
     name = model_for_checkpoint_file(path.name)
     return None if name is None else {"model": name, "model_overrides": {}, "named_by": "file name"}
+
+
+def load_torch_file(path, *, mmap: bool = False):
+    """`torch.load` of a checkpoint file on the CPU, tensors only (`weights_only`), through `read_file`'s one-line
+    errors; `mmap=True` leaves the tensors on disk (for reading its configuration)."""
+    return read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True, mmap=mmap), path)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether `path` is a folder of torch.distributed.checkpoint shards (FSDP2's `save_distributed_checkpoint`)."""
+    return path.is_dir() and (path / ".metadata").is_file()
 
 
 def read_file(load, path):

@@ -19,7 +19,6 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -34,9 +33,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from depthkit.models.checkpoint import (
     check_training_config,
     found_config_diffs,
+    is_sharded_checkpoint,
+    load_torch_file,
     locate_weights,
     read_checkpoint_config,
-    read_file,
     training_config,
 )
 from depthkit.models.registry import model_config
@@ -331,13 +331,13 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
     state = path
     if path.is_dir():  # a sharded checkpoint: torch.distributed.checkpoint's shards, and the rest in meta.pt
         state = path / SHARDED_META
-        if not (path / ".metadata").is_file() or not state.is_file():
+        if not is_sharded_checkpoint(path) or not state.is_file():
             raise ValueError(
                 f"--ckpt_path {path} is a folder, not a checkpoint (nor a sharded one: no .metadata and {SHARDED_META})"
             )
     if not zipfile.is_zipfile(state):  # torch.save has written zip files since torch 1.6
         raise ValueError(f"--ckpt_path {state} is not a checkpoint (not a torch zip file)")
-    obj = read_file(lambda p: torch.load(p, map_location="cpu", weights_only=True, mmap=True), state)
+    obj = load_torch_file(state, mmap=True)
     if not isinstance(obj, dict) or "pytorch-lightning_version" not in obj:
         raise ValueError(
             f"--ckpt_path {path} is not a `depthkit fit` checkpoint (no training state); to start a run from its "
