@@ -201,6 +201,13 @@ def _missing(what: str, where: Path, layout: str) -> FileNotFoundError:
     return FileNotFoundError(f"{what} not found under {where}. Expected layout:\n{layout}")
 
 
+def _require_files(dataset: str, layout: str, *paths: Path) -> None:
+    """Raise `_missing` for the first of `paths` that is no file ("<dataset> file <name>", with the layout)."""
+    for path in paths:
+        if not path.is_file():
+            raise _missing(f"{dataset} file {path.name}", path.parent, layout)
+
+
 def _depth_sample(key: str, rgb_path: Path, target_HW: np.ndarray, valid_HW: np.ndarray, meta: dict) -> dict:
     image_HW3 = load_image(rgb_path)
     if target_HW.shape != image_HW3.shape[:2]:
@@ -277,9 +284,7 @@ def read_nyu(root: Path, *, split_file: Path | None = None) -> list[EvalItem]:
     items = []
     for rgb_rel, depth_rel in pairs:
         rgb_path, depth_path = test_dir / rgb_rel, test_dir / depth_rel
-        for path in (rgb_path, depth_path):
-            if not path.is_file():
-                raise _missing(f"NYUv2 file {path.name}", path.parent, NYU_LAYOUT)
+        _require_files("NYUv2", NYU_LAYOUT, rgb_path, depth_path)
         key = sample_key(rgb_rel)
         load = partial(_load_nyu, key, rgb_path, depth_path)
         items.append(EvalItem(key=key, name=_stem(rgb_rel), rgb_path=rgb_path, load=load))
@@ -371,9 +376,7 @@ def read_diode(root: Path, *, subset: str = "all", split_file: Path | None = Non
         rgb_path = val_dir / rel
         depth_path = rgb_path.with_name(rgb_path.stem + "_depth.npy")
         mask_path = rgb_path.with_name(rgb_path.stem + "_depth_mask.npy")
-        for path in (rgb_path, depth_path, mask_path):
-            if not path.is_file():
-                raise _missing(f"DIODE file {path.name}", path.parent, DIODE_LAYOUT)
+        _require_files("DIODE", DIODE_LAYOUT, rgb_path, depth_path, mask_path)
         key, group = sample_key(rel), rel.split("/")[0]
         load = partial(_load_diode, key, rgb_path, depth_path, mask_path, group)
         items.append(EvalItem(key=key, name=_stem(rel), rgb_path=rgb_path, group=group, load=load))
@@ -431,9 +434,7 @@ def read_eth3d(root: Path, *, split_file: Path | None = None) -> list[EvalItem]:
         raise _missing("ETH3D DSLR images (<scene>/images/dslr_images/*)", root, ETH3D_LAYOUT)
     items = []
     for rgb_path, depth_path in pairs:
-        for path in (rgb_path, depth_path):
-            if not path.is_file():
-                raise _missing(f"ETH3D file {path.name}", path.parent, ETH3D_LAYOUT)
+        _require_files("ETH3D", ETH3D_LAYOUT, rgb_path, depth_path)
         scene = rgb_path.parts[-4]
         key = sample_key(f"{scene}/{rgb_path.name}")
         load = partial(_load_eth3d, key, rgb_path, depth_path, scene)
@@ -494,9 +495,7 @@ def read_sintel(root: Path, *, image_pass: str = "final", split_file: Path | Non
     for rel in rels:
         rgb_path = image_dir / rel
         depth_path = (depth_dir / rel).with_suffix(".dpt")
-        for path in (rgb_path, depth_path):
-            if not path.is_file():
-                raise _missing(f"Sintel file {path.name}", path.parent, SINTEL_LAYOUT)
+        _require_files("Sintel", SINTEL_LAYOUT, rgb_path, depth_path)
         scene = rgb_path.parent.name
         key = sample_key(rel)
         load = partial(_load_sintel, key, rgb_path, depth_path, scene)
