@@ -112,7 +112,7 @@ def main() -> None:
 
         def label_batch_loop():
             for size_hw, chunk in uint8_batches:
-                label_batch(model, chunk, size_hw, tta=args.tta, bf16=bf16)
+                label_batch(model, chunk, size_hw, tta=args.tta, bf16=bf16, size="network")  # as the job
             sync()
 
         def forward_loop():
@@ -126,7 +126,8 @@ def main() -> None:
         def warmup():
             first = torch.from_numpy(images[0].copy())
             size_hw = network_size(*images[0].shape[:2], args.resolution, 14)
-            label_batch(model, [first] * min(args.batch_size, len(images)), size_hw, tta=args.tta, bf16=bf16)
+            batch = [first] * min(args.batch_size, len(images))
+            label_batch(model, batch, size_hw, tta=args.tta, bf16=bf16, size="network")
             sync()
 
         warmup()

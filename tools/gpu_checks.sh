@@ -50,8 +50,6 @@ WHEELS=(
     braceexpand==0.1.7
     docstring-parser==0.18.0
     jsonargparse==4.53.0
-    kornia==0.9.0
-    kornia-rs==0.2.0
     pydantic==2.14.4
     pydantic-core==2.50.5
     simsimd==6.5.16
@@ -181,14 +179,14 @@ if [ "$DRY_RUN" -eq 0 ]; then
     "$PY" -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' \
         2>&1 | tee -a "$LOG"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
-    "$PY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|torchvision|triton|numpy|scipy|timm|lightning|pytorch-lightning|typing.extensions|opencv-python-headless|pyyaml|protobuf|setuptools|pydantic|pydantic.core|braceexpand|webdataset|albumentations|kornia|jsonargparse)==' |
+    "$PY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|torchvision|triton|numpy|scipy|timm|lightning|pytorch-lightning|typing.extensions|opencv-python-headless|pyyaml|protobuf|setuptools|pydantic|pydantic.core|braceexpand|webdataset|albumentations|jsonargparse)==' |
         tr '\n' ' ' | tee -a "$LOG"
     log ""
     # Smoke imports: what each step needs first, then the rest of depthkit's dependencies (informative only).
     "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib, time
 for name in ["depthkit_kernels", "depthkit.losses", "braceexpand", "depthkit.data.shards", "depthkit.pseudo_label.job",
-             "depthkit.train", "webdataset", "albumentations", "kornia", "jsonargparse", "lightning.pytorch.cli",
+             "depthkit.train", "webdataset", "albumentations", "jsonargparse", "lightning.pytorch.cli",
              "pydantic", "wandb"]:
     start = time.perf_counter()
     try:

@@ -9,8 +9,18 @@ box of a partner image of the batch. The mask and the partner index are returned
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+
+
+class CutMix(NamedTuple):
+    """A batch's CutMix draw: `mask_BHW` (bool, True where the pixel comes from the partner), `index_B` (long, the
+    partner; the sample itself where it is not mixed), and the boxes as `(sample, top, left, height, width)`."""
+
+    mask_BHW: torch.Tensor
+    index_B: torch.Tensor
+    boxes: list[tuple[int, int, int, int, int]]
 
 
 def cutmix_boxes(
@@ -22,7 +32,7 @@ def cutmix_boxes(
     area: tuple[float, float] = (0.02, 0.4),
     aspect: tuple[float, float] = (0.3, 1 / 0.3),
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> CutMix:
     """Draw CutMix boxes and partners.
 
     Args:
@@ -37,15 +47,15 @@ def cutmix_boxes(
         generator: Source of randomness.
 
     Returns:
-        `cutmix_mask_BHW` (bool, True where the pixel comes from the partner) and `cutmix_index_B` (long, the
-        partner; the sample itself where it is not mixed).
+        The mask, the partners and the boxes (`CutMix`).
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"cutmix p must be in [0, 1], got {p}")
     mask_BHW = torch.zeros(batch_size, height, width, dtype=torch.bool)
     index_B = torch.arange(batch_size)
+    boxes: list[tuple[int, int, int, int, int]] = []
     if batch_size < 2:
-        return mask_BHW, index_B
+        return CutMix(mask_BHW, index_B, boxes)
     order_B = torch.randperm(batch_size, generator=generator)
     partner_of_B = torch.empty_like(order_B)
     partner_of_B[order_B] = torch.roll(order_B, 1)  # a random cycle: nobody is their own partner
@@ -62,7 +72,20 @@ def cutmix_boxes(
         left = int(pos[1] * (width - box_w + 1))
         mask_BHW[b, top : top + box_h, left : left + box_w] = True
         index_B[b] = partner_of_B[b]
-    return mask_BHW, index_B
+        boxes.append((b, top, left, box_h, box_w))
+    return CutMix(mask_BHW, index_B, boxes)
+
+
+def paste_boxes(images_BCHW: torch.Tensor, cutmix: CutMix) -> torch.Tensor:
+    """`images_BCHW` mixed in place: each sample's box filled with the same box of its partner as it was before any
+    pasting (so `mix_like(images, mask, index)`, at the cost of the boxes' pixels, not the whole batch's)."""
+    patches = [
+        images_BCHW[int(cutmix.index_B[b]), :, top : top + h, left : left + w].clone()
+        for b, top, left, h, w in cutmix.boxes
+    ]
+    for (b, top, left, h, w), patch_CHW in zip(cutmix.boxes, patches, strict=True):
+        images_BCHW[b, :, top : top + h, left : left + w] = patch_CHW
+    return images_BCHW
 
 
 def mix_like(x: torch.Tensor, cutmix_mask_BHW: torch.Tensor, cutmix_index_B: torch.Tensor) -> torch.Tensor:

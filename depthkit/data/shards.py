@@ -8,7 +8,7 @@ is a group of members sharing a key (the part of the name before the first dot):
 | --- | --- | --- |
 | `KEY.jpg` / `KEY.png` / `KEY.webp` | labeled, unlabeled | 8-bit RGB image (source bytes kept when they are RGB) |
 | `KEY.target.png` | labeled, pseudo | uint16 PNG: `target = value * meta["target_scale"]`; 0 = invalid |
-| `KEY.target.npz` | labeled, pseudo | float32 array `target` (zlib-compressed, lossless; or float16); NaN = invalid |
+| `KEY.target.npz` | labeled, pseudo | float32 `target` (zlib, lossless; or float16), or its byte planes; NaN invalid |
 | `KEY.valid.png` | optional | 8-bit mask (0 invalid, 255 valid) when validity is not carried by the target |
 | `KEY.sky.png` | optional, labeled | 8-bit mask (255 sky): unlabeled sky pixels train as disparity 0 (farthest) |
 | `KEY.json` | all | metadata, see below |
@@ -19,7 +19,11 @@ or `npz`), `target_scale` (png16 only: the unit of one step, metres for metric d
 Pseudo-labels add `provenance` (teacher checkpoint hash, model name, resolution, TTA, depthkit version, time).
 
 A labeled sample's target is stored as png16 when that is exact (integer-coded sources such as mm PNGs), else as
-npz; see `encode_target`. Writers write `STEM.HOST-PID.tar.tmp` and rename, so a crash never leaves a half shard.
+npz; see `encode_target`. Pseudo-labels (a network's float32 output) are stored as byte planes in the npz: arrays
+`target_hi` (the two high bytes of each little-endian float32, as `2 x H x W` uint8, deflated) and `target_lo` (the
+two low bytes, stored: mantissa noise deflate cannot shrink), so `target = stack(lo0, lo1, hi0, hi1).view(float32)`;
+lossless, about 5x faster to write and 2.5x to read than the deflated float32 array, and 20% smaller. Writers write
+`STEM.HOST-PID.tar.tmp` and rename, so a crash never leaves a half shard.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import socket
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +112,7 @@ def encode_target(
     *,
     scale: float | None = None,
     half: bool = False,
+    planes: bool = False,
     compress_level: int = 6,
 ) -> tuple[str, bytes]:
     """Encode a target map; returns `(extension, bytes)`. Lossless unless `half`.
@@ -121,6 +127,8 @@ def encode_target(
         scale: The png16 step, when the map may be integer-coded.
         half: Store the npz array as float16 (rounded to 11 significant bits: relative error <= 2^-11 = 4.9e-4
             from 6.1e-5 to 65504, absolute <= 3e-8 below), or as float32 when a valid value exceeds 65504.
+        planes: Store the float32 npz array as byte planes (module docstring): for maps with noisy low mantissa bits
+            (network outputs); exact, integer-like maps deflate better whole.
         compress_level: zlib level of the PNG or npz, 0-9: 6 for archives; 1 writes float32 about 1.5x and PNG
             about 5x faster, a few percent bigger.
     """
@@ -139,8 +147,46 @@ def encode_target(
             return "target.png", buf.getvalue()
     stored_HW = np.where(valid_HW, target_HW, np.float32("nan"))
     if half and not np.any(np.abs(target_HW[valid_HW]) > np.finfo(np.float16).max):
-        stored_HW = stored_HW.astype(np.float16)
+        return "target.npz", npz_bytes(stored_HW.astype(np.float16), name="target", compress_level=compress_level)
+    if planes:
+        return "target.npz", _plane_npz_bytes(stored_HW, compress_level=compress_level)
     return "target.npz", npz_bytes(stored_HW, name="target", compress_level=compress_level)
+
+
+def _plane_npz_bytes(map_HW: np.ndarray, *, compress_level: int) -> bytes:
+    """An npz of a float32 map's byte planes (module docstring): `target_hi` deflated; `target_lo` stored unless a
+    sample of it deflates (flat regions repeat whole values: a rendered or upsampled map's low bytes may)."""
+    little_HW = np.ascontiguousarray(map_HW, dtype="<f4")  # the byte view needs C order
+    bytes_4HW = little_HW.view(np.uint8).reshape(*map_HW.shape, 4).transpose(2, 0, 1)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, planes_2HW in (("target_hi", bytes_4HW[2:]), ("target_lo", bytes_4HW[:2])):
+            array = io.BytesIO()
+            np.lib.format.write_array(array, np.ascontiguousarray(planes_2HW), allow_pickle=False)
+            data = array.getvalue()
+            deflate = name == "target_hi" or _deflates(data, compress_level)
+            compression = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+            archive.writestr(f"{name}.npy", data, compress_type=compression, compresslevel=compress_level)
+    return buf.getvalue()
+
+
+def _deflates(data: bytes, level: int, sample: int = 1 << 16) -> bool:
+    """Whether deflate shrinks `data` by over 10%, judged on 4 evenly spread pieces of `sample` bytes in all (on all
+    of it when it is no longer)."""
+    if len(data) <= sample:
+        probe = data
+    else:
+        step = len(data) // 4
+        probe = b"".join(data[i : i + sample // 4] for i in range(0, 4 * step, step))
+    return len(zlib.compress(probe, level)) < 0.9 * len(probe)
+
+
+def _plane_npz_map(npz) -> np.ndarray:
+    """The float32 map of a byte-plane npz (`_plane_npz_bytes`)."""
+    hi, lo = npz["target_hi"], npz["target_lo"]
+    if hi.dtype != np.uint8 or hi.shape != lo.shape or lo.dtype != np.uint8 or hi.ndim != 3 or len(hi) != 2:
+        raise ValueError(f"target_hi {hi.dtype}{hi.shape} and target_lo {lo.dtype}{lo.shape}: expected 2 x H x W uint8")
+    return np.stack((lo[0], lo[1], hi[0], hi[1]), axis=-1).view("<f4")[..., 0].astype(np.float32, copy=False)
 
 
 def npz_bytes(array: np.ndarray, *, name: str, compress_level: int = 6) -> bytes:
@@ -158,12 +204,14 @@ def encode_sample(
     image_format: str = "png",
     target_scale: float | None = None,
     target_half: bool = False,
+    target_planes: bool = False,
     target_compress_level: int = 6,
 ) -> dict[str, bytes]:
     """Encode a sample dict (`__key__`, `image`, optional `target`/`valid`, `meta`) to tar members.
 
     `sample["image_bytes"] = (ext, bytes)` passes an already encoded image through unchanged. `target_scale`,
-    `target_half` and `target_compress_level` are `encode_target`'s `scale`, `half` and `compress_level`.
+    `target_half`, `target_planes` and `target_compress_level` are `encode_target`'s `scale`, `half`, `planes` and
+    `compress_level`.
     """
     key = sample["__key__"]
     if "." in key or "/" in key:
@@ -197,7 +245,12 @@ def encode_sample(
         if not np.all(np.isfinite(target_HW[valid_HW])):
             raise ValueError(f"{key}: target has NaN/inf at pixels marked valid")
         ext, data = encode_target(
-            target_HW, valid_HW, scale=target_scale, half=target_half, compress_level=target_compress_level
+            target_HW,
+            valid_HW,
+            scale=target_scale,
+            half=target_half,
+            planes=target_planes,
+            compress_level=target_compress_level,
         )
         members[ext] = data
         if "sky" in sample:
@@ -310,9 +363,12 @@ def _decode_target(raw: dict, meta: dict, where: str, *, keep_steps: bool) -> di
             target_HW, valid_HW = png16_target(value, scale)
         elif "target.npz" in raw:
             with np.load(io.BytesIO(raw["target.npz"])) as npz:
-                if "target" not in npz.files:
-                    raise ShardFormatError(f"{where}: KEY.target.npz has no 'target' array")
-                target_HW = np.asarray(npz["target"], dtype=np.float32)
+                if "target" in npz.files:
+                    target_HW = np.asarray(npz["target"], dtype=np.float32)
+                elif {"target_hi", "target_lo"} <= set(npz.files):
+                    target_HW = _plane_npz_map(npz)
+                else:
+                    raise ShardFormatError(f"{where}: KEY.target.npz has no 'target' array (nor its byte planes)")
             if target_HW.ndim != 2:
                 raise ShardFormatError(f"{where}: target must be 2-D, got shape {target_HW.shape}")
             valid_HW = np.isfinite(target_HW)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from depthkit.data.cutmix import cutmix_boxes
+from depthkit.data.cutmix import cutmix_boxes, paste_boxes
 from depthkit.data.shards import (
     KINDS,
     ShardFormatError,
@@ -457,11 +458,11 @@ class ShardStream(IterableDataset):
         if label_raw is None:
             return sample
         label = decode_sample(label_raw, kind="pseudo")
-        if label["target"].shape != sample["image"].shape[:2]:
+        if not label_fits(label["target"].shape, sample["image"].shape[:2]):
             raise ShardFormatError(
                 f"shard {label['__url__']}, key {label['__key__']}: pseudo-label is "
                 f"{label['target'].shape[1]}x{label['target'].shape[0]}, image is "
-                f"{sample['image'].shape[1]}x{sample['image'].shape[0]}"
+                f"{sample['image'].shape[1]}x{sample['image'].shape[0]} (another aspect ratio: not this image's label)"
             )
         sample["target"], sample["valid"] = label["target"], label["valid"]
         sample["meta"] = {**sample["meta"], "pseudo": label["meta"]}
@@ -475,14 +476,26 @@ class ShardStream(IterableDataset):
             # stream draws the boxes the uninterrupted one would have.
             seed = np.random.SeedSequence([self.seed, self.epoch, workers[0], consumed, 0xC07]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
-            mask_BHW, index_B = cutmix_boxes(b, h, w, p=self.cutmix_p, generator=generator)
-            strong = batch["image_strong"]
-            batch["image_strong"] = torch.where(mask_BHW[:, None], strong[index_B], strong)
-            batch["cutmix_mask"], batch["cutmix_index"] = mask_BHW, index_B
+            cutmix = cutmix_boxes(b, h, w, p=self.cutmix_p, generator=generator)
+            paste_boxes(batch["image_strong"], cutmix)  # a batch of its own (collate's stack): mixed in place
+            batch["cutmix_mask"], batch["cutmix_index"] = cutmix.mask_BHW, cutmix.index_B
         batch["__worker__"], batch["__num_workers__"], batch["__total_workers__"] = workers
         batch["__consumed__"], batch["__skipped__"], batch["__epoch__"] = consumed, skipped, self.epoch
         batch["__bad_shards__"] = self._bad_shards
         return batch
+
+
+def label_fits(label_hw: tuple[int, int], image_hw: tuple[int, int], patch_size: int = 14) -> bool:
+    """Whether a pseudo-label of `label_hw` covers an image of `image_hw`: the same size, or the aspect ratio up to
+    the network's rounding of each side to the patch size (a label stored at the network's output size, which the
+    transform resizes with the image; `depthkit pseudo-label --label-size`)."""
+    if tuple(label_hw) == tuple(image_hw):
+        return True
+    (lh, lw), (h, w) = label_hw, image_hw
+    if min(lh, lw, h, w) < 1:
+        return False
+    # Rounding each side up to the patch size changes it by less than one patch.
+    return abs(math.log((lh / lw) / (h / w))) <= math.log1p(patch_size / lh) + math.log1p(patch_size / lw)
 
 
 def _paired(images: Iterator[dict], labels: Iterator[dict]) -> Iterator[dict]:

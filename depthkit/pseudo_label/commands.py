@@ -50,8 +50,15 @@ def register(subparsers) -> None:
         "--encoding",
         choices=("npz", "f16", "png16"),  # job.ENCODINGS (not imported: it pulls in torch)
         default="npz",
-        help="npz: float32, lossless (default); f16: float16 npz, ~3x smaller, ~3x faster to write; "
-        "png16: rounded to 1/65535 of each image's max",
+        help="npz: float32 byte planes, lossless (default); f16: float16 npz, ~2.4x smaller; "
+        "png16: rounded to 1/65535 of each image's max (see docs/pseudo_labeling.md)",
+    )
+    parser.add_argument(
+        "--label-size",
+        choices=("network", "image"),  # teacher.LABEL_SIZES
+        default="network",
+        help="network: images larger than the network input get labels at its output size, the prediction itself "
+        "(default; the student resizes labels with their images); image: every label at its image's size",
     )
     parser.add_argument(
         "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
@@ -99,6 +106,7 @@ def run_pseudo_label_command(args: argparse.Namespace) -> int:
         tta=args.tta,
         confidence=args.confidence,
         encoding=args.encoding,
+        label_size=args.label_size,
         precision=args.precision,
         device=args.device,
         num_workers=args.num_workers,

@@ -67,6 +67,7 @@ from depthkit.pseudo_label.index import (
     write_record,
 )
 from depthkit.pseudo_label.teacher import (
+    LABEL_SIZES,
     PRECISIONS,
     TTA_MODES,
     PendingLabels,
@@ -109,10 +110,14 @@ class PseudoLabelConfig:
     confidence: bool = False
     """Write `KEY.confidence.png` from the flip pass's disagreement (needs tta="hflip")."""
     encoding: str = "npz"
-    """"npz": float32, lossless (the default). "f16": the same npz with a float16 array (relative rounding
-    <= 2^-11, 8x finer than bf16 inference's own), about 3x smaller and 4x faster to write; float32 for an image
+    """"npz": float32 as byte planes, lossless (the default; `depthkit.data.shards`). "f16": an npz with a float16
+    array (relative rounding <= 2^-11, 8x finer than bf16 inference's own), about 2.4x smaller; float32 for an image
     with values beyond 65504. "png16": 16-bit PNG with a per-image scale, i.e. the prediction rounded to 1/65535
     of its maximum (zeros lifted to one step), decoded exactly as stored (see `quantize_png16`)."""
+    label_size: str = "network"
+    """"network": an image larger than the network input gets its label at the network's output size (the
+    prediction itself; the student's transform resizes it with the image), others at their own. "image": every
+    label at its image's size, as the official `infer_image` returns it (see `teacher.label_size`)."""
     precision: str = "auto"
     """"fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 on CPU)."""
     device: str = "auto"
@@ -142,6 +147,8 @@ class PseudoLabelConfig:
             raise ValueError(f"--encoding {self.encoding!r}; expected one of {', '.join(ENCODINGS)}")
         if self.confidence and self.tta != "hflip":
             raise ValueError("--confidence comes from the flip pass: add --tta hflip")
+        if self.label_size not in LABEL_SIZES:
+            raise ValueError(f"--label-size {self.label_size!r}; expected one of {', '.join(LABEL_SIZES)}")
         if self.precision not in (*PRECISIONS, "auto"):
             raise ValueError(f"--precision {self.precision!r}; expected auto, {', '.join(PRECISIONS)}")
         if self.device not in DEVICES:
@@ -224,7 +231,10 @@ def make_plan(config: PseudoLabelConfig) -> Plan:
             )
     index_path = out_dir / INDEX_NAME
     if index_path.is_file():
-        kind = folder_index(out_dir).get("kind")
+        index = folder_index(out_dir)
+        if not index:
+            raise ValueError(f"--output {out_dir}: its {INDEX_NAME} is unreadable or not a JSON object; is it one?")
+        kind = index.get("kind")
         if kind != "pseudo":
             raise ValueError(
                 f"--output {out_dir} holds {INDEX_NAME} of kind {kind!r}, not pseudo-labels; choose another folder"
@@ -250,6 +260,7 @@ def label_settings(config: PseudoLabelConfig, teacher: Teacher, device: torch.de
         confidence=config.confidence,
         precision=precision,
         encoding=config.encoding,
+        label_size=config.label_size,
     )
 
 
@@ -469,8 +480,12 @@ def encode_label(
     if encoding == "png16":
         pred_HW, scale = quantize_png16(pred_HW)
     sample = {"__key__": key, "target": pred_HW, "valid": np.isfinite(pred_HW), "meta": meta}
-    members = encode_sample(  # without a scale: npz, float32 (lossless) or float16
-        sample, target_scale=scale, target_half=encoding == "f16", target_compress_level=COMPRESS_LEVEL
+    members = encode_sample(  # without a scale: npz, float32 byte planes (lossless) or float16
+        sample,
+        target_scale=scale,
+        target_half=encoding == "f16",
+        target_planes=True,
+        target_compress_level=COMPRESS_LEVEL,
     )
     if conf_HW is not None:
         members[f"{key}.{CONFIDENCE_MEMBER}"] = encode_confidence(conf_HW)
@@ -777,6 +792,7 @@ class _Labeler:
             tta=self.config.tta,
             confidence=self.config.confidence,
             bf16=self.bf16,
+            size=self.config.label_size,
         )
         self._collect()
         self._in_flight = (work, bucket, pending)

@@ -5,7 +5,8 @@ own model name) plugs in there. `label_batch` runs the official Depth Anything p
 that share one network input size: uint8 images go to the device as they are, are scaled to [0, 1], resized with
 the models package's `resize_image` (bicubic, the official `image2tensor`), normalized with the model's metadata,
 run under `torch.inference_mode` (optionally in bf16 autocast, optionally with a horizontal-flip pass), and the
-predictions are resized back to each image's own size (bilinear, align_corners=True, as the official `infer_image`).
+predictions are resized back to each image's own size (bilinear, align_corners=True, as the official `infer_image`),
+or, with `size="network"`, kept at the network's output size for images larger than it (`label_size`).
 `launch_batch` does the same without waiting: on CUDA it queues the work and the copy to the host and returns a
 `PendingLabels`, so a caller (the job) launches the next batch before collecting this one.
 
@@ -16,7 +17,7 @@ flipped image, at the network resolution,
 
 so it is 1 where the two passes agree and falls towards 0 where they disagree by more than the image's typical
 deviation `s` (the scale the scale-and-shift-invariant loss divides by). It is unitless and invariant to the
-scale of the prediction, then resized to the image's size like the prediction.
+scale of the prediction, then resized like the prediction (to its label size, `label_size`).
 
 Shape legend: B batch, H/W an image's original size, h/w the network input size.
 """
@@ -111,6 +112,21 @@ def network_size(height: int, width: int, resolution: int, patch_size: int) -> t
     return official_resize_hw(height, width, resolution, patch_size)
 
 
+LABEL_SIZES = ("network", "image")
+
+
+def label_size(image_hw: tuple[int, int], network_hw: tuple[int, int], mode: str = "image") -> tuple[int, int]:
+    """The size a label is stored at. "image": the image's own (the official `infer_image` output). "network": the
+    network's output for an image larger than it (an SA-1B photo's 1500 x 2250 label is a bilinear upsample of a
+    518 x 770 prediction: 8x the pixels to encode, store and decode, no information more), else the image's own.
+    The student's transform resizes a label with its image either way."""
+    if mode not in LABEL_SIZES:
+        raise ValueError(f"label size {mode!r}; expected one of {', '.join(LABEL_SIZES)}")
+    if mode == "network" and image_hw[0] * image_hw[1] > network_hw[0] * network_hw[1]:
+        return tuple(network_hw)
+    return tuple(image_hw)
+
+
 class PendingLabels:
     """The predictions of one `launch_batch`, on their way to the host; `result()` waits for them.
 
@@ -127,7 +143,7 @@ class PendingLabels:
         return self._event is None or self._event.query()
 
     def result(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """One `(prediction_HW, confidence_HW or None)` pair of float32 numpy arrays per image, at its own size.
+        """One `(prediction_HW, confidence_HW or None)` pair of float32 numpy arrays per image, at its label size.
 
         The arrays are views of one host buffer per batch (one copy per batch, not one per image)."""
         if self._event is not None:
@@ -153,6 +169,7 @@ def launch_batch(
     tta: str = "none",
     confidence: bool = False,
     bf16: bool = False,
+    size: str = "image",
 ) -> PendingLabels:
     """Queue the prediction of a bucket of images that share one network input size; see `label_batch`.
 
@@ -186,12 +203,12 @@ def launch_batch(
             if confidence:
                 conf_Bhw = flip_confidence(pred_Bhw, flipped_Bhw)
             pred_Bhw = (pred_Bhw + flipped_Bhw) / 2
-    maps = []  # each image's prediction (and confidence) at its own size, still on the device
+    maps = []  # each image's prediction (and confidence) at its label size (`size`), still on the device
     for i, image_HW3 in enumerate(images):
-        original_hw = tuple(image_HW3.shape[:2])
-        maps.append(_resize_back(pred_Bhw[i], original_hw))
+        stored_hw = label_size(tuple(image_HW3.shape[:2]), size_hw, size)
+        maps.append(_resize_back(pred_Bhw[i], stored_hw))
         if conf_Bhw is not None:
-            maps.append(_resize_back(conf_Bhw[i], original_hw).clamp_(0, 1))
+            maps.append(_resize_back(conf_Bhw[i], stored_hw).clamp_(0, 1))
     flat = torch.cat([m.reshape(-1) for m in maps]).float()
     event = None
     if flat.is_cuda:
@@ -213,6 +230,7 @@ def label_batch(
     tta: str = "none",
     confidence: bool = False,
     bf16: bool = False,
+    size: str = "image",
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Predict a bucket of images that share one network input size.
 
@@ -223,11 +241,12 @@ def label_batch(
         tta: "none" or "hflip" (average with the un-flipped prediction of the flipped image).
         confidence: Also return the per-pixel confidence (needs tta="hflip"; see the module docstring).
         bf16: Run the model under bf16 autocast (predictions come back float32).
+        size: The labels' size (`label_size`): "image" (each image's own) or "network".
 
     Returns:
-        One `(prediction_HW, confidence_HW or None)` pair of float32 numpy arrays per image, at its own size.
+        One `(prediction_HW, confidence_HW or None)` pair of float32 numpy arrays per image, at its label size.
     """
-    return launch_batch(model, images, size_hw, tta=tta, confidence=confidence, bf16=bf16).result()
+    return launch_batch(model, images, size_hw, tta=tta, confidence=confidence, bf16=bf16, size=size).result()
 
 
 def flip_confidence(pred_Bhw: torch.Tensor, flipped_Bhw: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -238,5 +257,7 @@ def flip_confidence(pred_Bhw: torch.Tensor, flipped_Bhw: torch.Tensor, eps: floa
     return torch.exp(-(pred_Bhw - flipped_Bhw).abs() / scale_B11)
 
 
-def _resize_back(map_hw: torch.Tensor, original_hw: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(map_hw[None, None], size=original_hw, mode="bilinear", align_corners=True)[0, 0]
+def _resize_back(map_hw: torch.Tensor, stored_hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(map_hw.shape) == tuple(stored_hw):
+        return map_hw
+    return F.interpolate(map_hw[None, None], size=stored_hw, mode="bilinear", align_corners=True)[0, 0]

@@ -85,7 +85,7 @@ class DepthCLI(LightningCLI):
         resumed_run = check_resume(section.get("ckpt_path"), section.get("model"), max_steps)
         if subcommand == "fit" and resumed_run.record.wandb_run_id:
             _continue_wandb_run(section.get("trainer") or {}, resumed_run.record.wandb_run_id)
-        self._resumed_log_dir = resumed_run.record.log_dir if subcommand == "fit" else None
+        self._resumed_run = resumed_run if subcommand == "fit" else None
         given = section.get("model").clone() if section.get("model") is not None else None
         self._apply_run_arguments(subcommand, resumed_run.hyper_parameters)
         resumed = self.config[subcommand].get("model")
@@ -144,8 +144,9 @@ class DepthCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, ProgressBar()]
         if config.get("logger") in (None, True):  # Lightning's default (TensorBoard where installed), continued
             kwargs["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or os.getcwd())
-        if getattr(self, "_resumed_log_dir", None):
-            _continue_run_folder(kwargs.get("logger", config.get("logger")), self._resumed_log_dir)
+        resumed = getattr(self, "_resumed_run", None)
+        if resumed is not None and resumed.record.log_dir:
+            _continue_run_folder(kwargs.get("logger", config.get("logger")), resumed)
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:
@@ -174,12 +175,16 @@ def _continue_wandb_run(trainer_config, run_id: str) -> None:
             rank_zero_info(f"--ckpt_path: continuing W&B run {run_id}")
 
 
-def _continue_run_folder(loggers, log_dir: str) -> None:
+def _continue_run_folder(loggers, resumed: ResumedRun) -> None:
     """A resumed fit logs into the folder of its checkpoint's run (metrics.csv continued, checkpoints beside the
-    earlier ones), not into a new `version_N`, when a depthkit CSV logger of the configuration holds that folder."""
+    earlier ones), not into a new `version_N`, when a depthkit CSV logger of the configuration holds that folder and
+    the folder holds no newer checkpoint of the run (`CSVLogger.continue_run`)."""
+    log_dir = resumed.record.log_dir
     for logger in loggers if isinstance(loggers, list | tuple) else [loggers]:
-        if isinstance(logger, CSVLogger) and logger.continue_run(log_dir):
-            rank_zero_info(f"--ckpt_path: continuing the run folder {log_dir}")
+        if isinstance(logger, CSVLogger):
+            why_not = logger.continue_run(log_dir, run_id=resumed.record.run_id, step=resumed.step or 0)
+            rank_zero_info(f"--ckpt_path: {f'a new run folder: {why_not}' if why_not else f'continuing {log_dir}'}")
+            return
 
 
 def _wandb_defaults(trainer_config) -> None:
@@ -305,6 +310,7 @@ class ResumedRun(NamedTuple):
 
     record: RunRecord
     hyper_parameters: dict
+    step: int | None = None
 
 
 class RunComplete(Exception):
@@ -360,7 +366,7 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
                 f"trainer.max_steps {max_steps} makes it span {max_steps}: from step {step} on the learning rate "
                 "follows the new length (a resumed run equals the uninterrupted one only with the same max_steps)"
             )
-    return ResumedRun(record, dict(obj.get("hyper_parameters") or {}))
+    return ResumedRun(record, dict(obj.get("hyper_parameters") or {}), step)
 
 
 def _check_run_of(path: Path, obj: dict, record: RunRecord, module_config) -> None:

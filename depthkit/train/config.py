@@ -78,6 +78,8 @@ class RunRecord:
     """The W&B run the metrics went to: a resumed fit continues it."""
     log_dir: str | None = None
     """The CSV logger's run folder (absolute): a resumed fit logs on into it (`depthkit.train.CSVLogger`)."""
+    run_id: str | None = None
+    """The run's identity (random, kept across resumes): the run folder a resume continues must be this run's."""
 
     @classmethod
     def of(cls, checkpoint: dict) -> RunRecord:

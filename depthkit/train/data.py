@@ -256,7 +256,10 @@ class DepthDataModule(L.LightningDataModule):
             loaders["labeled"] = _loader(labeled, hp.num_workers, pin_memory=pin)
         if hp.unlabeled is None:
             return loaders["labeled"]
-        strong = TransformConfig(crop_size=hp.crop_size, strong=True, photometric=hp.strong_augment)
+        # Without photometric augmentation nor CutMix the student's input is the plain crop: no second copy of it
+        # (`image_strong`) to stack, pin and move; the student falls back on `image`.
+        perturbed = hp.strong_augment or hp.cutmix_p > 0
+        strong = TransformConfig(crop_size=hp.crop_size, strong=perturbed, photometric=hp.strong_augment)
         unlabeled = self._stream(
             "unlabeled",
             hp.unlabeled,

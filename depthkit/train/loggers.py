@@ -9,6 +9,7 @@ metrics of the steps the resume repeats are replaced, the rest kept.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from depthkit._files import replacing
+from depthkit._files import replacing, write_json_atomic
+
+RUN_MARK = "run.json"
+"""Beside a run's metrics: `{"run_id", "step"}` of the newest checkpoint saved from the run into this folder."""
 
 
 class ContinuedWriter(ExperimentWriter):
@@ -49,16 +53,23 @@ class CSVLogger(LightningCSVLogger):
     `depthkit fit`. Given a `version` whose folder holds a `metrics.csv`, it continues that file (see
     `ContinuedWriter`) instead of deleting it."""
 
-    def continue_run(self, log_dir: str | os.PathLike) -> bool:
-        """Log into `log_dir`, the folder of the run being resumed, when it is a version folder of this logger and
-        the logger has not picked a version yet (`version` not configured). Returns whether it will."""
+    def continue_run(self, log_dir: str | os.PathLike, *, run_id: str | None, step: int) -> str | None:
+        """Log into `log_dir`, the folder of the run being resumed from its checkpoint of `step`, when it is a version
+        folder of this logger (whose `version` is not configured), it holds that run (`RUN_MARK`: the same
+        `run_id`), and no newer checkpoint of it: a resume from an older one branches the run, and continuing the
+        folder would overwrite the later metrics and `last.ckpt`. Returns why not, or None when it will."""
         log_dir = Path(log_dir)
-        if self._version is not None or self._experiment is not None or not log_dir.is_dir():
-            return False
-        if log_dir.parent.resolve() != Path(self.root_dir).resolve():
-            return False
+        if self._version is not None or self._experiment is not None:
+            return "the CSV logger's version is configured"
+        if not log_dir.is_dir() or log_dir.parent.resolve() != Path(self.root_dir).resolve():
+            return f"{log_dir} is no run folder under {self.root_dir}"
+        mark = folder_mark(log_dir)
+        if run_id is None or mark.get("run_id") != run_id:
+            return f"{log_dir} holds another run"
+        if step < mark.get("step", 0):
+            return f"{log_dir} holds a newer checkpoint of the run (step {mark['step']}): this one branches it"
         self._version = log_dir.name
-        return True
+        return None
 
     @property
     @rank_zero_experiment
@@ -67,3 +78,17 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ContinuedWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def mark_run_folder(log_dir: str | os.PathLike, run_id: str, step: int) -> None:
+    """Record in a run folder which run saved its newest checkpoint, at which step (`CSVLogger.continue_run`)."""
+    write_json_atomic(Path(log_dir) / RUN_MARK, {"run_id": run_id, "step": int(step)})
+
+
+def folder_mark(log_dir: str | os.PathLike) -> dict:
+    """A run folder's `RUN_MARK` ({} without a readable one)."""
+    try:
+        mark = json.loads((Path(log_dir) / RUN_MARK).read_text())
+    except (OSError, ValueError):
+        return {}
+    return mark if isinstance(mark, dict) else {}

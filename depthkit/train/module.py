@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from depthkit.models import create_encoder, create_model, list_models, load_chec
 from depthkit.models.checkpoint import locate_weights
 from depthkit.spaces import AFFINE_DISPARITY, DISPARITY, METRIC_DEPTH
 from depthkit.train.config import LossWeights, OptimConfig, RunRecord
-from depthkit.train.loggers import CSVLogger
+from depthkit.train.loggers import CSVLogger, mark_run_folder
 
 # Checkpoints keep these typed configs in their hyperparameters. They are plain frozen dataclasses: allowlisted, so
 # that `torch.load(weights_only=True)` (torch's default, and how Lightning reads checkpoints unless told otherwise)
@@ -160,6 +161,7 @@ class DepthModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.run_id = uuid.uuid4().hex  # a resumed run takes its checkpoint's (`on_load_checkpoint`)
         # typed; self.hparams holds what the CLI saw. From Python, a dict of fields (or a loss preset's name) will do.
         self.loss_config, self.optim_config = typed(loss, DepthLossConfig, "loss"), typed(optim, OptimConfig, "optim")
         loss = self.loss_config
@@ -266,9 +268,18 @@ class DepthModule(L.LightningModule):
         wandb = next((str(lg.version) for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
         csv = next((str(Path(lg.log_dir).resolve()) for lg in loggers if isinstance(lg, CSVLogger)), None)
         record = RunRecord(
-            module=type(self).__name__, schedule_steps=self.schedule_steps, wandb_run_id=wandb, log_dir=csv
+            module=type(self).__name__,
+            schedule_steps=self.schedule_steps,
+            wandb_run_id=wandb,
+            log_dir=csv,
+            run_id=self.run_id,
         )
         checkpoint["depthkit"] = record.to_dict()
+        if csv is not None and self.trainer.is_global_zero:
+            mark_run_folder(csv, self.run_id, self.trainer.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.run_id = RunRecord.of(checkpoint).run_id or self.run_id  # a resume continues the run
 
     def log_terms(self, stage: str, out: dict, *, batch_size: int, prefix: str = "") -> None:
         """Log every scalar term of a loss dict as `<stage>/<prefix><term>`; the total also on the progress bar."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -99,6 +100,36 @@ def test_npz_target_at_any_zlib_level_is_plain_numpy_and_lossless(level):
     np.testing.assert_array_equal(sample["target"][valid], target[valid])
     if level == 1:
         assert len(blob) < 1.1 * len(encode_target(target, valid)[1])  # level 6: hardly smaller
+
+
+def test_byte_plane_npz_target_is_bit_exact_smaller_and_named_when_broken():
+    """A network-like map (smooth, noisy low mantissa bits, negative values, invalid pixels): the byte planes give back
+    every bit; the high bytes deflate, the low ones are stored; a Fortran-ordered map gives the same bytes."""
+    rng = np.random.default_rng(4)
+    y, x = np.mgrid[0:61, 0:83]
+    target = (np.sin(x / 9.0) + np.cos(y / 7.0) + rng.normal(0, 1e-3, x.shape)).astype(np.float32)
+    valid = rng.random(target.shape) > 0.1
+    ext, blob = encode_target(target, valid, planes=True, compress_level=1)
+    assert ext == "target.npz"
+    with np.load(io.BytesIO(blob)) as npz:
+        assert sorted(npz.files) == ["target_hi", "target_lo"] and npz["target_hi"].shape == (2, 61, 83)
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        kinds = {info.filename: info.compress_type for info in archive.infolist()}
+    assert kinds == {"target_hi.npy": zipfile.ZIP_DEFLATED, "target_lo.npy": zipfile.ZIP_STORED}
+    assert encode_target(np.asfortranarray(target), valid, planes=True, compress_level=1)[1] == blob
+    sample = _decode_npz_target(blob)
+    np.testing.assert_array_equal(sample["valid"], valid)
+    assert sample["target"].dtype == np.float32
+    assert np.array_equal(sample["target"].view(np.uint32)[valid], target.view(np.uint32)[valid])
+    assert len(blob) < len(encode_target(target, valid, compress_level=1)[1])
+    flat = np.round(target, 1)  # whole values repeat: the low bytes deflate too
+    assert len(encode_target(flat, valid, planes=True, compress_level=1)[1]) < len(blob) / 2
+    broken = io.BytesIO()
+    with zipfile.ZipFile(broken, "w") as archive, np.load(io.BytesIO(blob)) as npz:
+        with archive.open("target_hi.npy", "w") as member:
+            np.lib.format.write_array(member, npz["target_hi"])
+    with pytest.raises(ShardFormatError, match="KEY.target.npz has no 'target' array \\(nor its byte planes\\)"):
+        _decode_npz_target(broken.getvalue())
 
 
 def test_half_npz_target_rounds_to_float16_and_falls_back_to_float32_out_of_range():

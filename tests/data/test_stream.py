@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from depthkit.data.cutmix import cutmix_boxes, mix_like
+from depthkit.data.cutmix import cutmix_boxes, mix_like, paste_boxes
 from depthkit.data.shards import (
     ShardFormatError,
     ShardWriter,
@@ -245,13 +245,25 @@ def test_cutmix_without_the_photometric_augmentation(synth_shards):
 
 def test_cutmix_probability_zero_and_box_areas():
     gen = torch.Generator().manual_seed(0)
-    mask, index = cutmix_boxes(6, 50, 60, p=0.0, generator=gen)
-    assert not mask.any() and torch.equal(index, torch.arange(6))
-    mask, index = cutmix_boxes(200, 50, 60, p=0.5, generator=gen)
+    mask, index, boxes = cutmix_boxes(6, 50, 60, p=0.0, generator=gen)
+    assert not mask.any() and torch.equal(index, torch.arange(6)) and boxes == []
+    mask, index, _ = cutmix_boxes(200, 50, 60, p=0.5, generator=gen)
     mixed = mask.any(dim=(1, 2))
     assert 0.35 < mixed.float().mean() < 0.65
     areas = mask[mixed].float().mean(dim=(1, 2))
     assert areas.min() >= 0.01 and areas.max() <= 0.45
+
+
+def test_pasting_the_boxes_mixes_as_the_mask_says_with_overlapping_boxes():
+    """Every sample mixed (boxes overlap their partners' boxes): each box gets the partner's pixels as they were."""
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (5, 3, 40, 30), dtype=torch.uint8, generator=gen)
+    cutmix = cutmix_boxes(5, 40, 30, p=1.0, area=(0.3, 0.4), generator=gen)
+    assert len(cutmix.boxes) == 5
+    expected = mix_like(images, cutmix.mask_BHW, cutmix.index_B)
+    assert torch.equal(paste_boxes(images.clone(), cutmix), expected)
+    channels_last = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # as collate stacks HWC images
+    assert torch.equal(paste_boxes(channels_last, cutmix), expected)
 
 
 def _write_pseudo_labels(image_dir, label_dir, drop_key=None):

@@ -42,6 +42,7 @@ def _config(inputs, out, ckpt, **kw) -> PseudoLabelConfig:
         num_workers=0,
         device="cpu",
         progress=False,
+        label_size="image",  # labels comparable with single-image inference (`model.infer`) at the image's size
     )
     return PseudoLabelConfig(**{**base, **kw})
 
@@ -105,6 +106,67 @@ def test_labels_match_single_image_inference_with_provenance(mixed, teacher_ckpt
         assert batch["meta"][0]["pseudo"]["provenance"]["teacher_sha256"] == sha256
         torch.testing.assert_close(batch["target"][0].numpy(), expected[key], rtol=1e-5, atol=1e-6)
     assert seen == keys
+
+
+def test_labels_of_images_larger_than_the_network_stay_at_its_size_and_read_with_their_images(
+    mixed, teacher_ckpt, tmp_path
+):
+    """`label_size="network"` (the default) keeps the prediction itself for an image with more pixels than its network
+    input; upsampled as the official `infer_image` does, it is the `label_size="image"` label. The student reads it
+    with its image; a record from before the option counts as "image"."""
+    run_pseudo_label(_config(mixed, tmp_path / "image", teacher_ckpt, label_size="image"))
+    run_pseudo_label(_config(mixed, tmp_path / "network", teacher_ckpt, label_size="network"))
+    full = {
+        raw["__key__"]: decode_sample(raw, kind="pseudo")
+        for raws in _labels(tmp_path / "image").values()
+        for raw in raws
+    }
+    smaller = 0
+    for raw in (r for raws in _labels(tmp_path / "network").values() for r in raws):
+        target_hw = decode_sample(raw, kind="pseudo")["target"]
+        image_hw = full[raw["__key__"]]["target"].shape
+        network_hw = official_resize_hw(*image_hw, RESOLUTION, 14)
+        if image_hw[0] * image_hw[1] > network_hw[0] * network_hw[1]:
+            assert target_hw.shape == network_hw
+            smaller += 1
+            upsampled = torch.nn.functional.interpolate(
+                torch.from_numpy(target_hw)[None, None], size=image_hw, mode="bilinear", align_corners=True
+            )[0, 0]
+            torch.testing.assert_close(upsampled.numpy(), full[raw["__key__"]]["target"], rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(target_hw, full[raw["__key__"]]["target"])
+    assert smaller >= 2  # the fixture has images on both sides of their network size
+    from depthkit.data.transforms import SampleTransform, TransformConfig
+
+    crop = SampleTransform(TransformConfig(crop_size=28, random_crop=False, hflip=False))
+    batches = [
+        ShardStream(str(mixed), kind="pseudo", labels=str(tmp_path / folder), batch_size=7, transform=crop).__iter__()
+        for folder in ("network", "image")
+    ]
+    network, image = next(batches[0]), next(batches[1])
+    assert network["target"].shape == network["image"].shape[:1] + network["image"].shape[2:] == (7, 28, 28)
+    torch.testing.assert_close(network["target"], image["target"], rtol=0.05, atol=0.05)  # resampled apart
+    with pytest.raises(ValueError, match="label_size: 'network' -> 'image'"):
+        run_pseudo_label(_config(mixed, tmp_path / "network", teacher_ckpt, label_size="image"))
+    for record in (tmp_path / "image" / "records").glob("*.json"):  # as written before `label_size` existed
+        saved = json.loads(record.read_text())
+        del saved["settings"]["label_size"]
+        record.write_text(json.dumps(saved))
+    with pytest.raises(
+        ValueError,
+        match=r"label_size: 'image' -> 'network'.*rerun with the output's own settings \(--label-size image\)",
+    ):
+        run_pseudo_label(_config(mixed, tmp_path / "image", teacher_ckpt, label_size="network"))
+    assert run_pseudo_label(_config(mixed, tmp_path / "image", teacher_ckpt, label_size="image")).num_labeled == 0
+    assert read_index(tmp_path / "image")["teacher"]["label_size"] == "image"  # one teacher, not "mixed"
+
+
+def test_a_label_fits_its_image_up_to_the_patch_rounding_of_its_aspect_ratio():
+    from depthkit.data.stream import label_fits
+
+    assert label_fits((518, 770), (1500, 2250)) and label_fits((30, 40), (30, 40)) and label_fits((28, 42), (30, 40))
+    assert label_fits((518, 784), (520, 781))  # rounded up past the image's own width
+    assert not label_fits((770, 518), (1500, 2250)) and not label_fits((518, 518), (1500, 2250))
 
 
 def test_truncated_shard_and_early_batches(mixed, teacher_ckpt, tmp_path, monkeypatch):
@@ -510,6 +572,23 @@ def test_command_module_imports_no_torch():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_the_commands_choices_are_the_jobs():
+    """The command spells its choices out (importing the job would import torch): they must stay the job's."""
+    import argparse
+
+    from depthkit.pseudo_label.commands import register
+    from depthkit.pseudo_label.job import DEVICES, ENCODINGS
+    from depthkit.pseudo_label.teacher import LABEL_SIZES, PRECISIONS, TTA_MODES
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    (command,) = parser._subparsers._group_actions[0].choices.values()
+    choices = {action.dest: tuple(action.choices) for action in command._actions if action.choices}
+    assert choices["encoding"] == ENCODINGS and choices["label_size"] == LABEL_SIZES
+    assert choices["device"] == DEVICES and choices["tta"] == TTA_MODES
+    assert set(choices["precision"]) == {"auto", *PRECISIONS}
+
+
 def test_labeling_nothing_at_all_is_an_error(unlabeled, teacher_ckpt, tmp_path, capsys):
     """Label shards given as input: every sample fails (no image); a run that labels nothing must not exit 0."""
     labels_only = tmp_path / "labels_only"
@@ -581,3 +660,29 @@ def test_each_writer_has_its_own_temporary_shard_and_leftovers_are_removed(unlab
     run_pseudo_label(_config(unlabeled, out, teacher_ckpt))
     assert not any(path.exists() for path in leftovers) and not list(out.glob("*.tmp"))
     assert read_index(out)["complete"]
+
+
+def test_a_large_jobs_index_is_one_line_and_reads_the_same(tmp_path, monkeypatch):
+    from depthkit.pseudo_label.index import IndexWriter, read_index, write_record
+
+    for i in range(3):
+        (tmp_path / f"s{i}.tar").write_bytes(b"")
+        write_record(tmp_path, {"shard": f"s{i}.tar", "num_samples": i + 1, "failed": [], "settings": {"tta": "none"}})
+    indented = IndexWriter(tmp_path, [f"s{i}.tar" for i in range(4)]).refresh(force=True)
+    assert len((tmp_path / "index.json").read_text().splitlines()) > 3
+    monkeypatch.setattr(IndexWriter, "INDENTED_UP_TO", 2)
+    one_line = IndexWriter(tmp_path, [f"s{i}.tar" for i in range(4)]).refresh(force=True)
+    assert len((tmp_path / "index.json").read_text().splitlines()) == 1
+    assert read_index(tmp_path) == one_line and {**one_line, "updated": None} == {**indented, "updated": None}
+    assert one_line["pending"] == ["s3.tar"] and one_line["num_samples"] == 6
+
+
+def test_an_output_folder_of_other_data_is_refused_naming_its_index(unlabeled, teacher_ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.json").write_text('{"kind": "labeled", "shards": {}}')
+    with pytest.raises(ValueError, match="holds index.json of kind 'labeled', not pseudo-labels"):
+        run_pseudo_label(_config(unlabeled, out, teacher_ckpt))
+    (out / "index.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="its index.json is unreadable or not a JSON object"):
+        run_pseudo_label(_config(unlabeled, out, teacher_ckpt))

@@ -21,3 +21,13 @@ def test_quick_pseudo_label_benchmark_writes_its_ratios(tmp_path):
     assert float(rows["job_vs_pure_forward_ratio_npz"]["target"]) == 0.8
     assert 0 < float(rows["job_vs_pure_forward_ratio_npz"]["value"]) < 10
     assert "model test_dav2, device cpu" in rows["pure_forward_images_per_s"]["setup"]
+
+
+def test_label_encoding_benchmark_compares_every_encoding_exactly_where_lossless():
+    script = SCRIPT.with_name("label_encoding.py")
+    args = [sys.executable, str(script), "--height", "70", "--width", "90", "--repeat", "1"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:-1]}
+    assert set(rows) == {"npz-whole", "npz", "f16", "png16"}
+    assert float(rows["npz"][-1]) == 0 and float(rows["npz-whole"][-1]) == 0  # lossless
+    assert "npz (byte planes) vs npz-whole" in out.splitlines()[-1]

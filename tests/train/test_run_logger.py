@@ -3,6 +3,7 @@
 import csv
 
 from depthkit.train import CSVLogger
+from depthkit.train.loggers import mark_run_folder
 
 
 def _rows(path):
@@ -15,9 +16,10 @@ def test_a_continued_run_keeps_the_earlier_rows_and_replaces_the_repeated_steps(
     for step in range(6):
         first.log_metrics({"train/loss": float(step)}, step=step)
     first.save()
+    mark_run_folder(first.log_dir, "run-a", 3)  # its newest checkpoint: step 3 (the process died at step 5)
     # Resumed from the checkpoint of step 3: steps 3-5 are trained (and logged) again, with a new metric.
     resumed = CSVLogger(tmp_path)
-    assert resumed.continue_run(first.log_dir)
+    assert resumed.continue_run(first.log_dir, run_id="run-a", step=3) is None
     resumed.log_metrics({"train/loss": 30.0, "val/abs_rel": 0.5}, step=3)
     resumed.save()
     resumed.log_metrics({"train/loss": 40.0}, step=4)
@@ -28,14 +30,24 @@ def test_a_continued_run_keeps_the_earlier_rows_and_replaces_the_repeated_steps(
     assert not (tmp_path / "lightning_logs/version_1").exists()
 
 
-def test_only_a_version_folder_of_the_same_logger_is_continued(tmp_path):
+def test_only_the_runs_own_folder_without_a_newer_checkpoint_is_continued(tmp_path):
     first = CSVLogger(tmp_path / "a")
     first.log_metrics({"train/loss": 1.0}, step=0)
     first.save()
-    elsewhere = CSVLogger(tmp_path / "b")  # a checkpoint copied into another run root starts a new run there
-    assert not elsewhere.continue_run(first.log_dir)
-    assert not CSVLogger(tmp_path / "a", version="mine").continue_run(first.log_dir)  # a configured version wins
-    assert not CSVLogger(tmp_path / "a").continue_run(tmp_path / "a/lightning_logs/version_7")  # gone
+    mark_run_folder(first.log_dir, "run-a", 20)
+
+    def why_not(logger=None, **kw):
+        return (logger or CSVLogger(tmp_path / "a")).continue_run(
+            **{"log_dir": first.log_dir, "run_id": "run-a", "step": 20, **kw}
+        )
+
+    assert "no run folder under" in why_not(CSVLogger(tmp_path / "b"))  # a checkpoint copied into another root
+    assert "version is configured" in why_not(CSVLogger(tmp_path / "a", version="mine"))
+    assert "no run folder under" in why_not(log_dir=tmp_path / "a/lightning_logs/version_7")  # gone
+    assert "holds another run" in why_not(run_id="run-b")  # the folder was reused by another run
+    assert "holds another run" in why_not(run_id=None)  # a checkpoint without a run id
+    assert "step 20): this one branches it" in why_not(step=10)  # an older checkpoint: a branch
+    assert why_not(step=25) is None
     fresh = CSVLogger(tmp_path / "a")
     fresh.log_metrics({"train/loss": 2.0}, step=0)
     fresh.save()
@@ -46,8 +58,8 @@ def test_only_a_version_folder_of_the_same_logger_is_continued(tmp_path):
 def test_the_run_record_reads_what_it_wrote_and_ignores_other_fields():
     from depthkit.train.config import RunRecord
 
-    record = RunRecord(module="StudentModule", schedule_steps=10, log_dir="/runs/a/version_0")
+    record = RunRecord(module="StudentModule", schedule_steps=10, log_dir="/runs/a/version_0", run_id="r")
     saved = record.to_dict()
-    assert saved == {"module": "StudentModule", "schedule_steps": 10, "log_dir": "/runs/a/version_0"}
+    assert saved == {"module": "StudentModule", "schedule_steps": 10, "log_dir": "/runs/a/version_0", "run_id": "r"}
     assert RunRecord.of({"depthkit": {**saved, "from_a_later_version": 1}}) == record
     assert RunRecord.of({}) == RunRecord()  # a Lightning checkpoint of another tool
