@@ -70,6 +70,11 @@ IMG_FIELDS = 8
 #   least squares: 0 n, 1 mean_p, 2 mean_d, 3 n*var_p, 4 scale, 5 shift, 6 singular (0/1)
 #   median/MAD:    0 n, 1 median_p, 2 median_d, 3 S_p unfloored (0/1), 4 S_p, 5 S_d, 6 sum sgn(p - m_p), 7 n_tied
 AUX_FIELDS = 4  # per image: 0 num_keep, 1 G = sum w g, 2 Z = sum w g z, 3 tie fraction at the trim threshold
+# Per-chunk partial sums (`part`, fp32), one width per pass; compile-time constants, so kernels index them as literals.
+LSQ_PARTS = tl.constexpr(5)  # least-squares stats: n, mean_p, mean_d, centered sum p^2, centered sum p d
+MAD_PARTS = tl.constexpr(4)  # median/MAD: sum |p - m_p|, sum |d - m_d|, sum sgn(p - m_p), #(p == m_p)
+LOSS_PARTS = tl.constexpr(3)  # first loss pass: sum loss, G = sum g, Z = sum g z
+TRIM_PARTS = tl.constexpr(7)  # trimmed loss pass: below (loss, count), tied count, below (G, Z), tied (G, Z)
 
 
 def _reduce_block(C):
@@ -121,7 +126,7 @@ def _lsq_stats_kernel(pred_ptr, target_ptr, valid_ptr, part_ptr, HW, C, BLOCK: t
     mean_d = tl.sum(d, axis=0) / n_safe
     pc = tl.where(v, p - mean_p, 0.0)
     dc = tl.where(v, d - mean_d, 0.0)
-    out = part_ptr + (b * C + c) * 5
+    out = part_ptr + (b * C + c) * LSQ_PARTS
     tl.store(out + 0, n)
     tl.store(out + 1, mean_p)
     tl.store(out + 2, mean_d)
@@ -135,7 +140,7 @@ def _lsq_fields(part_ptr, b, C, rel_eps, BLOCK_C: tl.constexpr):
     (parallel-variance formula), then the 2x2 system solved. Every program of the first loss pass computes them."""
     cs = tl.arange(0, BLOCK_C)
     m = cs < C
-    src = part_ptr + (b * C + cs) * 5
+    src = part_ptr + (b * C + cs) * LSQ_PARTS
     n_c = tl.load(src + 0, mask=m, other=0.0)
     mp_c = tl.load(src + 1, mask=m, other=0.0)
     md_c = tl.load(src + 2, mask=m, other=0.0)
@@ -161,7 +166,7 @@ def _median_mad_kernel(pred_ptr, target_ptr, valid_ptr, median_ptr, part_ptr, HW
     med_p = tl.load(median_ptr + b)
     med_d = tl.load(median_ptr + num_images + b)
     dp = p - med_p
-    out = part_ptr + (b * C + c) * 4
+    out = part_ptr + (b * C + c) * MAD_PARTS
     tl.store(out + 0, tl.sum(tl.where(v, tl.abs(dp), 0.0), axis=0))
     tl.store(out + 1, tl.sum(tl.where(v, tl.abs(d - med_d), 0.0), axis=0))
     tl.store(out + 2, tl.sum(tl.where(v, sign(dp), 0.0), axis=0))
@@ -174,7 +179,7 @@ def _median_fields(part_ptr, median_ptr, num_valid_ptr, b, C, num_images, eps, B
     (floored at eps) and what the backward needs. Every program of the first loss pass computes them."""
     cs = tl.arange(0, BLOCK_C)
     m = cs < C
-    src = part_ptr + (b * C + cs) * 4
+    src = part_ptr + (b * C + cs) * MAD_PARTS
     abs_p = tl.sum(tl.load(src + 0, mask=m, other=0.0), axis=0)
     abs_d = tl.sum(tl.load(src + 1, mask=m, other=0.0), axis=0)
     sum_sgn = tl.sum(tl.load(src + 2, mask=m, other=0.0), axis=0)
@@ -250,7 +255,7 @@ def _ssi_pixel_kernel(
     if WRITE_MAP:
         tl.store(lossmap_ptr + base + offs, loss, mask=inb)
     else:
-        out = part_ptr + (b * C + c) * 3
+        out = part_ptr + (b * C + c) * LOSS_PARTS
         tl.store(out + 0, tl.sum(loss, axis=0))
         tl.store(out + 1, tl.sum(tl.where(v, g, 0.0), axis=0))
         tl.store(out + 2, tl.sum(tl.where(v, g * z, 0.0), axis=0))
@@ -284,7 +289,7 @@ def _ssi_trimmed_kernel(
     # broken label shows in its image's loss, as in the reference.
     below = v & ((loss < threshold) | (loss != loss))
     tied = v & (loss == threshold)
-    out = part_ptr + (b * C + c) * 7
+    out = part_ptr + (b * C + c) * TRIM_PARTS
     tl.store(out + 0, tl.sum(tl.where(below, loss, 0.0), axis=0))
     tl.store(out + 1, tl.sum(below.to(tl.float32), axis=0))
     tl.store(out + 2, tl.sum(tied.to(tl.float32), axis=0))
@@ -314,7 +319,7 @@ def _ssi_finalize_kernel(
     m = cs < C
     n = tl.load(img_ptr + b * IMG_FIELDS)
     if TRIMMED:
-        src = part_ptr + (b * C + cs) * 7
+        src = part_ptr + (b * C + cs) * TRIM_PARTS
         sum_below = tl.sum(tl.load(src + 0, mask=m, other=0.0), axis=0)
         num_below = tl.sum(tl.load(src + 1, mask=m, other=0.0), axis=0)
         num_tied = tl.sum(tl.load(src + 2, mask=m, other=0.0), axis=0)
@@ -328,7 +333,7 @@ def _ssi_finalize_kernel(
         big_g = g_below + frac * g_tied
         big_z = z_below + frac * z_tied
     else:
-        src = part_ptr + (b * C + cs) * 3
+        src = part_ptr + (b * C + cs) * LOSS_PARTS
         total = tl.sum(tl.load(src + 0, mask=m, other=0.0), axis=0)
         big_g = tl.sum(tl.load(src + 1, mask=m, other=0.0), axis=0)
         big_z = tl.sum(tl.load(src + 2, mask=m, other=0.0), axis=0)
@@ -447,10 +452,10 @@ def _loss_passes(p_BM, d_BM, v_BM, al: _Alignment, *, l1: bool, trim: float):
     trimmed = trim > 0
     if trimmed:
         lossmap_BM = torch.empty((num_images, hw), dtype=torch.float32, device=device)
-        part = torch.empty((num_images, num_chunks, 7), dtype=torch.float32, device=device)
+        part = torch.empty((num_images, num_chunks, TRIM_PARTS), dtype=torch.float32, device=device)
     else:
         lossmap_BM = None
-        part = torch.empty((num_images, num_chunks, 3), dtype=torch.float32, device=device)
+        part = torch.empty((num_images, num_chunks, LOSS_PARTS), dtype=torch.float32, device=device)
     resolve(_ssi_pixel_kernel)[grid](
         p_BM, d_BM, v_BM, al.stats, al.medians, al.num_valid, al.img, al.out_a, al.out_b, part,
         lossmap_BM if trimmed else part, hw, num_chunks, num_images, al.param,
@@ -501,7 +506,7 @@ class SSILsqFunction(torch.autograd.Function):
         num_images, hw = p_BM.shape
         num_chunks = triton.cdiv(hw, BLOCK)
         device = p_BM.device
-        part = torch.empty((num_images, num_chunks, 5), dtype=torch.float32, device=device)
+        part = torch.empty((num_images, num_chunks, LSQ_PARTS), dtype=torch.float32, device=device)
         resolve(_lsq_stats_kernel)[(num_images, num_chunks)](
             p_BM, d_BM, v_BM, part, hw, num_chunks, BLOCK=BLOCK, num_warps=8
         )
@@ -535,7 +540,7 @@ class SSIMedianFunction(torch.autograd.Function):
         num_chunks = triton.cdiv(hw, BLOCK)
         device = p_BM.device
         medians_R, num_valid_B = radix_select([p_BM, d_BM], v_BM, mode=MODE_MEDIAN)
-        part = torch.empty((num_images, num_chunks, 4), dtype=torch.float32, device=device)
+        part = torch.empty((num_images, num_chunks, MAD_PARTS), dtype=torch.float32, device=device)
         resolve(_median_mad_kernel)[(num_images, num_chunks)](
             p_BM, d_BM, v_BM, medians_R, part, hw, num_chunks, num_images, BLOCK=BLOCK, num_warps=8
         )
