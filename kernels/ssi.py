@@ -431,7 +431,7 @@ class _Alignment(NamedTuple):
     """What the first loss pass needs to align an image and where it stores the alignment (see `_ssi_pixel_kernel`)."""
 
     align: int
-    stats: torch.Tensor  # B x C x (5 | 4) chunk partials of the stats / MAD pass
+    stats: torch.Tensor  # B x C x (LSQ_PARTS | MAD_PARTS) chunk partials of the stats / MAD pass
     medians: torch.Tensor  # 2B medians (median/MAD), any fp32 tensor (least squares)
     num_valid: torch.Tensor  # B int32: written (least squares) or read (median/MAD)
     img: torch.Tensor  # B x IMG_FIELDS, written
@@ -476,6 +476,16 @@ def _loss_passes(p_BM, d_BM, v_BM, al: _Alignment, *, l1: bool, trim: float):
     return loss_B, aux_BA, lossmap_BM, threshold_B
 
 
+def _aligned_loss(ctx, p_BM, d_BM, v_BM, al: _Alignment, *, metric: str, trim: float, shape) -> torch.Tensor:
+    """Both ops' forward after their statistics: the loss passes, and what `_backward` needs kept in `ctx`."""
+    l1 = metric == "l1"
+    loss_B, aux_BA, lossmap_BM, threshold_B = _loss_passes(p_BM, d_BM, v_BM, al, l1=l1, trim=trim)
+    ctx.save_for_backward(p_BM, d_BM, v_BM, al.img, aux_BA, lossmap_BM, threshold_B)
+    ctx.align, ctx.l1, ctx.trim, ctx.shape = al.align, l1, trim, shape
+    ctx.set_materialize_grads(False)
+    return loss_B
+
+
 def _backward(ctx, grad_loss_B, grad_a_B, grad_b_B):
     p_BM, d_BM, v_BM, img_BF, aux_BA, lossmap_BM, threshold_B = ctx.saved_tensors
     num_images, hw = p_BM.shape
@@ -515,12 +525,8 @@ class SSILsqFunction(torch.autograd.Function):
         shift_B = torch.empty(num_images, dtype=torch.float32, device=device)
         num_valid_B = torch.empty(num_images, dtype=torch.int32, device=device)
         alignment = _Alignment(ALIGN_LSQ, part, img_BF, num_valid_B, img_BF, scale_B, shift_B, reference.LSQ_REL_EPS)
-        l1 = metric == "l1"
-        loss_B, aux_BA, lossmap_BM, threshold_B = _loss_passes(p_BM, d_BM, v_BM, alignment, l1=l1, trim=trim)
-        ctx.save_for_backward(p_BM, d_BM, v_BM, img_BF, aux_BA, lossmap_BM, threshold_B)
-        ctx.align, ctx.l1, ctx.trim, ctx.shape = ALIGN_LSQ, l1, trim, pred_BHW.shape
+        loss_B = _aligned_loss(ctx, p_BM, d_BM, v_BM, alignment, metric=metric, trim=trim, shape=pred_BHW.shape)
         ctx.mark_non_differentiable(num_valid_B)
-        ctx.set_materialize_grads(False)
         return loss_B, scale_B, shift_B, num_valid_B
 
     @staticmethod
@@ -548,13 +554,9 @@ class SSIMedianFunction(torch.autograd.Function):
         pred_scale_B = torch.empty(num_images, dtype=torch.float32, device=device)
         target_scale_B = torch.empty(num_images, dtype=torch.float32, device=device)
         alignment = _Alignment(ALIGN_MEDIAN, part, medians_R, num_valid_B, img_BF, pred_scale_B, target_scale_B, eps)
-        l1 = metric == "l1"
-        loss_B, aux_BA, lossmap_BM, threshold_B = _loss_passes(p_BM, d_BM, v_BM, alignment, l1=l1, trim=trim)
-        ctx.save_for_backward(p_BM, d_BM, v_BM, img_BF, aux_BA, lossmap_BM, threshold_B)
-        ctx.align, ctx.l1, ctx.trim, ctx.shape = ALIGN_MEDIAN, l1, trim, pred_BHW.shape
+        loss_B = _aligned_loss(ctx, p_BM, d_BM, v_BM, alignment, metric=metric, trim=trim, shape=pred_BHW.shape)
         pred_median_B, target_median_B = medians_R[:num_images], medians_R[num_images:]
         ctx.mark_non_differentiable(target_scale_B, pred_median_B, target_median_B, num_valid_B)
-        ctx.set_materialize_grads(False)
         return loss_B, pred_scale_B, target_scale_B, pred_median_B, target_median_B, num_valid_B
 
     @staticmethod
