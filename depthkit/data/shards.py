@@ -146,11 +146,20 @@ def encode_target(
             Image.fromarray(value).save(buf, format="PNG", compress_level=compress_level)
             return "target.png", buf.getvalue()
     stored_HW = np.where(valid_HW, target_HW, np.float32("nan"))
-    if half and not np.any(np.abs(target_HW[valid_HW]) > np.finfo(np.float16).max):
-        return "target.npz", npz_bytes(stored_HW.astype(np.float16), name="target", compress_level=compress_level)
+    limit = np.finfo(np.float16).max  # NaN (invalid) compares False: only valid values count
+    if half and not ((stored_HW > limit).any() or (stored_HW < -limit).any()):
+        return "target.npz", npz_bytes(_float16(stored_HW), name="target", compress_level=compress_level)
     if planes:
         return "target.npz", _plane_npz_bytes(stored_HW, compress_level=compress_level)
     return "target.npz", npz_bytes(stored_HW, name="target", compress_level=compress_level)
+
+
+def _float16(map_HW: np.ndarray) -> np.ndarray:
+    """`map_HW.astype(float16)`, bit for bit (round to nearest even, subnormals, NaN), through torch: numpy's cast
+    took ~3 ms of a 480x640 label's ~10 ms f16 write, torch's (vectorized) 0.03 ms."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(map_HW)).to(torch.float16).numpy()
 
 
 def _plane_npz_bytes(map_HW: np.ndarray, *, compress_level: int) -> bytes:
