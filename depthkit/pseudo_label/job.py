@@ -28,14 +28,17 @@ each rank its own unfinished shards again.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
+import socket
 import sys
 import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,10 +272,48 @@ def prepare(config: PseudoLabelConfig, *, device: torch.device, sha256: str | No
     plan = make_plan(config)
     teacher = load_teacher(config.model, checkpoint=config.checkpoint, weights=config.weights, sha256=sha256)
     settings = label_settings(config, teacher, device)
+    return plan, teacher, settings, finished_records(config, plan, settings)
+
+
+def finished_records(config: PseudoLabelConfig, plan: Plan, settings: LabelSettings) -> dict[str, dict]:
+    """The output's finished shards, checked against this run's settings and inputs (see `check_inputs`)."""
     records = finished_shards(plan.out_dir, read_records(plan.out_dir))
     check_settings(records, settings, allow_mixed=config.allow_mixed_teachers)
     check_inputs(plan, records)
-    return plan, teacher, settings, records
+    return records
+
+
+LOCKS_DIR = ".locks"
+
+
+@contextmanager
+def rank_lock(out_dir: Path, rank: int) -> Iterator[None]:
+    """Hold `OUT/.locks/rank<R>.lock` (an exclusive `flock`, released when the process ends, even by SIGKILL) while
+    rank R labels into `out_dir`: a second job on the same output (launched twice, or requeued while the first still
+    runs) would label the same shards again and race it for the records. Its rank R stops at once, naming the holder.
+    On a filesystem without locks (some NFS mounts) the job runs unguarded, with a warning."""
+    path = out_dir / LOCKS_DIR / f"rank{rank}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            raise ValueError(
+                f"--output {out_dir}: another job's rank {rank} is labeling into it ({holder}); wait for it to end "
+                "(a rerun then resumes it) or stop it, or choose another --output"
+            ) from None
+        except OSError as err:
+            log.warning(
+                "--output %s: no lock on %s (%s): nothing stops a second job on this output", out_dir, path, err
+            )
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{socket.gethostname()}, pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_inputs(plan: Plan, records: dict[str, dict]) -> None:
@@ -641,75 +682,75 @@ def label_shards(
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     start = time.perf_counter()
     device = torch_device(config.device, local_rank=local_rank)
-    plan, teacher, settings, records = prepare(config, device=device, sha256=teacher_sha256)
-    summary = RankSummary(rank=rank, world_size=world_size)
-    mine = list(range(rank, len(plan.urls), world_size))
-    summary.num_shards = len(mine)
-    if not mine:
-        log.warning(
-            "rank %d of %d has no shard: %d input shard(s) for %d ranks", rank, world_size, len(plan.urls), world_size
-        )
-    todo = []
-    for i in mine:
-        if plan.names[i] in records:
-            summary.num_shards_skipped += 1
-            summary.num_skipped += int(records[plan.names[i]]["num_samples"])
-        else:
-            todo.append(i)
+    plan, teacher, settings, _ = prepare(config, device=device, sha256=teacher_sha256)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    index = IndexWriter(plan.out_dir, plan.names, min_interval_s=config.index_interval_s)
-    index.refresh(force=True)
-    if not todo:
-        summary.seconds = time.perf_counter() - start
-        return summary
-
-    model = teacher.model.to(device)
-    provenance = {
-        **settings.to_dict(),
-        "checkpoint_file": Path(teacher.weights_path).name,
-        "depthkit_version": depthkit.__version__,
-    }
-    writer = ShardWriterThread(
-        plan.out_dir,
-        settings,
-        provenance,
-        model.meta.output_space,
-        index,
-        rank,
-        on_shard_done=on_shard_done,
-        num_encoders=config.num_encoders,
-    )
-    progress = _Progress(config, rank, world_size, [plan.urls[i] for i in todo], [plan.names[i] for i in todo])
-    label_start = time.perf_counter()
-    try:
-        reader = make_reader(
-            [(i, plan.urls[i]) for i in todo],
-            num_workers=config.num_workers,
-            batch_size=config.batch_size,
-            pin_memory=device.type == "cuda",
-        )
-        labeler = _Labeler(model, config, settings, progress, summary, writer.put)
-        works: dict[int, ShardWork] = {}
-        for item in (item for chunk in reader for item in chunk):
-            shard_id = int(item["shard"])
-            work = works.get(shard_id)
-            if work is None:
-                work = works[shard_id] = ShardWork(shard_id, plan.names[shard_id], plan.urls[shard_id], time.time())
-            if item["event"] == "end":
-                work.tar_error = item["error"]
-                labeler.flush(work)
-                writer.put(("end", works.pop(shard_id)))
-                summary.num_shards_labeled += 1
-                progress.shard_done(summary)
-                continue
-            labeler.add(work, item)
-        assert not works, f"shards without an end marker: {sorted(works)}"
-    finally:
-        writer.close()
+    with rank_lock(plan.out_dir, rank):  # no other job labels this rank's shards meanwhile
+        records = finished_records(config, plan, settings)  # as they are now that the lock is held
+        summary = RankSummary(rank=rank, world_size=world_size)
+        mine = list(range(rank, len(plan.urls), world_size))
+        summary.num_shards = len(mine)
+        if not mine:
+            log.warning("rank %d of %d has no shard: %d input shard(s)", rank, world_size, len(plan.urls))
+        todo = []
+        for i in mine:
+            if plan.names[i] in records:
+                summary.num_shards_skipped += 1
+                summary.num_skipped += int(records[plan.names[i]]["num_samples"])
+            else:
+                todo.append(i)
+        index = IndexWriter(plan.out_dir, plan.names, min_interval_s=config.index_interval_s)
         index.refresh(force=True)
-        progress.close()
-    summary.seconds = time.perf_counter() - label_start
-    return summary
+        if not todo:
+            summary.seconds = time.perf_counter() - start
+            return summary
+
+        model = teacher.model.to(device)
+        provenance = {
+            **settings.to_dict(),
+            "checkpoint_file": Path(teacher.weights_path).name,
+            "depthkit_version": depthkit.__version__,
+        }
+        writer = ShardWriterThread(
+            plan.out_dir,
+            settings,
+            provenance,
+            model.meta.output_space,
+            index,
+            rank,
+            on_shard_done=on_shard_done,
+            num_encoders=config.num_encoders,
+        )
+        progress = _Progress(config, rank, world_size, [plan.urls[i] for i in todo], [plan.names[i] for i in todo])
+        label_start = time.perf_counter()
+        try:
+            reader = make_reader(
+                [(i, plan.urls[i]) for i in todo],
+                num_workers=config.num_workers,
+                batch_size=config.batch_size,
+                pin_memory=device.type == "cuda",
+            )
+            labeler = _Labeler(model, config, settings, progress, summary, writer.put)
+            works: dict[int, ShardWork] = {}
+            for item in (item for chunk in reader for item in chunk):
+                shard_id = int(item["shard"])
+                work = works.get(shard_id)
+                if work is None:
+                    work = works[shard_id] = ShardWork(shard_id, plan.names[shard_id], plan.urls[shard_id], time.time())
+                if item["event"] == "end":
+                    work.tar_error = item["error"]
+                    labeler.flush(work)
+                    writer.put(("end", works.pop(shard_id)))
+                    summary.num_shards_labeled += 1
+                    progress.shard_done(summary)
+                    continue
+                labeler.add(work, item)
+            assert not works, f"shards without an end marker: {sorted(works)}"
+        finally:
+            writer.close()
+            index.refresh(force=True)
+            progress.close()
+        summary.seconds = time.perf_counter() - label_start
+        return summary
 
 
 class _Labeler:

@@ -686,3 +686,22 @@ def test_an_output_folder_of_other_data_is_refused_naming_its_index(unlabeled, t
     (out / "index.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="its index.json is unreadable or not a JSON object"):
         run_pseudo_label(_config(unlabeled, out, teacher_ckpt))
+
+
+def test_a_second_job_on_the_same_output_stops_naming_the_first(unlabeled, teacher_ckpt, tmp_path):
+    """Launched twice (or requeued while the first still runs), two jobs would label the same shards and race for the
+    records: the second one's rank stops at once. A killed job's lock goes with its process."""
+    import fcntl
+
+    from depthkit.pseudo_label.job import LOCKS_DIR
+
+    out = tmp_path / "out"
+    (out / LOCKS_DIR).mkdir(parents=True)
+    with open(out / LOCKS_DIR / "rank0.lock", "w") as held:  # the first job's rank 0, still running
+        held.write("node7, pid 4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match=r"another job's rank 0 is labeling into it \(node7, pid 4242\)"):
+            run_pseudo_label(_config(unlabeled, out, teacher_ckpt))
+        assert not list(out.glob("*.tar"))
+    assert run_pseudo_label(_config(unlabeled, out, teacher_ckpt)).num_labeled == 12  # released: the job runs
