@@ -6,7 +6,11 @@
 2. The labeled training pipeline (`ShardStream`: tar read, image + target decode, resize, random crop, flip,
    collate) against plain WebDataset decoding of the same shards (`wds.WebDataset(...).decode("rgb8")`, which
    decodes every member and does nothing else). Target: ratio >= 0.8.
-Both loops run in this process, alternating, best of `--repeat`, so machine noise hits both alike.
+3. The student's pseudo-labeled pipeline (`ShardStream(kind="pseudo")`: image and label shards read and paired by
+   key, the label decoded, resize, crop, flip, colour jitter / greyscale / blur, collate, CutMix p=0.5), in ms per
+   sample, labels written as `depthkit pseudo-label` writes them (`--encoding npz`, a teacher-like map at the
+   image's size), against plain WebDataset decoding of the same image and label shards. Reported, no target.
+The loops run in this process, best of `--repeat`, so machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -26,6 +30,34 @@ def best_of(fn, repeat: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def write_teacher_like_labels(images: Path, labels: Path) -> None:
+    """A label shard per image shard, as the pseudo-labeler writes it: a synthetic scene's disparity with noise in
+    its low bits (as a network's float32 output has), at the image's size, `--encoding npz`."""
+    import numpy as np
+
+    from depthkit.data.shards import TarWriter, decode_sample, shard_paths
+    from depthkit.data.synthetic import render_scene
+    from depthkit.pseudo_label.job import encode_label
+
+    try:
+        from depthkit.data.tar_reader import iter_raw_samples
+    except ImportError:  # a depthkit before session 13 (PYTHONPATH=<old checkout>, for a before/after comparison)
+        from depthkit.data.stream import iter_raw_samples
+
+    rng = np.random.default_rng(0)
+    labels.mkdir(parents=True, exist_ok=True)
+    for url in shard_paths(str(images)):
+        writer = TarWriter(labels / Path(url).name)
+        for i, raw in enumerate(iter_raw_samples(url)):
+            h, w = decode_sample(raw, with_target=False)["image"].shape[:2]
+            scene = render_scene(7, i, h, w)
+            disparity_HW = np.where(scene["valid"], 1.0 / np.maximum(scene["target"], 1e-3), 0)
+            label_HW = (disparity_HW + rng.normal(0, 0.002, disparity_HW.shape)).astype(np.float32)
+            meta = {"kind": "pseudo", "output_space": "affine_disparity"}
+            writer.add_sample(encode_label(raw["__key__"], label_HW, None, meta))
+        writer.close()
 
 
 def main() -> None:
@@ -71,6 +103,32 @@ def main() -> None:
     rows.append(("plain_webdataset_decode_samples_per_s", args.num / t_plain, None, ""))
     rows.append(("depthkit_labeled_pipeline_samples_per_s", args.num / t_ours, None, "decode+resize+crop+flip"))
     rows.append(("pipeline_vs_plain_ratio", t_plain / t_ours, 0.8, ""))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        images, labels = Path(tmp) / "images", Path(tmp) / "labels"
+        write_synthetic(images, num=args.num, size=tuple(args.size), shard_size=64, workers=2, labeled=False, seed=1)
+        write_teacher_like_labels(images, labels)
+        image_urls, label_urls = shard_paths(str(images)), shard_paths(str(labels))
+
+        def plain_student():
+            for _ in wds.WebDataset(image_urls, shardshuffle=False).decode("rgb8"):
+                pass
+            for _ in wds.WebDataset(label_urls, shardshuffle=False).decode():
+                pass
+
+        strong = SampleTransform(TransformConfig(crop_size=args.crop, strong=True))
+
+        def student_pipeline():
+            stream = ShardStream(
+                image_urls, kind="pseudo", labels=str(labels), batch_size=8, transform=strong, cutmix_p=0.5
+            )
+            for _ in stream:
+                pass
+
+        t_plain = best_of(plain_student, args.repeat)
+        t_student = best_of(student_pipeline, args.repeat)
+    rows.append(("student_pseudo_pipeline_ms_per_sample", 1e3 * t_student / args.num, None, "+strong aug, CutMix"))
+    rows.append(("student_pipeline_vs_plain_ratio", t_plain / t_student, None, "plain: images + labels decoded"))
 
     print(f"machine: {platform.processor() or platform.machine()}, torch threads 1, one process")
     print(f"{'metric':45s} {'value':>10s} {'target':>8s}")
