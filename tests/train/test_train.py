@@ -804,8 +804,11 @@ def test_resuming_the_last_run_and_its_length(tiny_data, tmp_path, capsys):
     assert "is at step 2 = trainer.max_steps: the run is complete; nothing to do" in capsys.readouterr().err
     assert main([*args, "--trainer.max_steps", "1", "--ckpt_path", "last"]) == 1
     assert "is at step 2: trainer.max_steps 1 leaves nothing to train" in capsys.readouterr().err
-    with pytest.warns(UserWarning, match="its learning-rate schedule spans 2 steps, trainer.max_steps 3 makes it"):
+    with pytest.warns(
+        UserWarning, match="its learning-rate schedule spans 2 steps, trainer.max_steps 3 makes it"
+    ) as seen:
         assert main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
+    assert not [w for w in seen if "exists and is not empty" in str(w.message)]  # its own folder: no warning
     # The resumed run continues its folder: one metrics.csv, the checkpoints together, its first config kept.
     (run,) = tmp_path.glob("lightning_logs/version_*")
     assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
