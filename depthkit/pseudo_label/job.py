@@ -687,17 +687,7 @@ def label_shards(
     with rank_lock(plan.out_dir, rank):  # no other job labels this rank's shards meanwhile
         records = finished_records(config, plan, settings)  # as they are now that the lock is held
         summary = RankSummary(rank=rank, world_size=world_size)
-        mine = list(range(rank, len(plan.urls), world_size))
-        summary.num_shards = len(mine)
-        if not mine:
-            log.warning("rank %d of %d has no shard: %d input shard(s)", rank, world_size, len(plan.urls))
-        todo = []
-        for i in mine:
-            if plan.names[i] in records:
-                summary.num_shards_skipped += 1
-                summary.num_skipped += int(records[plan.names[i]]["num_samples"])
-            else:
-                todo.append(i)
+        todo = _unfinished_shards(plan, records, summary)
         index = IndexWriter(plan.out_dir, plan.names, min_interval_s=config.index_interval_s)
         index.refresh(force=True)
         if not todo:
@@ -730,27 +720,51 @@ def label_shards(
                 pin_memory=device.type == "cuda",
             )
             labeler = _Labeler(model, config, settings, progress, summary, writer.put)
-            works: dict[int, ShardWork] = {}
-            for item in (item for chunk in reader for item in chunk):
-                shard_id = int(item["shard"])
-                work = works.get(shard_id)
-                if work is None:
-                    work = works[shard_id] = ShardWork(shard_id, plan.names[shard_id], plan.urls[shard_id], time.time())
-                if item["event"] == "end":
-                    work.tar_error = item["error"]
-                    labeler.flush(work)
-                    writer.put(("end", works.pop(shard_id)))
-                    summary.num_shards_labeled += 1
-                    progress.shard_done(summary)
-                    continue
-                labeler.add(work, item)
-            assert not works, f"shards without an end marker: {sorted(works)}"
+            _label_items((item for chunk in reader for item in chunk), plan, labeler, writer, summary, progress)
         finally:
             writer.close()
             index.refresh(force=True)
             progress.close()
         summary.seconds = time.perf_counter() - label_start
         return summary
+
+
+def _unfinished_shards(plan: Plan, records: dict[str, dict], summary: RankSummary) -> list[int]:
+    """The rank's shards (shard i belongs to rank i % world_size) that no record marks finished; the finished ones
+    are counted in `summary` as skipped."""
+    rank, world_size = summary.rank, summary.world_size
+    mine = list(range(rank, len(plan.urls), world_size))
+    summary.num_shards = len(mine)
+    if not mine:
+        log.warning("rank %d of %d has no shard: %d input shard(s)", rank, world_size, len(plan.urls))
+    todo = []
+    for i in mine:
+        if plan.names[i] in records:
+            summary.num_shards_skipped += 1
+            summary.num_skipped += int(records[plan.names[i]]["num_samples"])
+        else:
+            todo.append(i)
+    return todo
+
+
+def _label_items(items: Iterator[dict], plan: Plan, labeler, writer, summary: RankSummary, progress) -> None:
+    """Hand the reader's items to the labeler in order; at a shard's end marker, label what it still holds and pass
+    the shard to the writer to be closed (see the module docstring's stages)."""
+    works: dict[int, ShardWork] = {}
+    for item in items:
+        shard_id = int(item["shard"])
+        work = works.get(shard_id)
+        if work is None:
+            work = works[shard_id] = ShardWork(shard_id, plan.names[shard_id], plan.urls[shard_id], time.time())
+        if item["event"] == "end":
+            work.tar_error = item["error"]
+            labeler.flush(work)
+            writer.put(("end", works.pop(shard_id)))
+            summary.num_shards_labeled += 1
+            progress.shard_done(summary)
+            continue
+        labeler.add(work, item)
+    assert not works, f"shards without an end marker: {sorted(works)}"
 
 
 class _Labeler:
