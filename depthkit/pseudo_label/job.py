@@ -267,12 +267,13 @@ def label_settings(config: PseudoLabelConfig, teacher: Teacher, device: torch.de
     )
 
 
-def prepare(config: PseudoLabelConfig, *, device: torch.device, sha256: str | None = None):
-    """Plan, load the teacher and check it against the output; returns `(plan, teacher, settings, records)`."""
+def prepare(config: PseudoLabelConfig, *, device: torch.device, sha256: str | None = None, records: bool = True):
+    """Plan, load the teacher and (with `records`) check it against the output; returns `(plan, teacher, settings,
+    records or None)`. Nothing is written: a start error leaves no output folder."""
     plan = make_plan(config)
     teacher = load_teacher(config.model, checkpoint=config.checkpoint, weights=config.weights, sha256=sha256)
     settings = label_settings(config, teacher, device)
-    return plan, teacher, settings, finished_records(config, plan, settings)
+    return plan, teacher, settings, finished_records(config, plan, settings) if records else None
 
 
 def finished_records(config: PseudoLabelConfig, plan: Plan, settings: LabelSettings) -> dict[str, dict]:
@@ -287,33 +288,60 @@ LOCKS_DIR = ".locks"
 
 
 @contextmanager
-def rank_lock(out_dir: Path, rank: int) -> Iterator[None]:
-    """Hold `OUT/.locks/rank<R>.lock` (an exclusive `flock`, released when the process ends, even by SIGKILL) while
-    rank R labels into `out_dir`: a second job on the same output (launched twice, or requeued while the first still
-    runs) would label the same shards again and race it for the records. Its rank R stops at once, naming the holder.
-    On a filesystem without locks (some NFS mounts) the job runs unguarded, with a warning."""
-    path = out_dir / LOCKS_DIR / f"rank{rank}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+def job_locks(out_dir: Path, rank: int, world_size: int) -> Iterator[None]:
+    """Keep a second job off this output while this rank labels into it (launched twice, or requeued while the first
+    still runs: it would label the same shards again and race the first for the records). POSIX record locks under
+    `OUT/.locks/`: `rank<R>.lock` exclusive (another job's rank R stops at once, naming the holder), and
+    `world<N>.lock` shared by the job's ranks (a job of another world size assigns shards differently, so it stops
+    when it finds one held). The kernel releases them when the process ends, SIGKILL included; forked loader workers
+    do not hold them. Where the filesystem has no locks the job runs unguarded, with a warning; where its locks are
+    node-local, only jobs on the same node are caught."""
+    folder = out_dir / LOCKS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    held: list[int] = []
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
-            raise ValueError(
-                f"--output {out_dir}: another job's rank {rank} is labeling into it ({holder}); wait for it to end "
-                "(a rerun then resumes it) or stop it, or choose another --output"
-            ) from None
-        except OSError as err:
-            log.warning(
-                "--output %s: no lock on %s (%s): nothing stops a second job on this output", out_dir, path, err
-            )
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{socket.gethostname()}, pid {os.getpid()}".encode(), 0)
+        for other in sorted(folder.glob("world*.lock")):
+            if other.name != f"world{world_size}.lock" and _lock(other, exclusive=True, probe=True) is None:
+                ranks = other.stem[len("world") :]
+                raise ValueError(
+                    f"--output {out_dir}: a job of {ranks} ranks is labeling into it (this one has {world_size}); "
+                    "wait for it to end (a rerun then resumes it) or stop it, or choose another --output"
+                )
+        for path, exclusive in ((folder / f"world{world_size}.lock", False), (folder / f"rank{rank}.lock", True)):
+            fd = _lock(path, exclusive=exclusive)
+            if fd is None:
+                holder = (path.read_text(errors="replace").strip() if path.is_file() else "") or "another process"
+                raise ValueError(
+                    f"--output {out_dir}: another job's rank {rank} is labeling into it ({holder}); wait for it to end "
+                    "(a rerun then resumes it) or stop it, or choose another --output"
+                )
+            held.append(fd)
+            if exclusive and fd >= 0:  # fixed width, written in place: a reader never sees it half written
+                os.pwrite(fd, f"{socket.gethostname()}, pid {os.getpid()}".ljust(80).encode()[:80], 0)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        for fd in held:
+            if fd >= 0:
+                os.close(fd)  # releases its lock
+
+
+def _lock(path: Path, *, exclusive: bool, probe: bool = False) -> int | None:
+    """A non-blocking POSIX lock on `path`: its open descriptor (-1 where the filesystem has no locks), or None when
+    another process holds a conflicting one. `probe`: only test, release at once (returns -1 when free)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        os.close(fd)
+        return None
+    except OSError as err:  # ENOLCK, ENOSYS: no locks on this filesystem
+        os.close(fd)
+        log.warning("no lock on %s (%s): nothing stops a second job on this output", path, err)
+        return -1
+    if probe:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def check_inputs(plan: Plan, records: dict[str, dict]) -> None:
@@ -682,10 +710,10 @@ def label_shards(
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     start = time.perf_counter()
     device = torch_device(config.device, local_rank=local_rank)
-    plan, teacher, settings, _ = prepare(config, device=device, sha256=teacher_sha256)
+    plan, teacher, settings, _ = prepare(config, device=device, sha256=teacher_sha256, records=False)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    with rank_lock(plan.out_dir, rank):  # no other job labels this rank's shards meanwhile
-        records = finished_records(config, plan, settings)  # as they are now that the lock is held
+    with job_locks(plan.out_dir, rank, world_size):  # no other job labels into the output meanwhile
+        records = finished_records(config, plan, settings)  # read once the locks are held
         summary = RankSummary(rank=rank, world_size=world_size)
         todo = _unfinished_shards(plan, records, summary)
         index = IndexWriter(plan.out_dir, plan.names, min_interval_s=config.index_interval_s)

@@ -184,8 +184,9 @@ def _continue_run_folder(loggers, resumed: ResumedRun) -> None:
         if isinstance(logger, CSVLogger):
             why_not = logger.continue_run(log_dir, run_id=resumed.record.run_id, step=resumed.step or 0)
             rank_zero_info(f"--ckpt_path: {f'a new run folder: {why_not}' if why_not else f'continuing {log_dir}'}")
-            if not why_not:  # its checkpoints/ holds the run's earlier ones, by design
-                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            if not why_not:  # its checkpoints/ holds the run's earlier ones, by design (only that folder's notice)
+                folder = re.escape(str(Path(log_dir) / "checkpoints"))
+                warnings.filterwarnings("ignore", message=rf"Checkpoint directory {folder} exists and is not empty")
             return
 
 

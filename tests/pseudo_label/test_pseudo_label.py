@@ -688,20 +688,43 @@ def test_an_output_folder_of_other_data_is_refused_naming_its_index(unlabeled, t
         run_pseudo_label(_config(unlabeled, out, teacher_ckpt))
 
 
+_HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX if sys.argv[2] == "exclusive" else fcntl.LOCK_SH)
+os.pwrite(fd, b"node7, pid 4242", 0)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold(path, mode):
+    """Another process holding a POSIX lock on `path` (as another job's rank does) until its stdin closes."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_second_job_on_the_same_output_stops_naming_the_first(unlabeled, teacher_ckpt, tmp_path):
     """Launched twice (or requeued while the first still runs), two jobs would label the same shards and race for the
-    records: the second one's rank stops at once. A killed job's lock goes with its process."""
-    import fcntl
-
+    records: the second one stops before any work, whether it has the same world size (its rank's lock is held) or
+    another (the first job's world lock is). A job's locks go with its process."""
     from depthkit.pseudo_label.job import LOCKS_DIR
 
-    out = tmp_path / "out"
-    (out / LOCKS_DIR).mkdir(parents=True)
-    with open(out / LOCKS_DIR / "rank0.lock", "w") as held:  # the first job's rank 0, still running
-        held.write("node7, pid 4242")
-        held.flush()
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(ValueError, match=r"another job's rank 0 is labeling into it \(node7, pid 4242\)"):
-            run_pseudo_label(_config(unlabeled, out, teacher_ckpt))
-        assert not list(out.glob("*.tar"))
-    assert run_pseudo_label(_config(unlabeled, out, teacher_ckpt)).num_labeled == 12  # released: the job runs
+    locks = tmp_path / "out" / LOCKS_DIR
+    locks.mkdir(parents=True)
+    for name, mode, message in (
+        ("rank0.lock", "exclusive", r"another job's rank 0 is labeling into it \(node7, pid 4242\)"),
+        ("world2.lock", "shared", r"a job of 2 ranks is labeling into it \(this one has 1\)"),
+    ):
+        holder = _hold(locks / name, mode)
+        try:
+            with pytest.raises(ValueError, match=message):
+                run_pseudo_label(_config(unlabeled, tmp_path / "out", teacher_ckpt))
+            assert not list((tmp_path / "out").glob("*.tar"))
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=30)
+    assert run_pseudo_label(_config(unlabeled, tmp_path / "out", teacher_ckpt)).num_labeled == 12  # both gone
