@@ -58,6 +58,17 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) ->
         tmp.write_bytes(data)
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON object file as a dict; {} when the file is missing, unreadable, not JSON or not an object (marks and
+    indexes that other tools, or nothing, may have left)."""
+    try:
+        with open(path) as file:
+            obj = json.load(file)
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def write_json_atomic(path: str | Path, obj, *, indent: int | None = 1) -> None:
     """Write `obj` as JSON with sorted keys (indented unless `indent=None`: one line, written by json's C encoder,
     several times faster on large objects), synced to disk before the rename (indexes, records)."""

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from depthkit._files import naming_errors
+from depthkit._files import naming_errors, read_json_object
 from depthkit.data.formats import image_from_bytes
 from depthkit.spaces import check_space
 
@@ -604,12 +604,25 @@ def shard_paths(spec: str | Path | list) -> list[str]:
 def folder_index(folder: str | os.PathLike) -> dict:
     """The `index.json` of a local shard folder (`depthkit data`, `synth`, `pseudo-label`: its `kind`, the sample
     count of each shard in `shards`); {} when there is none or it is unreadable (shards of other tools)."""
-    try:
-        with open(os.path.join(folder, INDEX_NAME)) as file:
-            index = json.load(file)
-    except (OSError, ValueError):
-        return {}
-    return index if isinstance(index, dict) else {}
+    return read_json_object(os.path.join(folder, INDEX_NAME))
+
+
+def index_sample_counts(urls: list[str]) -> list[int | None]:
+    """Each shard's sample count from its folder's `index.json` (`folder_index`, read once per folder); None where
+    it is not known (a URL, a folder without an index, shards of other tools)."""
+    shards_of: dict[str, dict] = {}
+    counts: list[int | None] = []
+    for url in urls:
+        if not is_local(url):
+            counts.append(None)
+            continue
+        folder = os.path.dirname(url)
+        if folder not in shards_of:
+            shards = folder_index(folder).get("shards")
+            shards_of[folder] = shards if isinstance(shards, dict) else {}
+        count = shards_of[folder].get(shard_file_name(url))
+        counts.append(count if isinstance(count, int) else None)
+    return counts
 
 
 def _check_finished(folder: str) -> None:

@@ -62,8 +62,7 @@ from depthkit.data.shards import (
     KINDS,
     ShardFormatError,
     decode_sample,
-    folder_index,
-    is_local,
+    index_sample_counts,
     label_shard_url,
     shard_paths,
 )
@@ -353,18 +352,8 @@ class ShardStream(IterableDataset):
         """Samples per shard (for kind "pseudo", labeled samples: the label shards'), from the `index.json` that
         depthkit's writers and the pseudo-labeler leave beside their shards; None when a shard has no such count
         (a URL, or shards written by other tools)."""
-        counts, indexes = [], {}
-        for url in self.label_urls or self.urls:
-            if not is_local(url):
-                return None
-            folder = os.path.dirname(url)
-            if folder not in indexes:
-                indexes[folder] = folder_index(folder).get("shards") or {}
-            count = indexes[folder].get(os.path.basename(url))
-            if not isinstance(count, int):
-                return None
-            counts.append(count)
-        return counts
+        counts = index_sample_counts(self.label_urls or self.urls)
+        return None if None in counts else counts
 
     def _fast_forward(self, order: Iterator[int], rng: np.random.Generator, skip: int):
         """Step over the first `skip` samples of a resumed worker by their positions (draw, offset in the shard),

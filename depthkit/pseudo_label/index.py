@@ -56,18 +56,21 @@ class LabelSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def differences(self, other: dict) -> list[str]:
-        """`field: theirs -> ours` for each field that differs from a record's settings (a field a record predates
-        has the value its run had: `label_size` "image")."""
-        return [
-            f"{name}: {other.get(name, RECORDED_BEFORE.get(name))!r} -> {value!r}"
-            for name, value in self.to_dict().items()
-            if other.get(name, RECORDED_BEFORE.get(name)) != value
-        ]
+    def differences(self, other: dict) -> list[tuple[str, object, object]]:
+        """`(field, theirs, ours)` for each field that differs from a record's settings (`recorded_settings`)."""
+        theirs = recorded_settings(other)
+        return [(name, theirs.get(name), value) for name, value in self.to_dict().items() if theirs.get(name) != value]
 
 
 RECORDED_BEFORE = {"label_size": "image"}
 """The settings of records written before a field existed."""
+COMMAND_OPTIONS = ("resolution", "tta", "precision", "encoding", "label_size")
+"""The settings a rerun sets with a `depthkit pseudo-label` option of the same name (the others: the teacher)."""
+
+
+def recorded_settings(settings: dict) -> dict:
+    """A record's settings, a field it predates with the value its run had (`RECORDED_BEFORE`)."""
+    return {**RECORDED_BEFORE, **settings}
 
 
 def record_path(out_dir: Path, shard_name: str) -> Path:
@@ -117,17 +120,16 @@ def check_settings(records: dict[str, dict], settings: LabelSettings, *, allow_m
     for name, record in sorted(records.items()):
         diffs = settings.differences(record.get("settings", {}))
         if diffs:
-            options = {"resolution", "tta", "confidence", "precision", "encoding", "label_size"}
-            theirs = {**RECORDED_BEFORE, **record.get("settings", {})}
+            described = "; ".join(f"{field}: {theirs!r} -> {ours!r}" for field, theirs, ours in diffs)
             same = [
-                f"--{key.replace('_', '-')} {theirs.get(key)}"
-                for key in sorted(options)
-                if theirs.get(key) != getattr(settings, key) and not isinstance(theirs.get(key), bool)
+                f"--{field.replace('_', '-')} {theirs}"
+                for field, theirs, _ in sorted(diffs)
+                if field in COMMAND_OPTIONS
             ]
             rerun = f", rerun with the output's own settings ({' '.join(same)})" if same else ""
             raise ValueError(
                 f"the output already holds shards labeled with a different teacher or settings (e.g. {name}: "
-                f"{'; '.join(diffs)}). Use a new --output folder{rerun}, or pass --allow-mixed-teachers to add "
+                f"{described}). Use a new --output folder{rerun}, or pass --allow-mixed-teachers to add "
                 "shards labeled this way (each record and each sample's provenance names its own teacher)"
             )
 
@@ -138,7 +140,7 @@ def build_index(records: dict[str, dict], inputs: list[str] | None) -> dict:
     failed = {name: rec["failed"] for name, rec in sorted(records.items()) if rec.get("failed")}
     settings = []
     for rec in records.values():
-        recorded = {**RECORDED_BEFORE, **rec["settings"]}  # a record from before a setting existed: its run's value
+        recorded = recorded_settings(rec["settings"])
         if recorded not in settings:
             settings.append(recorded)
     settings.sort(key=lambda s: json.dumps(s, sort_keys=True))

@@ -53,6 +53,7 @@ from depthkit.data.shards import (
     decode_sample,
     encode_sample,
     folder_index,
+    index_sample_counts,
     is_local,
     shard_file_name,
     shard_paths,
@@ -738,7 +739,7 @@ def label_shards(
             on_shard_done=on_shard_done,
             num_encoders=config.num_encoders,
         )
-        progress = _Progress(config, rank, world_size, [plan.urls[i] for i in todo], [plan.names[i] for i in todo])
+        progress = _Progress(config, rank, world_size, [plan.urls[i] for i in todo])
         label_start = time.perf_counter()
         try:
             reader = make_reader(
@@ -900,14 +901,14 @@ class _Progress:
     from the shards done so far.
     """
 
-    def __init__(self, config: PseudoLabelConfig, rank: int, world_size: int, urls: list[str], names: list[str]):
+    def __init__(self, config: PseudoLabelConfig, rank: int, world_size: int, urls: list[str]):
         self.bar = None
         self.num_shards = len(urls)
         if not config.progress or rank != 0:
             return
         from tqdm import tqdm
 
-        counts = _known_counts(urls, names)
+        counts = index_sample_counts(urls)
         self.estimate = None in counts
         desc = "pseudo-label" if world_size == 1 else f"pseudo-label rank 0/{world_size}"
         self.bar = tqdm(
@@ -935,18 +936,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _known_counts(urls: list[str], names: list[str]) -> list[int | None]:
-    """Sample counts from the input folders' `index.json` (written by `depthkit data` / `synth`), where known."""
-    indices: dict[Path, dict] = {}
-    counts: list[int | None] = []
-    for url, name in zip(urls, names, strict=True):
-        if not is_local(url):
-            counts.append(None)
-            continue
-        folder = Path(url).parent
-        if folder not in indices:
-            indices[folder] = folder_index(folder).get("shards") or {}
-        counts.append(indices[folder].get(name))
-    return counts

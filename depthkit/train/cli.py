@@ -353,14 +353,12 @@ def check_resume(ckpt_path: str | None, module_config, max_steps: int | None = N
             "weights, set model.checkpoint_path instead"
         )
     step, record = obj.get("global_step"), RunRecord.of(obj)
-    if max_steps is not None and max_steps > 0 and step is not None:
-        if max_steps < step:
-            raise ValueError(
-                f"--ckpt_path {path} is at step {step}: trainer.max_steps {max_steps} leaves nothing to train"
-            )
+    bounded = max_steps is not None and max_steps > 0 and step is not None  # a fit with a length, from a step
+    if bounded and max_steps < step:
+        raise ValueError(f"--ckpt_path {path} is at step {step}: trainer.max_steps {max_steps} leaves nothing to train")
     if module_config is not None:
         _check_run_of(path, obj, record, module_config)
-    if max_steps is not None and max_steps > 0 and step is not None:  # after the refusals: a run of another model
+    if bounded:  # after the refusals: a run of another model
         if step == max_steps:
             raise RunComplete(f"--ckpt_path {path} is at step {step} = trainer.max_steps: the run is complete")
         if record.schedule_steps and record.schedule_steps != max_steps:

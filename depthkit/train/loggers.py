@@ -9,7 +9,6 @@ metrics of the steps the resume repeats are replaced, the rest kept.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from depthkit._files import replacing, write_json_atomic
+from depthkit._files import read_json_object, replacing, write_json_atomic
 
 RUN_MARK = "run.json"
 """Beside a run's metrics: `{"run_id", "step"}` of the newest checkpoint saved from the run into this folder."""
@@ -87,8 +86,4 @@ def mark_run_folder(log_dir: str | os.PathLike, run_id: str, step: int) -> None:
 
 def folder_mark(log_dir: str | os.PathLike) -> dict:
     """A run folder's `RUN_MARK` ({} without a readable one)."""
-    try:
-        mark = json.loads((Path(log_dir) / RUN_MARK).read_text())
-    except (OSError, ValueError):
-        return {}
-    return mark if isinstance(mark, dict) else {}
+    return read_json_object(Path(log_dir) / RUN_MARK)

@@ -308,3 +308,13 @@ def test_write_synthetic_refuses_impossible_counts_and_sizes(tmp_path):
         with pytest.raises(ValueError, match=message):
             write_synthetic(tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_counts_come_from_each_folders_index_where_known(tmp_path):
+    from depthkit.data.shards import index_sample_counts
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/index.json").write_text('{"kind": "unlabeled", "shards": {"s0.tar": 3, "s1.tar": "3"}}')
+    (tmp_path / "b").mkdir()  # shards of another tool: no index
+    urls = [str(tmp_path / "a/s0.tar"), str(tmp_path / "a/s1.tar"), str(tmp_path / "b/s0.tar"), "http://h/a/s0.tar"]
+    assert index_sample_counts(urls) == [3, None, None, None]
